@@ -1,0 +1,7 @@
+//! Airlock sidecar.
+#![forbid(unsafe_code)]
+
+pub mod apply;
+pub mod decide;
+pub mod lifecycle;
+pub mod seal;

@@ -1,0 +1,284 @@
+//! The intent lifecycle: a pure state machine, no I/O.
+//!
+//! ```text
+//! received ─▶ invalid (terminal; reason returned to the agent)
+//!    │
+//!    ▼
+//! queued ─▶ denied (terminal)
+//!    │  ╲
+//!    │   ▶ awaiting_review ─▶ rejected | expired (terminal)
+//!    ▼          │
+//! approved ◀────┘
+//!    │
+//!    ▼
+//! applying ─▶ applied ─▶ undone
+//!    │
+//!    └──▶ failed (terminal for permanent errors; transient errors retry)
+//! ```
+//!
+//! Adapters (intake, queue, policy, targets, review) never set a state directly:
+//! they feed an [`Event`] to [`State::next`], which returns the next state or an
+//! [`IllegalTransition`]. Files that never became an intent (unparsable, invalid,
+//! conflicting) are refused at intake and never enter this machine.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Where an intent is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Durably queued, waiting for a policy decision.
+    Queued,
+    /// The policy denied it (terminal).
+    Denied,
+    /// The policy asked for human review; waiting for approvers.
+    AwaitingReview,
+    /// An approver rejected it (terminal).
+    Rejected,
+    /// Its review timed out (terminal).
+    Expired,
+    /// Allowed by policy or approved by reviewers; waiting to apply.
+    Approved,
+    /// Its transaction is in flight on the target.
+    Applying,
+    /// Its writes are committed in the target (with its ledger row).
+    Applied,
+    /// The target refused it for good (terminal).
+    Failed,
+    /// Its writes were reverted from the undo images.
+    Undone,
+}
+
+impl State {
+    /// Every state, in lifecycle order.
+    pub const ALL: [State; 10] = [
+        State::Queued,
+        State::AwaitingReview,
+        State::Approved,
+        State::Applying,
+        State::Applied,
+        State::Denied,
+        State::Rejected,
+        State::Expired,
+        State::Failed,
+        State::Undone,
+    ];
+
+    /// The state's name on the wire and on disk.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Queued => "queued",
+            State::Denied => "denied",
+            State::AwaitingReview => "awaiting_review",
+            State::Rejected => "rejected",
+            State::Expired => "expired",
+            State::Approved => "approved",
+            State::Applying => "applying",
+            State::Applied => "applied",
+            State::Failed => "failed",
+            State::Undone => "undone",
+        }
+    }
+
+    /// Whether no further event can move the intent on its own (undo of an applied
+    /// intent is an operator action, so `applied` counts as final for the agent).
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            State::Denied
+                | State::Rejected
+                | State::Expired
+                | State::Applied
+                | State::Failed
+                | State::Undone
+        )
+    }
+
+    /// Whether an intent in this state holds back the later intents of its run
+    /// (DESIGN invariant 7): it may still be applied, so nothing after it may go first.
+    pub fn blocks_run(self) -> bool {
+        matches!(
+            self,
+            State::Queued | State::AwaitingReview | State::Approved | State::Applying
+        )
+    }
+
+    /// The state `event` leads to, or why it cannot happen.
+    pub fn next(self, event: &Event) -> Result<State, IllegalTransition> {
+        use State::*;
+        let next = match (self, event) {
+            (Queued, Event::Decided(Verdict::Allow)) => Approved,
+            (Queued, Event::Decided(Verdict::Deny)) => Denied,
+            (Queued, Event::Decided(Verdict::Review { .. })) => AwaitingReview,
+            (AwaitingReview, Event::Approval { quorum_met: false }) => AwaitingReview,
+            (AwaitingReview, Event::Approval { quorum_met: true }) => Approved,
+            (AwaitingReview, Event::Rejection) => Rejected,
+            (AwaitingReview, Event::Expiry) => Expired,
+            (Approved, Event::ApplyStarted) => Applying,
+            // Recovery: the ledger already holds the intent, or the target said so.
+            (Approved | Applying, Event::ApplySucceeded) => Applied,
+            (Applying, Event::ApplyFailed { permanent: true }) => Failed,
+            (Applying, Event::ApplyFailed { permanent: false }) => Approved,
+            (Applied, Event::Undo) => Undone,
+            (from, event) => {
+                return Err(IllegalTransition {
+                    from,
+                    event: event.name(),
+                });
+            }
+        };
+        Ok(next)
+    }
+}
+
+impl fmt::Display for State {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for State {
+    type Err = UnknownState;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        State::ALL
+            .into_iter()
+            .find(|state| state.as_str() == s)
+            .ok_or_else(|| UnknownState(s.to_owned()))
+    }
+}
+
+/// A state name that is not one of [`State::ALL`] (a corrupt or newer queue).
+#[derive(Debug, thiserror::Error)]
+#[error("unknown intent state {0:?}")]
+pub struct UnknownState(pub String);
+
+/// The policy's verdict on an intent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "verdict", rename_all = "snake_case")]
+pub enum Verdict {
+    Allow,
+    Deny,
+    /// Human review, needing this many distinct approvers.
+    Review { approvals: u32 },
+}
+
+/// Something that happens to an intent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The policy decided.
+    Decided(Verdict),
+    /// One approver approved; `quorum_met` once enough distinct approvers have.
+    Approval { quorum_met: bool },
+    /// An approver rejected (one rejection rejects).
+    Rejection,
+    /// The review outlived its time to live.
+    Expiry,
+    /// Its target transaction began.
+    ApplyStarted,
+    /// Its target transaction committed (or the ledger shows it already had).
+    ApplySucceeded,
+    /// Its target transaction failed; transient failures go back to `approved`.
+    ApplyFailed { permanent: bool },
+    /// Its writes were reverted.
+    Undo,
+}
+
+impl Event {
+    /// A short name for messages and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Event::Decided(_) => "decided",
+            Event::Approval { .. } => "approval",
+            Event::Rejection => "rejection",
+            Event::Expiry => "expiry",
+            Event::ApplyStarted => "apply_started",
+            Event::ApplySucceeded => "apply_succeeded",
+            Event::ApplyFailed { .. } => "apply_failed",
+            Event::Undo => "undo",
+        }
+    }
+}
+
+/// An event that cannot happen in the given state.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("intent in state {from} cannot take event {event}")]
+pub struct IllegalTransition {
+    pub from: State,
+    pub event: &'static str,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn happy_paths() {
+        let allowed = State::Queued.next(&Event::Decided(Verdict::Allow)).unwrap();
+        assert_eq!(allowed, State::Approved);
+        let applying = allowed.next(&Event::ApplyStarted).unwrap();
+        assert_eq!(applying.next(&Event::ApplySucceeded).unwrap(), State::Applied);
+        assert_eq!(
+            State::Queued
+                .next(&Event::Decided(Verdict::Review { approvals: 2 }))
+                .unwrap(),
+            State::AwaitingReview
+        );
+        assert_eq!(
+            State::AwaitingReview
+                .next(&Event::Approval { quorum_met: false })
+                .unwrap(),
+            State::AwaitingReview
+        );
+        assert_eq!(
+            State::AwaitingReview
+                .next(&Event::Approval { quorum_met: true })
+                .unwrap(),
+            State::Approved
+        );
+    }
+
+    #[test]
+    fn final_states_take_no_lifecycle_events() {
+        for state in State::ALL.into_iter().filter(|s| s.is_final()) {
+            for event in [
+                Event::Decided(Verdict::Allow),
+                Event::Approval { quorum_met: true },
+                Event::Rejection,
+                Event::Expiry,
+                Event::ApplyStarted,
+                Event::ApplyFailed { permanent: true },
+            ] {
+                assert!(state.next(&event).is_err(), "{state} took {event:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn no_write_without_a_decision() {
+        // Only `approved` (or a recovering `applying`) may start or finish an apply.
+        for state in State::ALL {
+            let can_start = state.next(&Event::ApplyStarted).is_ok();
+            assert_eq!(can_start, state == State::Approved, "{state}");
+            let can_finish = state.next(&Event::ApplySucceeded).is_ok();
+            assert_eq!(
+                can_finish,
+                matches!(state, State::Approved | State::Applying),
+                "{state}"
+            );
+        }
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for state in State::ALL {
+            assert_eq!(state.as_str().parse::<State>().unwrap(), state);
+            let json = serde_json::to_string(&state).unwrap();
+            assert_eq!(json, format!("\"{}\"", state.as_str()));
+        }
+        assert!("bogus".parse::<State>().is_err());
+    }
+}
