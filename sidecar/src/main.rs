@@ -1,1 +1,318 @@
-fn main() {}
+//! The `airlock` command line: parses arguments and calls the library.
+#![forbid(unsafe_code)]
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use airlock::config::Config;
+use airlock::lifecycle::State;
+use airlock::queue::Queue;
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+/// Exit status for a configuration that cannot be used (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+/// Airlock: a transactional write-queue sidecar between AI agents and databases.
+#[derive(Debug, Parser)]
+#[command(name = "airlock", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the sidecar: watch the intent directory, decide, apply, report.
+    Run(RunArgs),
+    /// Run Airlock on its defaults in a fresh directory with the example intents.
+    Demo {
+        /// Where to run (default: a new directory under the system temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Write intent files into the intent directory atomically ("-" reads stdin).
+    Submit {
+        /// Intent files to submit.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// The intent directory.
+        #[arg(long, env = "AIRLOCK_INTENTS", default_value = "./intents")]
+        intents: PathBuf,
+    },
+    /// Approve an intent that awaits review.
+    Approve {
+        /// The intent id.
+        id: String,
+        /// Who approves (recorded in the run log).
+        #[arg(long = "as", default_value_t = default_reviewer())]
+        reviewer: String,
+        /// The digest being approved; refused if it is not the intent's.
+        #[arg(long)]
+        digest: Option<String>,
+        /// A comment for the record.
+        #[arg(long)]
+        comment: Option<String>,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Reject an intent that awaits review.
+    Reject {
+        /// The intent id.
+        id: String,
+        /// Why (the agent sees this).
+        #[arg(long)]
+        reason: String,
+        /// Who rejects (recorded in the run log).
+        #[arg(long = "as", default_value_t = default_reviewer())]
+        reviewer: String,
+        /// The digest being rejected; refused if it is not the intent's.
+        #[arg(long)]
+        digest: Option<String>,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// List intents in the queue.
+    Status {
+        /// Only this run.
+        #[arg(long)]
+        run: Option<String>,
+        /// Only this state (queued, awaiting_review, approved, applied, ...).
+        #[arg(long = "in")]
+        in_state: Option<String>,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Print the intent JSON Schema.
+    Schema,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Configuration file (TOML).
+    #[arg(long, env = "AIRLOCK_CONFIG")]
+    config: Option<PathBuf>,
+    /// The intent directory.
+    #[arg(long)]
+    intents: Option<PathBuf>,
+    /// The results directory (default: <intents>/results).
+    #[arg(long)]
+    results: Option<PathBuf>,
+    /// The state directory.
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// The default target database URL (sqlite://PATH).
+    #[arg(long)]
+    target: Option<String>,
+    /// A .rego file or a directory of policies.
+    #[arg(long)]
+    policy: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct StateArgs {
+    /// Configuration file (TOML), for its state directory.
+    #[arg(long, env = "AIRLOCK_CONFIG")]
+    config: Option<PathBuf>,
+    /// The state directory.
+    #[arg(long)]
+    state: Option<PathBuf>,
+}
+
+fn default_reviewer() -> String {
+    std::env::var("USER")
+        .map(|user| format!("cli:{user}"))
+        .unwrap_or_else(|_| "cli".to_owned())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    airlock::telemetry::init_logging();
+    match dispatch(cli.command) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("airlock: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Run(args) => {
+            let config = match load_run_config(args) {
+                Ok(config) => config,
+                Err(error) => {
+                    eprintln!("airlock: {error:#}");
+                    return Ok(ExitCode::from(EXIT_CONFIG));
+                }
+            };
+            let resources = match airlock::daemon::Resources::open(config) {
+                Ok(resources) => resources,
+                Err(error) => {
+                    eprintln!("airlock: cannot start: {error}");
+                    return Ok(ExitCode::from(EXIT_CONFIG));
+                }
+            };
+            runtime()?.block_on(airlock::daemon::run(resources, shutdown_signal()))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { dir } => {
+            runtime()?.block_on(airlock::demo::run(dir))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Submit { files, intents } => {
+            for file in files {
+                let (name, bytes) = if file.as_os_str() == "-" {
+                    let mut bytes = Vec::new();
+                    std::io::stdin().read_to_end(&mut bytes)?;
+                    ("intent.json".to_owned(), bytes)
+                } else {
+                    let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+                    (file.display().to_string(), bytes)
+                };
+                let path = airlock::submit::submit_bytes(&intents, &name, &bytes)
+                    .with_context(|| format!("writing into {}", intents.display()))?;
+                println!("{}", path.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Approve {
+            id,
+            reviewer,
+            digest,
+            comment,
+            state,
+        } => {
+            let mut queue = open_queue(state)?;
+            let progress = airlock::review::approve(
+                &mut queue,
+                &id,
+                &reviewer,
+                digest.as_deref(),
+                comment.as_deref(),
+            )?;
+            println!(
+                "{id}: {} ({} of {} approvals)",
+                progress.state, progress.approvals, progress.needed
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Reject {
+            id,
+            reason,
+            reviewer,
+            digest,
+            state,
+        } => {
+            let mut queue = open_queue(state)?;
+            let state = airlock::review::reject(&mut queue, &id, &reviewer, digest.as_deref(), &reason)?;
+            println!("{id}: {state}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status {
+            run,
+            in_state,
+            json,
+            state,
+        } => {
+            let filter = in_state
+                .map(|s| s.parse::<State>())
+                .transpose()
+                .context("--in")?;
+            let queue = open_queue(state)?;
+            let rows = queue.list(run.as_deref(), filter, 10_000)?;
+            if json {
+                for row in &rows {
+                    let reviews = queue.reviews(&row.id)?;
+                    let outcome = airlock::outcome::Outcome::of_intent(row, &reviews);
+                    println!("{}", serde_json::to_string(&outcome)?);
+                }
+            } else {
+                println!("{:<6} {:<28} {:<20} {:<16} target", "seq", "id", "run", "state");
+                for row in &rows {
+                    println!(
+                        "{:<6} {:<28} {:<20} {:<16} {}",
+                        row.seq, row.id, row.run, row.state, row.target
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Schema => {
+            print!("{}", airlock_intent::SCHEMA);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn load_run_config(args: RunArgs) -> Result<Config> {
+    let mut config = Config::load(args.config.as_deref(), std::env::vars())?;
+    if let Some(intents) = args.intents {
+        config.intents = intents;
+    }
+    if let Some(results) = args.results {
+        config.results = Some(results);
+    }
+    if let Some(state) = args.state {
+        // The default target lives in the state directory; keep it there.
+        if config.targets.get("default").map(String::as_str) == Some(DEFAULT_TARGET) {
+            config.targets.insert(
+                "default".into(),
+                format!("sqlite://{}", state.join("target.db").display()),
+            );
+        }
+        config.state = state;
+    }
+    if let Some(target) = args.target {
+        config.targets.insert("default".into(), target);
+    }
+    if let Some(policy) = args.policy {
+        config.policy = Some(policy);
+    }
+    config.check()?;
+    Ok(config)
+}
+
+const DEFAULT_TARGET: &str = "sqlite://./.airlock/target.db";
+
+fn open_queue(args: StateArgs) -> Result<Queue> {
+    let state = match args.state {
+        Some(state) => state,
+        None => Config::load(args.config.as_deref(), std::env::vars())?.state,
+    };
+    if !state.join("queue.db").exists() {
+        anyhow::bail!(
+            "no queue in {} (is this Airlock's state directory? use --state DIR)",
+            state.display()
+        );
+    }
+    Ok(Queue::open(&state)?)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// Completes on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

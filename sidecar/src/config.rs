@@ -1,0 +1,362 @@
+//! Configuration: one TOML file, overridable by `AIRLOCK_*` environment variables and
+//! then by command-line flags. Parsed once, before anything starts.
+//!
+//! Every key is optional: with nothing configured Airlock watches `./intents`, keeps
+//! its state in `./.airlock`, applies to `sqlite://./.airlock/target.db` and decides
+//! with the default policy compiled into the binary. Unknown keys are errors, so a
+//! typo never silently falls back to a default.
+//!
+//! Environment variables name a key path with `__` between levels, after the
+//! `AIRLOCK_` prefix: `AIRLOCK_INTENTS=/shared/intents` sets `intents`,
+//! `AIRLOCK_LIMITS__MAX_OPS=20` sets `limits.max_ops`, and `AIRLOCK_TARGET` is a
+//! shorthand for `targets.default`. Values are read as TOML when they parse as a
+//! number or boolean, and as strings otherwise.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The whole configuration.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The directory agents write intents into.
+    pub intents: PathBuf,
+    /// Where outcome files for agents go; defaults to `<intents>/results`.
+    pub results: Option<PathBuf>,
+    /// Airlock's private state (queue, keys); the agent must not see it.
+    pub state: PathBuf,
+    /// A `.rego` file or a directory of them (with an optional `data.json`);
+    /// the default policy compiled into the binary when absent.
+    pub policy: Option<PathBuf>,
+    /// Target databases by name; intents choose one with `target` (default `default`).
+    pub targets: BTreeMap<String, String>,
+    /// Limits on what an agent may submit.
+    pub limits: Limits,
+    /// Intake timing.
+    pub intake: Intake,
+    /// Human review.
+    pub review: Review,
+    /// Applying to targets.
+    pub apply: Apply,
+    /// Shutdown behaviour.
+    pub shutdown: Shutdown,
+}
+
+/// Limits on agent input (DESIGN invariant 5).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest intent file accepted, in bytes.
+    pub max_file_bytes: usize,
+    /// Deepest JSON nesting accepted.
+    pub max_depth: usize,
+    /// Most ops in one intent.
+    pub max_ops: usize,
+}
+
+/// Intake timing.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Intake {
+    /// Rescan the intent directory this often even without file events, in ms.
+    pub rescan_ms: u64,
+}
+
+/// Human review.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Review {
+    /// How long an intent may wait for review before it expires, in seconds.
+    pub ttl_secs: u64,
+}
+
+/// Applying to targets.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Apply {
+    /// Most rows one update or delete may touch before the intent fails.
+    pub max_rows: u64,
+    /// Longest backoff between retries of a transient failure, in ms.
+    pub max_backoff_ms: u64,
+}
+
+/// Shutdown behaviour.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Shutdown {
+    /// How long in-flight work may take to finish after SIGTERM, in ms.
+    pub grace_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        let state = PathBuf::from("./.airlock");
+        Self {
+            intents: PathBuf::from("./intents"),
+            results: None,
+            targets: BTreeMap::from([(
+                "default".to_owned(),
+                "sqlite://./.airlock/target.db".to_owned(),
+            )]),
+            state,
+            policy: None,
+            limits: Limits::default(),
+            intake: Intake::default(),
+            review: Review::default(),
+            apply: Apply::default(),
+            shutdown: Shutdown::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let intent = airlock_intent::Limits::default();
+        Self {
+            max_file_bytes: intent.max_bytes,
+            max_depth: intent.max_depth,
+            max_ops: intent.max_ops,
+        }
+    }
+}
+
+impl Default for Intake {
+    fn default() -> Self {
+        Self { rescan_ms: 2_000 }
+    }
+}
+
+impl Default for Review {
+    fn default() -> Self {
+        Self { ttl_secs: 3_600 }
+    }
+}
+
+impl Default for Apply {
+    fn default() -> Self {
+        Self {
+            max_rows: 1,
+            max_backoff_ms: 30_000,
+        }
+    }
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self { grace_ms: 10_000 }
+    }
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration from the environment: {0}")]
+    Env(String),
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Loads the configuration: `file` (if any), then the given environment variables
+    /// (pass `std::env::vars()`), over the defaults.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let (mut table, origin) = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                let table = text
+                    .parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Parse {
+                        path: path.to_owned(),
+                        message: e.to_string(),
+                    })?;
+                (table, Some(path.to_owned()))
+            }
+            None => (toml::Table::new(), None),
+        };
+        let mut from_env = false;
+        for (name, value) in env {
+            let Some(key) = name.strip_prefix("AIRLOCK_") else {
+                continue;
+            };
+            // Variables read by other parts (logging) are not configuration keys.
+            if matches!(key, "LOG" | "LOG_FORMAT") {
+                continue;
+            }
+            let path: Vec<String> = if key == "TARGET" {
+                vec!["targets".to_owned(), "default".to_owned()]
+            } else {
+                key.split("__").map(str::to_ascii_lowercase).collect()
+            };
+            set_path(&mut table, &path, scalar(&value)).map_err(ConfigError::Env)?;
+            from_env = true;
+        }
+        let config: Config = table.try_into().map_err(|e: toml::de::Error| {
+            let message = e.message().to_owned();
+            match origin {
+                Some(path) if !from_env => ConfigError::Parse { path, message },
+                _ => ConfigError::Invalid(message),
+            }
+        })?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Checks what serde cannot: relations between values.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if !self.targets.contains_key("default") && self.targets.is_empty() {
+            return Err(ConfigError::Invalid(
+                "no targets configured: set targets.default".into(),
+            ));
+        }
+        for name in self.targets.keys() {
+            airlock_intent::TargetName::parse(name).map_err(ConfigError::Invalid)?;
+        }
+        if self.limits.max_ops == 0 || self.limits.max_depth < 4 || self.limits.max_file_bytes == 0
+        {
+            return Err(ConfigError::Invalid(
+                "limits must allow at least one op, depth 4 and one byte".into(),
+            ));
+        }
+        if self.apply.max_rows == 0 {
+            return Err(ConfigError::Invalid("apply.max_rows must be at least 1".into()));
+        }
+        Ok(())
+    }
+
+    /// The results directory, defaulting to `<intents>/results`.
+    pub fn results_dir(&self) -> PathBuf {
+        self.results
+            .clone()
+            .unwrap_or_else(|| self.intents.join("results"))
+    }
+
+    /// The intent limits as the validator takes them.
+    pub fn intent_limits(&self) -> airlock_intent::Limits {
+        airlock_intent::Limits {
+            max_bytes: self.limits.max_file_bytes,
+            max_depth: self.limits.max_depth,
+            max_ops: self.limits.max_ops,
+        }
+    }
+
+    /// The review time to live.
+    pub fn review_ttl(&self) -> Duration {
+        Duration::from_secs(self.review.ttl_secs)
+    }
+}
+
+/// Reads an environment value as a TOML scalar when it is one, else as a string.
+fn scalar(value: &str) -> toml::Value {
+    if let Ok(n) = value.parse::<i64>() {
+        return toml::Value::Integer(n);
+    }
+    match value {
+        "true" => toml::Value::Boolean(true),
+        "false" => toml::Value::Boolean(false),
+        _ => toml::Value::String(value.to_owned()),
+    }
+}
+
+fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), String> {
+    let Some((last, parents)) = path.split_last() else {
+        return Err("empty key".into());
+    };
+    let mut current = table;
+    for part in parents {
+        let entry = current
+            .entry(part.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        current = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("{} is not a table", path.join(".")))?;
+    }
+    current.insert(last.clone(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_need_nothing() {
+        let config = Config::load(None, env(&[])).unwrap();
+        assert_eq!(config.intents, PathBuf::from("./intents"));
+        assert_eq!(config.results_dir(), PathBuf::from("./intents/results"));
+        assert_eq!(config.targets["default"], "sqlite://./.airlock/target.db");
+    }
+
+    #[test]
+    fn file_then_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("airlock.toml");
+        std::fs::write(
+            &path,
+            "intents = \"/in\"\n[limits]\nmax_ops = 5\n[targets]\nother = \"sqlite://o.db\"\n",
+        )
+        .unwrap();
+        let config = Config::load(
+            Some(&path),
+            env(&[
+                ("AIRLOCK_LIMITS__MAX_OPS", "7"),
+                ("AIRLOCK_TARGET", "sqlite://t.db"),
+                ("AIRLOCK_LOG", "debug"),
+                ("HOME", "/root"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.intents, PathBuf::from("/in"));
+        assert_eq!(config.limits.max_ops, 7);
+        assert_eq!(config.targets["default"], "sqlite://t.db");
+        assert_eq!(config.targets["other"], "sqlite://o.db");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("airlock.toml");
+        std::fs::write(&path, "[limits]\nmax_opz = 5\n").unwrap();
+        let err = Config::load(Some(&path), env(&[])).unwrap_err().to_string();
+        assert!(err.contains("max_opz"), "{err}");
+        assert!(err.contains("airlock.toml"), "{err}");
+        let err = Config::load(None, env(&[("AIRLOCK_INTENTZ", "x")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("intentz"), "{err}");
+    }
+
+    #[test]
+    fn bad_values_are_errors() {
+        let err = Config::load(None, env(&[("AIRLOCK_APPLY__MAX_ROWS", "0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_rows"), "{err}");
+        let err = Config::load(None, env(&[("AIRLOCK_LIMITS__MAX_OPS", "many")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("invalid type"), "{err}");
+    }
+}

@@ -1,0 +1,266 @@
+//! The daemon: wires intake, the pipeline and their timers together, and stops them
+//! cleanly.
+//!
+//! Two threads do the work, each with its own queue connection: intake (scans on
+//! every file-system hint, on a timer and at start) and the pipeline (decide, apply,
+//! outcomes). SQLite and the SQLite target are blocking, so plain threads are the
+//! honest shape; async targets run on the tokio runtime through its handle.
+//!
+//! Shutdown (SIGTERM, SIGINT): intake stops first, so no new file is taken; the
+//! pipeline finishes the step in flight (each apply is one target transaction that
+//! either commits or not), writes pending outcomes and stops. If that takes longer
+//! than the grace period the daemon exits anyway: anything unfinished is still in
+//! the queue, and the ledger makes a repeated apply a no-op.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use notify::Watcher;
+use tracing::{error, info, warn};
+
+use crate::apply::{self, Target};
+use crate::config::Config;
+use crate::decide::{EmbeddedPolicy, PolicySource};
+use crate::intake::Intake;
+use crate::outcome::Outcomes;
+use crate::pipeline::Pipeline;
+use crate::queue::Queue;
+
+/// How often the pipeline looks at the queue when nothing woke it: reviews decided by
+/// another process (`airlock approve`), retries whose backoff ended, expiring reviews.
+const TICK: Duration = Duration::from_millis(200);
+
+/// Why the daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot create directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("target {name}: {message}")]
+    Target { name: String, message: String },
+    #[error("policy: {0}")]
+    Policy(String),
+    #[error(transparent)]
+    Queue(#[from] crate::queue::QueueError),
+}
+
+enum Message {
+    Wake,
+    Stop,
+}
+
+/// Everything the daemon runs, built from the configuration before anything starts.
+#[derive(Debug)]
+pub struct Resources {
+    pub config: Config,
+    pub policy: Arc<EmbeddedPolicy>,
+    pub targets: BTreeMap<String, Arc<dyn Target>>,
+}
+
+impl Resources {
+    /// Opens targets, loads the policy and creates directories. Fails before anything
+    /// runs, with a message naming what is wrong.
+    pub fn open(config: Config) -> Result<Self, StartError> {
+        for dir in [config.intents.clone(), config.results_dir()] {
+            std::fs::create_dir_all(&dir).map_err(|source| StartError::Dir { path: dir, source })?;
+        }
+        // The default SQLite target lives in the state directory.
+        Queue::open(&config.state)?;
+        let mut targets = BTreeMap::new();
+        for (name, url) in &config.targets {
+            let target = apply::open(name, url).map_err(|e| StartError::Target {
+                name: name.clone(),
+                message: e.to_string(),
+            })?;
+            targets.insert(name.clone(), target);
+        }
+        let source = match &config.policy {
+            Some(path) => PolicySource::Path(path.clone()),
+            None => PolicySource::Default,
+        };
+        let policy = EmbeddedPolicy::load(source).map_err(|e| StartError::Policy(e.to_string()))?;
+        Ok(Self {
+            config,
+            policy: Arc::new(policy),
+            targets,
+        })
+    }
+}
+
+/// Runs the daemon until `shutdown` completes, then drains and returns.
+pub async fn run(
+    resources: Resources,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), StartError> {
+    let Resources {
+        config,
+        policy,
+        targets,
+    } = resources;
+    let validator = airlock_intent::Validator::new(config.intent_limits());
+    let intake = Intake::new(
+        config.intents.clone(),
+        validator,
+        targets.keys().cloned().collect::<BTreeSet<_>>(),
+        Queue::open(&config.state)?,
+    );
+    let outcomes = Outcomes::new(config.results_dir()).map_err(|source| StartError::Dir {
+        path: config.results_dir(),
+        source,
+    })?;
+    let pipeline = Pipeline::new(
+        &config,
+        Queue::open(&config.state)?,
+        policy.clone(),
+        targets,
+        outcomes,
+        tokio::runtime::Handle::current(),
+    );
+
+    let (intake_tx, intake_rx) = mpsc::channel();
+    let (pipeline_tx, pipeline_rx) = mpsc::channel();
+    let watcher = watch(&config, intake_tx.clone());
+    let rescan = Duration::from_millis(config.intake.rescan_ms.max(10));
+    let intake_thread = spawn("airlock-intake", {
+        let pipeline_tx = pipeline_tx.clone();
+        move || intake_loop(intake, intake_rx, rescan, pipeline_tx)
+    });
+    let pipeline_thread = spawn("airlock-pipeline", move || {
+        pipeline_loop(pipeline, pipeline_rx)
+    });
+    info!(
+        message = "airlock running",
+        intents = %config.intents.display(),
+        results = %config.results_dir().display(),
+        state = %config.state.display(),
+        targets = ?config.targets.keys().collect::<Vec<_>>(),
+        policy = %policy.identity(),
+    );
+
+    shutdown.await;
+    info!(message = "stopping: no new intents are taken", grace_ms = config.shutdown.grace_ms);
+    drop(watcher);
+    let grace = Duration::from_millis(config.shutdown.grace_ms);
+    let deadline = tokio::time::Instant::now() + grace;
+    let _ = intake_tx.send(Message::Stop);
+    join(intake_thread, deadline).await;
+    let _ = pipeline_tx.send(Message::Stop);
+    join(pipeline_thread, deadline).await;
+    info!(message = "airlock stopped");
+    Ok(())
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Option<JoinHandle<()>> {
+    match std::thread::Builder::new().name(name.to_owned()).spawn(f) {
+        Ok(handle) => Some(handle),
+        Err(error) => {
+            error!(message = "cannot start thread", name, %error);
+            None
+        }
+    }
+}
+
+async fn join(handle: Option<JoinHandle<()>>, deadline: tokio::time::Instant) {
+    let Some(handle) = handle else { return };
+    let name = handle.thread().name().unwrap_or("worker").to_owned();
+    let joined = tokio::task::spawn_blocking(move || handle.join());
+    match tokio::time::timeout_at(deadline, joined).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(_) => error!(message = "worker thread panicked", name),
+        Err(_) => warn!(
+            message = "grace period over; leaving work for the next start (the ledger prevents double applies)",
+            name
+        ),
+    }
+}
+
+/// Forwards file-system events on the intent directory as scan hints. Events are
+/// hints only; without a watcher, periodic rescans still find everything.
+fn watch(config: &Config, tx: Sender<Message>) -> Option<notify::RecommendedWatcher> {
+    let result = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok() {
+            let _ = tx.send(Message::Wake);
+        }
+    })
+    .and_then(|mut watcher| {
+        watcher.watch(&config.intents, notify::RecursiveMode::NonRecursive)?;
+        Ok(watcher)
+    });
+    match result {
+        Ok(watcher) => Some(watcher),
+        Err(error) => {
+            warn!(
+                message = "cannot watch the intent directory; relying on periodic rescans",
+                %error,
+                rescan_ms = config.intake.rescan_ms
+            );
+            None
+        }
+    }
+}
+
+fn intake_loop(
+    mut intake: Intake,
+    rx: Receiver<Message>,
+    rescan: Duration,
+    pipeline: Sender<Message>,
+) {
+    loop {
+        match intake.scan() {
+            Ok(report) if report.changed() => {
+                let _ = pipeline.send(Message::Wake);
+            }
+            Ok(_) => {}
+            Err(error) => error!(message = "intake scan failed; retrying", %error),
+        }
+        // Wait for a hint or the rescan timer, then coalesce queued hints.
+        match rx.recv_timeout(rescan) {
+            Ok(Message::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+            Ok(Message::Wake) | Err(RecvTimeoutError::Timeout) => {}
+        }
+        for message in rx.try_iter() {
+            if let Message::Stop = message {
+                return;
+            }
+        }
+    }
+}
+
+fn pipeline_loop(mut pipeline: Pipeline, rx: Receiver<Message>) {
+    let mut failures = 0u32;
+    loop {
+        let progressed = match pipeline.step() {
+            Ok(report) => {
+                failures = 0;
+                report.progressed()
+            }
+            Err(error) => {
+                failures = failures.saturating_add(1);
+                error!(message = "pipeline step failed; retrying", %error, failures);
+                false
+            }
+        };
+        let wait = if progressed {
+            Duration::ZERO
+        } else {
+            TICK.saturating_mul(failures.clamp(1, 25))
+        };
+        match rx.recv_timeout(wait) {
+            Ok(Message::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+            Ok(Message::Wake) | Err(RecvTimeoutError::Timeout) => {}
+        }
+        if rx.try_iter().any(|m| matches!(m, Message::Stop)) {
+            break;
+        }
+    }
+    // Tell the agent where everything stands, then stop.
+    if let Err(error) = pipeline.flush_outcomes() {
+        error!(message = "cannot write the last outcomes", %error);
+    }
+}

@@ -1,0 +1,202 @@
+//! Outcomes: what the agent reads back, one JSON file per intent in the results
+//! directory (`<intents>/results` by default).
+//!
+//! The file is `<id>.json` for an intent whose id could be read, and is named after
+//! the submitted file otherwise (an unparsable `foo.json` gets `foo.json`). It is
+//! rewritten at each state change, always atomically (a temporary file renamed over
+//! the old one), so a reader never sees a partial document. `final: true` means the
+//! state will not change on its own.
+//!
+//! Outcome files are a view of the queue, not a record: the queue flags each change
+//! until its file is written, so a crash in between rewrites it at the next start.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::decide::Decision;
+use crate::lifecycle::State;
+use crate::queue::{IntentRow, RefusedRow, ReviewVote};
+
+/// The outcome document, version 1.
+#[derive(Clone, Debug, Serialize)]
+pub struct Outcome {
+    pub version: u32,
+    /// The intent id, when one could be read.
+    pub id: Option<String>,
+    pub run: Option<String>,
+    /// The file the agent submitted.
+    pub file: String,
+    /// `invalid` for a refused file, otherwise the intent's lifecycle state.
+    pub state: String,
+    /// Whether the state is final for the agent.
+    #[serde(rename = "final")]
+    pub is_final: bool,
+    /// `sha256:<hex>` of the exact bytes submitted.
+    pub digest: String,
+    /// Why the intent is where it is, in words (policy reasons, reviewer comments,
+    /// errors).
+    pub reasons: Vec<String>,
+    /// For refused files: every problem found, with its JSON pointer.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub problems: Vec<airlock_intent::Problem>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub decision: Option<Decision>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub review: Option<ReviewStatus>,
+    /// The last error met (policy unavailable, apply failure), with details.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<Value>,
+    pub received_at: String,
+    pub updated_at: String,
+}
+
+/// Where a review stands.
+#[derive(Clone, Debug, Serialize)]
+pub struct ReviewStatus {
+    pub approvals_needed: u32,
+    pub approved_by: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rejected_by: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+}
+
+/// Milliseconds since the epoch as RFC 3339 UTC.
+pub fn timestamp(ms: i64) -> String {
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
+impl Outcome {
+    /// The outcome of a queued intent, given its reviews.
+    pub fn of_intent(row: &IntentRow, reviews: &[ReviewVote]) -> Self {
+        let mut reasons = Vec::new();
+        if let Some(decision) = &row.decision {
+            reasons.extend(decision.reasons.iter().cloned());
+        }
+        let rejection = reviews.iter().find(|r| r.verdict == "reject");
+        match row.state {
+            State::Rejected => {
+                if let Some(r) = rejection {
+                    reasons.push(format!(
+                        "rejected by {}: {}",
+                        r.reviewer,
+                        r.comment.as_deref().unwrap_or("no reason given")
+                    ));
+                }
+            }
+            State::Expired => reasons.push("the review expired before enough approvals".into()),
+            _ => {}
+        }
+        if let Some(message) = row.error.as_ref().and_then(|e| e.get("message")).and_then(Value::as_str) {
+            reasons.push(message.to_owned());
+        }
+        let review = (row.approvals_needed > 0).then(|| ReviewStatus {
+            approvals_needed: row.approvals_needed,
+            approved_by: reviews
+                .iter()
+                .filter(|r| r.verdict == "approve" && r.digest == row.digest)
+                .map(|r| r.reviewer.clone())
+                .collect(),
+            rejected_by: rejection.map(|r| r.reviewer.clone()),
+            expires_at: row
+                .review_deadline
+                .filter(|_| row.state == State::AwaitingReview)
+                .map(timestamp),
+        });
+        Self {
+            version: 1,
+            id: Some(row.id.clone()),
+            run: Some(row.run.clone()),
+            file: row.file.clone(),
+            state: row.state.as_str().to_owned(),
+            is_final: row.state.is_final(),
+            digest: row.digest.clone(),
+            reasons,
+            problems: Vec::new(),
+            decision: row.decision.clone(),
+            review,
+            error: row.error.clone(),
+            received_at: timestamp(row.received_at),
+            updated_at: timestamp(row.updated_at),
+        }
+    }
+
+    /// The outcome of a refused file.
+    pub fn of_refusal(row: &RefusedRow) -> Self {
+        Self {
+            version: 1,
+            id: row.id.clone(),
+            run: row.run.clone(),
+            file: row.file.clone(),
+            state: "invalid".into(),
+            is_final: true,
+            digest: row.digest.clone(),
+            reasons: row
+                .problems
+                .iter()
+                .map(|p| {
+                    if p.pointer.is_empty() {
+                        p.message.clone()
+                    } else {
+                        format!("{}: {}", p.pointer, p.message)
+                    }
+                })
+                .collect(),
+            problems: row.problems.clone(),
+            decision: None,
+            review: None,
+            error: None,
+            received_at: timestamp(row.received_at),
+            updated_at: timestamp(row.received_at),
+        }
+    }
+
+    /// The outcome file's name: `<id>.json`, or the submitted file's name when no
+    /// valid id could be read.
+    pub fn file_name(&self) -> String {
+        match self.id.as_deref().filter(|id| airlock_intent::IntentId::parse(id).is_ok()) {
+            Some(id) => format!("{id}.json"),
+            None => self.file.clone(),
+        }
+    }
+}
+
+/// Writes outcome files into one directory.
+#[derive(Clone, Debug)]
+pub struct Outcomes {
+    dir: PathBuf,
+}
+
+impl Outcomes {
+    /// Outcomes in `dir`, created if missing.
+    pub fn new(dir: PathBuf) -> io::Result<Self> {
+        fs::create_dir_all(&dir)?;
+        Ok(Self { dir })
+    }
+
+    /// The results directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Writes (or replaces) one outcome file atomically.
+    pub fn write(&self, outcome: &Outcome) -> io::Result<PathBuf> {
+        let name = outcome.file_name();
+        let path = self.dir.join(&name);
+        let tmp = self.dir.join(format!(".{name}.{}.tmp", std::process::id()));
+        let mut bytes = serde_json::to_vec_pretty(outcome).map_err(io::Error::other)?;
+        bytes.push(b'\n');
+        let result = fs::File::create(&tmp)
+            .and_then(|mut file| file.write_all(&bytes))
+            .and_then(|()| fs::rename(&tmp, &path));
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map(|()| path)
+    }
+}

@@ -1,0 +1,337 @@
+//! The pipeline: moves queued intents forward — expire, decide, apply — and tells the
+//! agent each outcome. One [`Pipeline::step`] does one pass of every stage, batching
+//! each stage's queue writes into one commit; the daemon calls it whenever intake
+//! admits something, a reviewer decides, or a timer fires.
+//!
+//! Order and safety:
+//! - Only approved intents are applied, and only the first still-pending intent of
+//!   each run ([`Queue::apply_heads`]): a run's intents apply in queue order, and one
+//!   awaiting review holds back the rest of its run (DESIGN invariants 3 and 7).
+//! - An intent's writes and its ledger row commit in one target transaction before
+//!   the queue marks it applied. After a crash in between, applying again finds the
+//!   ledger row and only marks it (invariant 2).
+//! - A policy that cannot answer leaves the intent queued, retried with backoff
+//!   (invariant 4); a transient target error retries the same way.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::runtime::Handle;
+use tracing::{info, warn};
+
+use crate::apply::{ApplyError, ApplyMeta, ErrorKind, Target};
+use crate::config::Config;
+use crate::decide::EmbeddedPolicy;
+use crate::decide::input::{InputContext, build};
+use crate::lifecycle::State;
+use crate::outcome::{Outcome, Outcomes};
+use crate::queue::{DecisionOutcome, IntentRow, Queue, QueueError, now_ms};
+
+/// Most intents one stage takes in one step.
+const BATCH: usize = 256;
+
+/// The pipeline's resources.
+#[derive(Debug)]
+pub struct Pipeline {
+    queue: Queue,
+    policy: Arc<EmbeddedPolicy>,
+    targets: BTreeMap<String, Arc<dyn Target>>,
+    outcomes: Outcomes,
+    runtime: Handle,
+    review_ttl: Duration,
+    max_rows: u64,
+    max_backoff_ms: u64,
+}
+
+/// What one step did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StepReport {
+    pub expired: usize,
+    pub decided: usize,
+    pub applied: usize,
+    pub failed: usize,
+    pub retried: usize,
+    pub outcomes: usize,
+}
+
+impl StepReport {
+    /// Whether the step moved any intent (another step may find more to do).
+    pub fn progressed(&self) -> bool {
+        self.expired + self.decided + self.applied + self.failed > 0
+    }
+}
+
+impl Pipeline {
+    /// A pipeline over its own queue connection.
+    pub fn new(
+        config: &Config,
+        queue: Queue,
+        policy: Arc<EmbeddedPolicy>,
+        targets: BTreeMap<String, Arc<dyn Target>>,
+        outcomes: Outcomes,
+        runtime: Handle,
+    ) -> Self {
+        Self {
+            queue,
+            policy,
+            targets,
+            outcomes,
+            runtime,
+            review_ttl: config.review_ttl(),
+            max_rows: config.apply.max_rows,
+            max_backoff_ms: config.apply.max_backoff_ms,
+        }
+    }
+
+    /// One pass of every stage.
+    pub fn step(&mut self) -> Result<StepReport, QueueError> {
+        let mut report = StepReport::default();
+        self.expire(&mut report)?;
+        self.decide(&mut report)?;
+        self.apply(&mut report)?;
+        self.write_outcomes(&mut report)?;
+        Ok(report)
+    }
+
+    /// Writes every pending outcome file.
+    pub fn flush_outcomes(&mut self) -> Result<usize, QueueError> {
+        let mut report = StepReport::default();
+        self.write_outcomes(&mut report)?;
+        Ok(report.outcomes)
+    }
+
+    /// The pipeline's queue connection.
+    pub fn queue(&self) -> &Queue {
+        &self.queue
+    }
+
+    fn expire(&mut self, report: &mut StepReport) -> Result<(), QueueError> {
+        let overdue = self.queue.overdue_reviews(now_ms())?;
+        if overdue.is_empty() {
+            return Ok(());
+        }
+        self.queue.write(|w| {
+            for row in &overdue {
+                w.expire(&row.id)?;
+                info!(message = "review expired", id = %row.id, run = %row.run);
+            }
+            Ok(())
+        })?;
+        report.expired += overdue.len();
+        Ok(())
+    }
+
+    fn decide(&mut self, report: &mut StepReport) -> Result<(), QueueError> {
+        let now = now_ms();
+        let due = self.queue.due_for_decision(now, BATCH)?;
+        if due.is_empty() {
+            return Ok(());
+        }
+        let mut answers = Vec::with_capacity(due.len());
+        let mut counts: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+        for row in &due {
+            let intent = row.intent()?;
+            if !counts.contains_key(&row.run) {
+                counts.insert(row.run.clone(), self.queue.run_counts(&row.run)?);
+            }
+            let run_counts = counts.get(&row.run).cloned().unwrap_or_default();
+            let input = build(&InputContext {
+                intent: &intent,
+                run_counts: &run_counts,
+                digest: &row.digest,
+                keyid: None,
+                file: &row.file,
+                target: &row.target,
+            });
+            answers.push(self.policy.evaluate(&input).map_err(|e| e.to_string()));
+        }
+        let deadline = now + i64::try_from(self.review_ttl.as_millis()).unwrap_or(i64::MAX / 2);
+        let max_backoff = self.max_backoff_ms;
+        self.queue.write(|w| {
+            for (row, answer) in due.iter().zip(&answers) {
+                match answer {
+                    Ok(decision) => {
+                        let state = w.record_decision(
+                            &row.id,
+                            DecisionOutcome::Decided {
+                                decision,
+                                review_deadline: deadline,
+                            },
+                        )?;
+                        info!(message = "intent decided", id = %row.id, run = %row.run, %state, reasons = ?decision.reasons);
+                    }
+                    Err(message) => {
+                        let retry_at = now + backoff_ms(row.attempts, max_backoff, &row.id);
+                        warn!(message = "policy could not decide; the intent waits", id = %row.id, error = %message, attempts = row.attempts + 1);
+                        w.record_decision(
+                            &row.id,
+                            DecisionOutcome::Unavailable {
+                                message: &format!("policy could not decide: {message}"),
+                                retry_at,
+                            },
+                        )?;
+                    }
+                }
+            }
+            Ok(())
+        })?;
+        report.decided += answers.iter().filter(|a| a.is_ok()).count();
+        Ok(())
+    }
+
+    fn apply(&mut self, report: &mut StepReport) -> Result<(), QueueError> {
+        let heads = self.queue.apply_heads(now_ms(), BATCH)?;
+        if heads.is_empty() {
+            return Ok(());
+        }
+        let mut results = Vec::with_capacity(heads.len());
+        for row in &heads {
+            results.push(self.apply_one(row));
+        }
+        let now = now_ms();
+        let max_backoff = self.max_backoff_ms;
+        self.queue.write(|w| {
+            for (row, result) in heads.iter().zip(results) {
+                match result {
+                    Ok(summary) => {
+                        w.record_applied(&row.id, summary)?;
+                        report.applied += 1;
+                        info!(message = "intent applied", id = %row.id, run = %row.run, target = %row.target);
+                    }
+                    Err(error) if error.kind == ErrorKind::Permanent => {
+                        warn!(message = "intent failed", id = %row.id, run = %row.run, error = %error.message, code = ?error.code);
+                        w.record_failed(&row.id, error_json(&error, None))?;
+                        report.failed += 1;
+                    }
+                    Err(error) => {
+                        let retry_at = now + backoff_ms(row.attempts, max_backoff, &row.id);
+                        warn!(message = "transient apply error; will retry", id = %row.id, error = %error.message, attempts = row.attempts + 1);
+                        w.record_retry(&row.id, error_json(&error, Some(retry_at)), retry_at)?;
+                        report.retried += 1;
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn apply_one(&self, row: &IntentRow) -> Result<Value, ApplyError> {
+        let permanent = |message: String| ApplyError {
+            kind: ErrorKind::Permanent,
+            op: None,
+            code: None,
+            message,
+        };
+        let target = self
+            .targets
+            .get(&row.target)
+            .ok_or_else(|| permanent(format!("unknown target {:?}", row.target)))?;
+        let intent = row.intent().map_err(|e| permanent(e.to_string()))?;
+        let meta = ApplyMeta {
+            digest: row.digest.clone(),
+            max_rows: self.max_rows,
+        };
+        let applied = self.runtime.block_on(target.apply(&intent, &meta))?;
+        Ok(json!({
+            "target": row.target,
+            "already": applied.already,
+            "ops": applied.ops,
+            "ledger_digest": crate::seal::digest(
+                &serde_json::to_vec(&applied.ledger.undo).unwrap_or_default()
+            ),
+        }))
+    }
+
+    fn write_outcomes(&mut self, report: &mut StepReport) -> Result<(), QueueError> {
+        loop {
+            let intents = self.queue.pending_intent_outcomes(BATCH)?;
+            let refusals = self.queue.pending_refusal_outcomes(BATCH)?;
+            if intents.is_empty() && refusals.is_empty() {
+                return Ok(());
+            }
+            let mut written_intents = Vec::with_capacity(intents.len());
+            for row in &intents {
+                let reviews = if row.approvals_needed > 0 {
+                    self.queue.reviews(&row.id)?
+                } else {
+                    Vec::new()
+                };
+                if self.write(&Outcome::of_intent(row, &reviews)) {
+                    written_intents.push(row.seq);
+                }
+            }
+            let mut written_refusals = Vec::with_capacity(refusals.len());
+            for row in &refusals {
+                if self.write(&Outcome::of_refusal(row)) {
+                    written_refusals.push(row.seq);
+                }
+            }
+            let progress = written_intents.len() + written_refusals.len();
+            self.queue
+                .write(|w| w.outcomes_written(&written_intents, &written_refusals))?;
+            report.outcomes += progress;
+            if progress == 0 {
+                // The results directory is failing; the flags stay set and the next
+                // step tries again.
+                return Ok(());
+            }
+        }
+    }
+
+    fn write(&self, outcome: &Outcome) -> bool {
+        match self.outcomes.write(outcome) {
+            Ok(_) => true,
+            Err(error) => {
+                warn!(message = "cannot write outcome file", dir = %self.outcomes.dir().display(), file = %outcome.file_name(), %error);
+                false
+            }
+        }
+    }
+}
+
+fn error_json(error: &ApplyError, retry_at: Option<i64>) -> Value {
+    json!({
+        "stage": "apply",
+        "kind": match error.kind { ErrorKind::Permanent => "permanent", ErrorKind::Transient => "transient" },
+        "op": error.op,
+        "code": error.code,
+        "message": error.to_string(),
+        "retry_at": retry_at,
+    })
+}
+
+/// Exponential backoff from 100 ms, capped, with ±25% jitter derived from the id and
+/// attempt (deterministic per intent, spread across intents).
+pub fn backoff_ms(attempts: u32, max_ms: u64, id: &str) -> i64 {
+    let base = 100u64.saturating_mul(1u64 << attempts.min(20)).min(max_ms.max(1));
+    let seed = id
+        .bytes()
+        .fold(u64::from(attempts).wrapping_mul(0x9e37_79b9_7f4a_7c15), |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    let jitter = (seed % 51) as i64 - 25; // -25..=25 percent
+    let ms = base as i64 + base as i64 * jitter / 100;
+    ms.max(1)
+}
+
+/// Whether an intent in `state` is done with the pipeline.
+pub fn settled(state: State) -> bool {
+    state.is_final() || state == State::AwaitingReview
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let a = backoff_ms(0, 30_000, "x");
+        let b = backoff_ms(3, 30_000, "x");
+        assert!((75..=125).contains(&a), "{a}");
+        assert!((600..=1000).contains(&b), "{b}");
+        assert!(backoff_ms(40, 30_000, "x") <= 37_500);
+        assert!(backoff_ms(40, 30_000, "x") >= 22_500);
+    }
+}

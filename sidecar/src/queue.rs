@@ -1,0 +1,1019 @@
+//! The queue: Airlock's durable memory of every intent, in one SQLite database
+//! (`<state>/queue.db`, WAL mode).
+//!
+//! # What is guaranteed on disk
+//! - **Durable before acknowledged.** Every write goes through [`Queue::write`], one
+//!   SQLite transaction committed with `synchronous=FULL`: when it returns, the change
+//!   survives a crash or power loss. Intake removes an intent file only after the
+//!   transaction holding its exact bytes and digest has committed (DESIGN invariant 1).
+//! - **Group commits.** A [`Writer`] takes any number of changes, so intake admits a
+//!   whole directory scan, and the pipeline records a batch of decisions or applies,
+//!   for the cost of one commit.
+//! - **One state change, one record.** Each change of an intent's state is checked by
+//!   the pure state machine ([`State::next`]) and appended, in the same transaction,
+//!   as a record of its run's log: a JSON statement holding the SHA-256 of the
+//!   previous record of the run, so the log is a hash chain.
+//! - **Queue order.** `intents.seq` grows with each admission and is the order in
+//!   which a run's intents apply (DESIGN invariant 7).
+//! - **Idempotent admission.** An id is admitted once. The same id with the same bytes
+//!   again is a no-op; with different bytes it is refused as a conflict, and the
+//!   refused bytes are kept in `refused` like every other refusal.
+//!
+//! # What a crash can leave behind
+//! Nothing half-done: each transaction is all or nothing. Outcome files for agents are
+//! written after the commit and flagged `outcome_pending` until written, so a crash
+//! between the two rewrites them at the next start.
+//!
+//! The schema is versioned with `PRAGMA user_version`; [`Queue::open`] migrates older
+//! files forward and refuses newer ones.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
+use serde_json::{Value, json};
+
+use crate::decide::Decision;
+use crate::lifecycle::{Event, IllegalTransition, State, UnknownState, Verdict};
+use crate::seal;
+
+/// The schema version this code writes.
+const SCHEMA_VERSION: i64 = 1;
+
+const MIGRATIONS: &[&str] = &[
+    // Version 1.
+    r#"
+    CREATE TABLE intents (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        run TEXT NOT NULL,
+        target TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        file TEXT NOT NULL,
+        state TEXT NOT NULL,
+        decision TEXT,
+        approvals_needed INTEGER NOT NULL DEFAULT 0,
+        review_deadline INTEGER,
+        error TEXT,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        not_before INTEGER NOT NULL DEFAULT 0,
+        received_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        outcome_pending INTEGER NOT NULL DEFAULT 1
+    );
+    CREATE INDEX intents_by_state ON intents (state, seq);
+    CREATE INDEX intents_by_run ON intents (run, seq);
+    CREATE INDEX intents_outcome ON intents (outcome_pending) WHERE outcome_pending = 1;
+
+    CREATE TABLE reviews (
+        intent_id TEXT NOT NULL REFERENCES intents (id),
+        reviewer TEXT NOT NULL,
+        verdict TEXT NOT NULL CHECK (verdict IN ('approve', 'reject')),
+        digest TEXT NOT NULL,
+        comment TEXT,
+        at INTEGER NOT NULL,
+        PRIMARY KEY (intent_id, reviewer)
+    );
+
+    CREATE TABLE refused (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        file TEXT NOT NULL,
+        id TEXT,
+        run TEXT,
+        kind TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        payload BLOB NOT NULL,
+        problems TEXT NOT NULL,
+        received_at INTEGER NOT NULL,
+        outcome_pending INTEGER NOT NULL DEFAULT 1
+    );
+    CREATE INDEX refused_outcome ON refused (outcome_pending) WHERE outcome_pending = 1;
+
+    CREATE TABLE runs (
+        run TEXT PRIMARY KEY,
+        head_seq INTEGER NOT NULL,
+        head_digest TEXT NOT NULL
+    );
+
+    CREATE TABLE records (
+        run TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        intent_id TEXT,
+        event TEXT NOT NULL,
+        body BLOB NOT NULL,
+        digest TEXT NOT NULL,
+        PRIMARY KEY (run, seq)
+    );
+    CREATE INDEX records_by_intent ON records (intent_id);
+    "#,
+];
+
+/// The run that refusals without a readable run id are recorded under.
+pub const UNATTRIBUTED_RUN: &str = "unattributed";
+
+/// Why a queue operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("cannot create state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("queue database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error(
+        "queue database {path} has schema version {found}, newer than this Airlock ({supported}); upgrade Airlock"
+    )]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        supported: i64,
+    },
+    #[error("queue database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("queue holds a corrupt value: {0}")]
+    Corrupt(String),
+    #[error("no intent with id {0:?}")]
+    NotFound(String),
+    #[error(transparent)]
+    Transition(#[from] IllegalTransition),
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl From<UnknownState> for QueueError {
+    fn from(e: UnknownState) -> Self {
+        QueueError::Corrupt(e.to_string())
+    }
+}
+
+impl From<serde_json::Error> for QueueError {
+    fn from(e: serde_json::Error) -> Self {
+        QueueError::Corrupt(e.to_string())
+    }
+}
+
+/// Milliseconds since the Unix epoch, the queue's clock.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// A file that validated as an intent, ready to be admitted.
+#[derive(Clone, Debug)]
+pub struct Arrival {
+    /// The file name the agent used (without directory).
+    pub file: String,
+    /// The exact bytes read.
+    pub bytes: Vec<u8>,
+    /// `sha256:<hex>` of `bytes`.
+    pub digest: String,
+    pub intent: airlock_intent::Intent,
+}
+
+/// A file that did not become an intent, and why.
+#[derive(Clone, Debug)]
+pub struct Refusal {
+    pub file: String,
+    /// What kind of refusal: `invalid` (schema, JSON, limits, file type) or `conflict`.
+    pub kind: &'static str,
+    /// The bytes read (empty when the file was not read: too large, not a file).
+    pub bytes: Vec<u8>,
+    pub digest: String,
+    /// The file's size on disk.
+    pub size: u64,
+    pub id: Option<String>,
+    pub run: Option<String>,
+    pub problems: Vec<airlock_intent::Problem>,
+}
+
+/// What admission did with an [`Arrival`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Newly queued.
+    Queued,
+    /// Already queued with the same bytes: nothing changed.
+    Duplicate,
+    /// The id was already used by different bytes: refused.
+    Conflict { existing_digest: String },
+}
+
+/// One intent as the queue holds it.
+#[derive(Clone, Debug)]
+pub struct IntentRow {
+    pub seq: i64,
+    pub id: String,
+    pub run: String,
+    pub target: String,
+    pub digest: String,
+    pub payload: Vec<u8>,
+    pub file: String,
+    pub state: State,
+    pub decision: Option<Decision>,
+    pub approvals_needed: u32,
+    pub review_deadline: Option<i64>,
+    /// The last problem met on the way (policy unavailable, transient apply error,
+    /// permanent apply error), as a JSON object.
+    pub error: Option<Value>,
+    pub attempts: u32,
+    pub not_before: i64,
+    pub received_at: i64,
+    pub updated_at: i64,
+}
+
+impl IntentRow {
+    /// The intent, parsed again from the stored bytes (validated at admission).
+    pub fn intent(&self) -> Result<airlock_intent::Intent, QueueError> {
+        serde_json::from_slice(&self.payload).map_err(|e| {
+            QueueError::Corrupt(format!("stored intent {} does not parse: {e}", self.id))
+        })
+    }
+}
+
+const INTENT_COLUMNS: &str = "seq, id, run, target, digest, payload, file, state, decision, \
+     approvals_needed, review_deadline, error, attempts, not_before, received_at, updated_at";
+
+fn intent_row(row: &Row<'_>) -> rusqlite::Result<(IntentRow, String, Option<String>, Option<String>)> {
+    let state: String = row.get(7)?;
+    let decision: Option<String> = row.get(8)?;
+    let error: Option<String> = row.get(11)?;
+    Ok((
+        IntentRow {
+            seq: row.get(0)?,
+            id: row.get(1)?,
+            run: row.get(2)?,
+            target: row.get(3)?,
+            digest: row.get(4)?,
+            payload: row.get(5)?,
+            file: row.get(6)?,
+            state: State::Queued,
+            decision: None,
+            approvals_needed: row.get(9)?,
+            review_deadline: row.get(10)?,
+            error: None,
+            attempts: row.get(12)?,
+            not_before: row.get(13)?,
+            received_at: row.get(14)?,
+            updated_at: row.get(15)?,
+        },
+        state,
+        decision,
+        error,
+    ))
+}
+
+fn finish_row(
+    (mut row, state, decision, error): (IntentRow, String, Option<String>, Option<String>),
+) -> Result<IntentRow, QueueError> {
+    row.state = state.parse()?;
+    row.decision = decision.map(|d| serde_json::from_str(&d)).transpose()?;
+    row.error = error.map(|e| serde_json::from_str(&e)).transpose()?;
+    Ok(row)
+}
+
+/// A refusal as the queue holds it.
+#[derive(Clone, Debug)]
+pub struct RefusedRow {
+    pub seq: i64,
+    pub file: String,
+    pub id: Option<String>,
+    pub run: Option<String>,
+    pub kind: String,
+    pub digest: String,
+    pub size: u64,
+    pub problems: Vec<airlock_intent::Problem>,
+    pub received_at: i64,
+}
+
+/// One reviewer's verdict on an intent.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ReviewVote {
+    pub reviewer: String,
+    pub verdict: String,
+    pub digest: String,
+    pub comment: Option<String>,
+    pub at: i64,
+}
+
+/// One record of a run's log.
+#[derive(Clone, Debug)]
+pub struct Record {
+    pub run: String,
+    pub seq: i64,
+    pub intent_id: Option<String>,
+    pub event: String,
+    /// The exact bytes that were hashed.
+    pub body: Vec<u8>,
+    /// `sha256:<hex>` of `body`.
+    pub digest: String,
+}
+
+/// A run and how many of its intents are in each state.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RunSummary {
+    pub run: String,
+    pub counts: BTreeMap<String, u64>,
+    pub records: i64,
+    pub head: String,
+}
+
+/// The queue database.
+#[derive(Debug)]
+pub struct Queue {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl Queue {
+    /// Opens (creating and migrating as needed) `<state_dir>/queue.db`. The state
+    /// directory is created with mode 0700: it is Airlock's, not the agent's.
+    pub fn open(state_dir: &Path) -> Result<Self, QueueError> {
+        create_private_dir(state_dir)?;
+        let path = state_dir.join("queue.db");
+        let open_err = |source| QueueError::Open {
+            path: path.clone(),
+            source,
+        };
+        let mut conn = Connection::open(&path).map_err(open_err)?;
+        conn.busy_timeout(Duration::from_secs(10)).map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "wal").map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "full").map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", "on").map_err(open_err)?;
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(open_err)?;
+        let version: i64 = tx
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .map_err(open_err)?;
+        if version > SCHEMA_VERSION {
+            return Err(QueueError::TooNew {
+                path,
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
+        }
+        for (index, migration) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+            tx.execute_batch(migration).map_err(open_err)?;
+            tx.pragma_update(None, "user_version", index as i64 + 1)
+                .map_err(open_err)?;
+        }
+        tx.commit().map_err(open_err)?;
+        Ok(Self { conn, path })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` in one transaction and commits it durably: all of its changes, or none.
+    pub fn write<T>(
+        &mut self,
+        f: impl FnOnce(&mut Writer<'_>) -> Result<T, QueueError>,
+    ) -> Result<T, QueueError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut writer = Writer { tx, now: now_ms() };
+        let value = f(&mut writer)?;
+        writer.tx.commit()?;
+        Ok(value)
+    }
+
+    /// One intent by id.
+    pub fn intent(&self, id: &str) -> Result<Option<IntentRow>, QueueError> {
+        get_intent(&self.conn, id)
+    }
+
+    /// Queued intents whose policy decision is due, oldest first.
+    pub fn due_for_decision(&self, now: i64, limit: usize) -> Result<Vec<IntentRow>, QueueError> {
+        self.select_intents(
+            "WHERE state = 'queued' AND not_before <= ?1 ORDER BY seq LIMIT ?2",
+            params![now, limit as i64],
+        )
+    }
+
+    /// The intents that may apply now: for each run, its first intent that still
+    /// blocks the run, when that intent is approved and not backing off. A run whose
+    /// first blocking intent awaits review or a decision yields nothing (invariant 7).
+    pub fn apply_heads(&self, now: i64, limit: usize) -> Result<Vec<IntentRow>, QueueError> {
+        self.select_intents(
+            "WHERE seq IN (SELECT MIN(seq) FROM intents \
+                 WHERE state IN ('queued', 'awaiting_review', 'approved', 'applying') GROUP BY run) \
+             AND state IN ('approved', 'applying') AND not_before <= ?1 ORDER BY seq LIMIT ?2",
+            params![now, limit as i64],
+        )
+    }
+
+    /// Reviews whose deadline has passed.
+    pub fn overdue_reviews(&self, now: i64) -> Result<Vec<IntentRow>, QueueError> {
+        self.select_intents(
+            "WHERE state = 'awaiting_review' AND review_deadline <= ?1 ORDER BY seq",
+            params![now],
+        )
+    }
+
+    /// Intents of `run` (all runs when `None`) in `state` (any when `None`), in queue order.
+    pub fn list(
+        &self,
+        run: Option<&str>,
+        state: Option<State>,
+        limit: usize,
+    ) -> Result<Vec<IntentRow>, QueueError> {
+        self.select_intents(
+            "WHERE (?1 IS NULL OR run = ?1) AND (?2 IS NULL OR state = ?2) ORDER BY seq LIMIT ?3",
+            params![run, state.map(State::as_str), limit as i64],
+        )
+    }
+
+    fn select_intents(
+        &self,
+        clause: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<IntentRow>, QueueError> {
+        let sql = format!("SELECT {INTENT_COLUMNS} FROM intents {clause}");
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(params, intent_row)?;
+        rows.map(|row| finish_row(row?)).collect()
+    }
+
+    /// How many intents of `run` are in each state.
+    pub fn run_counts(&self, run: &str) -> Result<BTreeMap<String, u64>, QueueError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT state, COUNT(*) FROM intents WHERE run = ?1 GROUP BY state")?;
+        let rows = stmt.query_map([run], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?.max(0) as u64)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Every run, with counts by state and its log head.
+    pub fn runs(&self) -> Result<Vec<RunSummary>, QueueError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT run, head_seq, head_digest FROM runs ORDER BY run")?;
+        let heads = stmt
+            .query_map([], |row| Ok((row.get::<_, String>(0)?, row.get(1)?, row.get(2)?)))?
+            .collect::<Result<Vec<(String, i64, String)>, _>>()?;
+        heads
+            .into_iter()
+            .map(|(run, records, head)| {
+                Ok(RunSummary {
+                    counts: self.run_counts(&run)?,
+                    run,
+                    records,
+                    head,
+                })
+            })
+            .collect()
+    }
+
+    /// The reviews recorded for an intent.
+    pub fn reviews(&self, id: &str) -> Result<Vec<ReviewVote>, QueueError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT reviewer, verdict, digest, comment, at FROM reviews WHERE intent_id = ?1 ORDER BY at, reviewer",
+        )?;
+        let rows = stmt.query_map([id], |row| {
+            Ok(ReviewVote {
+                reviewer: row.get(0)?,
+                verdict: row.get(1)?,
+                digest: row.get(2)?,
+                comment: row.get(3)?,
+                at: row.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The records of one run, in order.
+    pub fn records(&self, run: &str) -> Result<Vec<Record>, QueueError> {
+        self.select_records("WHERE run = ?1 ORDER BY seq", [run])
+    }
+
+    /// The records about one intent, in order.
+    pub fn intent_records(&self, id: &str) -> Result<Vec<Record>, QueueError> {
+        self.select_records("WHERE intent_id = ?1 ORDER BY run, seq", [id])
+    }
+
+    fn select_records(&self, clause: &str, params: impl rusqlite::Params) -> Result<Vec<Record>, QueueError> {
+        let sql = format!("SELECT run, seq, intent_id, event, body, digest FROM records {clause}");
+        let mut stmt = self.conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(params, |row| {
+            Ok(Record {
+                run: row.get(0)?,
+                seq: row.get(1)?,
+                intent_id: row.get(2)?,
+                event: row.get(3)?,
+                body: row.get(4)?,
+                digest: row.get(5)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Intents whose outcome file is not yet written.
+    pub fn pending_intent_outcomes(&self, limit: usize) -> Result<Vec<IntentRow>, QueueError> {
+        self.select_intents(
+            "WHERE outcome_pending = 1 ORDER BY seq LIMIT ?1",
+            params![limit as i64],
+        )
+    }
+
+    /// Refusals whose outcome file is not yet written.
+    pub fn pending_refusal_outcomes(&self, limit: usize) -> Result<Vec<RefusedRow>, QueueError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, file, id, run, kind, digest, size, problems, received_at FROM refused \
+             WHERE outcome_pending = 1 ORDER BY seq LIMIT ?1",
+        )?;
+        let rows = stmt.query_map([limit as i64], |row| {
+            Ok((
+                RefusedRow {
+                    seq: row.get(0)?,
+                    file: row.get(1)?,
+                    id: row.get(2)?,
+                    run: row.get(3)?,
+                    kind: row.get(4)?,
+                    digest: row.get(5)?,
+                    size: row.get::<_, i64>(6)?.max(0) as u64,
+                    problems: Vec::new(),
+                    received_at: row.get(8)?,
+                },
+                row.get::<_, String>(7)?,
+            ))
+        })?;
+        rows.map(|row| {
+            let (mut refused, problems) = row?;
+            refused.problems = serde_json::from_str::<Vec<ProblemRow>>(&problems)?
+                .into_iter()
+                .map(|p| airlock_intent::Problem {
+                    pointer: p.pointer,
+                    message: p.message,
+                })
+                .collect();
+            Ok(refused)
+        })
+        .collect()
+    }
+
+    /// A counter that changes whenever another connection commits a change, so a
+    /// poller can skip work when nothing happened.
+    pub fn data_version(&self) -> Result<i64, QueueError> {
+        Ok(self
+            .conn
+            .pragma_query_value(None, "data_version", |row| row.get(0))?)
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct ProblemRow {
+    pointer: String,
+    message: String,
+}
+
+fn get_intent(conn: &Connection, id: &str) -> Result<Option<IntentRow>, QueueError> {
+    let sql = format!("SELECT {INTENT_COLUMNS} FROM intents WHERE id = ?1");
+    let row = conn
+        .prepare_cached(&sql)?
+        .query_row([id], intent_row)
+        .optional()?;
+    row.map(finish_row).transpose()
+}
+
+fn create_private_dir(dir: &Path) -> Result<(), QueueError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let err = |source| QueueError::StateDir {
+        path: dir.to_owned(),
+        source,
+    };
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(err)
+}
+
+/// What a policy evaluation produced, to be recorded.
+#[derive(Debug)]
+pub enum DecisionOutcome<'a> {
+    /// The policy decided; reviews get `review_deadline`.
+    Decided {
+        decision: &'a Decision,
+        review_deadline: i64,
+    },
+    /// The policy could not decide (unavailable, malformed answer): the intent stays
+    /// queued and is retried at `retry_at` (DESIGN invariant 4).
+    Unavailable { message: &'a str, retry_at: i64 },
+}
+
+/// The result of one review vote.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReviewProgress {
+    pub state: State,
+    pub approvals: u32,
+    pub needed: u32,
+}
+
+/// Changes made inside one queue transaction (see [`Queue::write`]).
+#[derive(Debug)]
+pub struct Writer<'q> {
+    tx: Transaction<'q>,
+    now: i64,
+}
+
+impl Writer<'_> {
+    /// The transaction's clock, in ms since the epoch.
+    pub fn now(&self) -> i64 {
+        self.now
+    }
+
+    /// Admits an intent that passed validation.
+    pub fn admit(&mut self, arrival: &Arrival) -> Result<Admission, QueueError> {
+        let id = arrival.intent.id.as_str();
+        let existing: Option<(String, i64)> = self
+            .tx
+            .prepare_cached("SELECT digest, seq FROM intents WHERE id = ?1")?
+            .query_row([id], |row| Ok((row.get(0)?, row.get(1)?)))
+            .optional()?;
+        if let Some((existing_digest, _)) = existing {
+            if existing_digest == arrival.digest {
+                // Re-announce the current state to the agent.
+                self.tx
+                    .prepare_cached("UPDATE intents SET outcome_pending = 1 WHERE id = ?1")?
+                    .execute([id])?;
+                return Ok(Admission::Duplicate);
+            }
+            let problem = airlock_intent::Problem {
+                pointer: "/id".into(),
+                message: format!(
+                    "id {id:?} already names a different intent (digest {existing_digest}); \
+                     an id is an idempotency key: give new content a new id"
+                ),
+            };
+            self.refuse(&Refusal {
+                file: arrival.file.clone(),
+                kind: "conflict",
+                bytes: arrival.bytes.clone(),
+                digest: arrival.digest.clone(),
+                size: arrival.bytes.len() as u64,
+                id: Some(id.to_owned()),
+                run: Some(arrival.intent.run.to_string()),
+                problems: vec![problem],
+            })?;
+            return Ok(Admission::Conflict { existing_digest });
+        }
+        let intent = &arrival.intent;
+        self.tx
+            .prepare_cached(
+                "INSERT INTO intents (id, run, target, digest, payload, file, state, received_at, updated_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?7)",
+            )?
+            .execute(params![
+                id,
+                intent.run.as_str(),
+                intent.target.as_str(),
+                arrival.digest,
+                arrival.bytes,
+                arrival.file,
+                self.now
+            ])?;
+        self.append_record(
+            intent.run.as_str(),
+            Some(id),
+            "received",
+            json!({
+                "digest": arrival.digest,
+                "file": arrival.file,
+                "target": intent.target.as_str(),
+            }),
+        )?;
+        Ok(Admission::Queued)
+    }
+
+    /// Keeps a refused file's bytes and problems, and records the refusal in its run's
+    /// log (or [`UNATTRIBUTED_RUN`] when no run could be read).
+    pub fn refuse(&mut self, refusal: &Refusal) -> Result<(), QueueError> {
+        let problems = serde_json::to_string(&refusal.problems)?;
+        self.tx
+            .prepare_cached(
+                "INSERT INTO refused (file, id, run, kind, digest, size, payload, problems, received_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
+                refusal.file,
+                refusal.id,
+                refusal.run,
+                refusal.kind,
+                refusal.digest,
+                refusal.size as i64,
+                refusal.bytes,
+                problems,
+                self.now
+            ])?;
+        let run = refusal.run.as_deref().unwrap_or(UNATTRIBUTED_RUN);
+        self.append_record(
+            run,
+            None,
+            "invalid",
+            json!({
+                "file": refusal.file,
+                "id": refusal.id,
+                "kind": refusal.kind,
+                "digest": refusal.digest,
+                "problems": refusal.problems,
+            }),
+        )
+    }
+
+    /// Records the policy's answer for a queued intent.
+    pub fn record_decision(
+        &mut self,
+        id: &str,
+        outcome: DecisionOutcome<'_>,
+    ) -> Result<State, QueueError> {
+        let row = self.intent(id)?;
+        match outcome {
+            DecisionOutcome::Decided {
+                decision,
+                review_deadline,
+            } => {
+                let next = row.state.next(&Event::Decided(decision.verdict))?;
+                let (needed, deadline) = match decision.verdict {
+                    Verdict::Review { approvals } => (approvals.max(1), Some(review_deadline)),
+                    _ => (0, None),
+                };
+                self.tx
+                    .prepare_cached(
+                        "UPDATE intents SET state = ?2, decision = ?3, approvals_needed = ?4, \
+                         review_deadline = ?5, error = NULL, attempts = 0, not_before = 0, \
+                         updated_at = ?6, outcome_pending = 1 WHERE id = ?1",
+                    )?
+                    .execute(params![
+                        id,
+                        next.as_str(),
+                        serde_json::to_string(decision)?,
+                        needed,
+                        deadline,
+                        self.now
+                    ])?;
+                self.append_record(
+                    &row.run,
+                    Some(id),
+                    "decided",
+                    json!({ "decision": decision, "state": next }),
+                )?;
+                Ok(next)
+            }
+            DecisionOutcome::Unavailable { message, retry_at } => {
+                let error = json!({ "stage": "decide", "message": message, "retry_at": retry_at });
+                self.set_retry(id, &error, retry_at)?;
+                Ok(row.state)
+            }
+        }
+    }
+
+    /// Records one reviewer's approval. `digest`, when given, must be the intent's
+    /// current digest: an approval is bound to the exact bytes the reviewer saw.
+    pub fn approve(
+        &mut self,
+        id: &str,
+        reviewer: &str,
+        digest: Option<&str>,
+        comment: Option<&str>,
+    ) -> Result<ReviewProgress, QueueError> {
+        let row = self.reviewable(id, digest)?;
+        let already: Option<String> = self
+            .tx
+            .prepare_cached("SELECT verdict FROM reviews WHERE intent_id = ?1 AND reviewer = ?2")?
+            .query_row([id, reviewer], |r| r.get(0))
+            .optional()?;
+        if already.is_some() {
+            return Err(QueueError::Refused(format!(
+                "{reviewer} has already reviewed intent {id}; approvals must come from distinct reviewers"
+            )));
+        }
+        self.insert_review(id, reviewer, "approve", &row.digest, comment)?;
+        let approvals: u32 = self
+            .tx
+            .prepare_cached(
+                "SELECT COUNT(*) FROM reviews WHERE intent_id = ?1 AND verdict = 'approve' AND digest = ?2",
+            )?
+            .query_row([id, row.digest.as_str()], |r| r.get(0))?;
+        let needed = row.approvals_needed.max(1);
+        let quorum_met = approvals >= needed;
+        let next = row.state.next(&Event::Approval { quorum_met })?;
+        self.set_state(id, next)?;
+        self.append_record(
+            &row.run,
+            Some(id),
+            if quorum_met { "approved" } else { "approval" },
+            json!({
+                "by": reviewer,
+                "digest": row.digest,
+                "comment": comment,
+                "approvals": approvals,
+                "needed": needed,
+            }),
+        )?;
+        Ok(ReviewProgress {
+            state: next,
+            approvals,
+            needed,
+        })
+    }
+
+    /// Records a rejection: one rejection rejects the intent.
+    pub fn reject(
+        &mut self,
+        id: &str,
+        reviewer: &str,
+        digest: Option<&str>,
+        reason: &str,
+    ) -> Result<State, QueueError> {
+        let row = self.reviewable(id, digest)?;
+        self.tx
+            .prepare_cached("DELETE FROM reviews WHERE intent_id = ?1 AND reviewer = ?2")?
+            .execute([id, reviewer])?;
+        self.insert_review(id, reviewer, "reject", &row.digest, Some(reason))?;
+        let next = row.state.next(&Event::Rejection)?;
+        self.set_state(id, next)?;
+        self.append_record(
+            &row.run,
+            Some(id),
+            "rejected",
+            json!({ "by": reviewer, "digest": row.digest, "reason": reason }),
+        )?;
+        Ok(next)
+    }
+
+    /// Expires a review that outlived its deadline (reviews that time out never pass).
+    pub fn expire(&mut self, id: &str) -> Result<State, QueueError> {
+        let row = self.intent(id)?;
+        let next = row.state.next(&Event::Expiry)?;
+        self.set_state(id, next)?;
+        self.append_record(
+            &row.run,
+            Some(id),
+            "expired",
+            json!({ "deadline": row.review_deadline }),
+        )?;
+        Ok(next)
+    }
+
+    /// Records that an intent's writes are committed in its target.
+    pub fn record_applied(&mut self, id: &str, summary: Value) -> Result<State, QueueError> {
+        let row = self.intent(id)?;
+        let next = row.state.next(&Event::ApplySucceeded)?;
+        self.tx
+            .prepare_cached(
+                "UPDATE intents SET state = ?2, error = NULL, updated_at = ?3, outcome_pending = 1 WHERE id = ?1",
+            )?
+            .execute(params![id, next.as_str(), self.now])?;
+        self.append_record(&row.run, Some(id), "applied", summary)?;
+        Ok(next)
+    }
+
+    /// Records a permanent apply failure (terminal) with the error for the agent.
+    pub fn record_failed(&mut self, id: &str, error: Value) -> Result<State, QueueError> {
+        let row = self.intent(id)?;
+        let applying = row.state.next(&Event::ApplyStarted).unwrap_or(row.state);
+        let next = applying.next(&Event::ApplyFailed { permanent: true })?;
+        self.tx
+            .prepare_cached(
+                "UPDATE intents SET state = ?2, error = ?3, updated_at = ?4, outcome_pending = 1 WHERE id = ?1",
+            )?
+            .execute(params![id, next.as_str(), serde_json::to_string(&error)?, self.now])?;
+        self.append_record(&row.run, Some(id), "failed", json!({ "error": error }))?;
+        Ok(next)
+    }
+
+    /// Records a transient failure: the intent stays where it is until `retry_at`.
+    pub fn record_retry(&mut self, id: &str, error: Value, retry_at: i64) -> Result<(), QueueError> {
+        self.intent(id)?;
+        self.set_retry(id, &error, retry_at)
+    }
+
+    /// Marks outcome files as written.
+    pub fn outcomes_written(&mut self, intents: &[i64], refusals: &[i64]) -> Result<(), QueueError> {
+        let mut stmt = self
+            .tx
+            .prepare_cached("UPDATE intents SET outcome_pending = 0 WHERE seq = ?1")?;
+        for seq in intents {
+            stmt.execute([seq])?;
+        }
+        let mut stmt = self
+            .tx
+            .prepare_cached("UPDATE refused SET outcome_pending = 0 WHERE seq = ?1")?;
+        for seq in refusals {
+            stmt.execute([seq])?;
+        }
+        Ok(())
+    }
+
+    fn intent(&self, id: &str) -> Result<IntentRow, QueueError> {
+        get_intent(&self.tx, id)?.ok_or_else(|| QueueError::NotFound(id.to_owned()))
+    }
+
+    fn reviewable(&self, id: &str, digest: Option<&str>) -> Result<IntentRow, QueueError> {
+        let row = self.intent(id)?;
+        if row.state != State::AwaitingReview {
+            return Err(QueueError::Refused(format!(
+                "intent {id} is {}, not awaiting review",
+                row.state
+            )));
+        }
+        if let Some(digest) = digest {
+            if digest != row.digest {
+                return Err(QueueError::Refused(format!(
+                    "intent {id} has digest {}, not {digest}: the review names other bytes than the intent holds",
+                    row.digest
+                )));
+            }
+        }
+        Ok(row)
+    }
+
+    fn insert_review(
+        &self,
+        id: &str,
+        reviewer: &str,
+        verdict: &str,
+        digest: &str,
+        comment: Option<&str>,
+    ) -> Result<(), QueueError> {
+        self.tx
+            .prepare_cached(
+                "INSERT INTO reviews (intent_id, reviewer, verdict, digest, comment, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![id, reviewer, verdict, digest, comment, self.now])?;
+        Ok(())
+    }
+
+    fn set_state(&self, id: &str, state: State) -> Result<(), QueueError> {
+        self.tx
+            .prepare_cached(
+                "UPDATE intents SET state = ?2, updated_at = ?3, outcome_pending = 1 WHERE id = ?1",
+            )?
+            .execute(params![id, state.as_str(), self.now])?;
+        Ok(())
+    }
+
+    fn set_retry(&self, id: &str, error: &Value, retry_at: i64) -> Result<(), QueueError> {
+        self.tx
+            .prepare_cached(
+                "UPDATE intents SET error = ?2, attempts = attempts + 1, not_before = ?3, \
+                 updated_at = ?4, outcome_pending = 1 WHERE id = ?1",
+            )?
+            .execute(params![id, serde_json::to_string(error)?, retry_at, self.now])?;
+        Ok(())
+    }
+
+    /// Appends a record to `run`'s log, chained to the previous one.
+    fn append_record(
+        &mut self,
+        run: &str,
+        intent_id: Option<&str>,
+        event: &str,
+        data: Value,
+    ) -> Result<(), QueueError> {
+        let head: Option<(i64, String)> = self
+            .tx
+            .prepare_cached("SELECT head_seq, head_digest FROM runs WHERE run = ?1")?
+            .query_row([run], |row| Ok((row.get(0)?, row.get(1)?)))
+            .optional()?;
+        let (seq, prev) = match head {
+            Some((seq, digest)) => (seq + 1, Value::String(digest)),
+            None => (1, Value::Null),
+        };
+        let body = serde_json::to_vec(&json!({
+            "run": run,
+            "seq": seq,
+            "intent": intent_id,
+            "event": event,
+            "data": data,
+            "at": self.now,
+            "prev": prev,
+        }))?;
+        let digest = seal::digest(&body);
+        self.tx
+            .prepare_cached(
+                "INSERT INTO records (run, seq, intent_id, event, body, digest) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![run, seq, intent_id, event, body, digest])?;
+        self.tx
+            .prepare_cached(
+                "INSERT INTO runs (run, head_seq, head_digest) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT (run) DO UPDATE SET head_seq = excluded.head_seq, head_digest = excluded.head_digest",
+            )?
+            .execute(params![run, seq, digest])?;
+        Ok(())
+    }
+}

@@ -1,0 +1,75 @@
+//! The command line as a newcomer meets it: `schema`, `demo`, `submit`, bad config.
+
+mod support;
+
+use support::airlock;
+
+#[test]
+fn schema_prints_the_published_schema() {
+    let out = airlock().arg("schema").output().unwrap();
+    assert!(out.status.success());
+    let schema: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(schema["$schema"], "https://json-schema.org/draft/2020-12/schema");
+    assert_eq!(out.stdout, airlock_intent::SCHEMA.as_bytes());
+}
+
+#[test]
+fn demo_shows_every_kind_of_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = airlock()
+        .args(["demo", "--dir"])
+        .arg(dir.path().join("demo"))
+        .env("AIRLOCK_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    for state in ["applied", "awaiting_review", "denied", "invalid"] {
+        assert!(stdout.contains(state), "demo output lacks {state}:\n{stdout}");
+    }
+    // The cancelled order was approved and applied; Ada is gold.
+    assert!(stdout.contains("✔ cancel-order-100"), "{stdout}");
+    assert!(stdout.contains("1 | Ada Lovelace | ada@example.com | gold"), "{stdout}");
+}
+
+#[test]
+fn bad_configuration_exits_64_with_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("airlock.toml");
+    std::fs::write(&config, "intents = \"x\"\n[limits]\nmax_opz = 3\n").unwrap();
+    let out = airlock().arg("run").arg("--config").arg(&config).output().unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("max_opz"), "{stderr}");
+}
+
+#[test]
+fn unsupported_target_exits_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = airlock()
+        .current_dir(dir.path())
+        .args(["run", "--target", "mysql://localhost/db"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("mysql"), "{stderr}");
+}
+
+#[test]
+fn submit_writes_atomically_under_the_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("draft.json");
+    std::fs::write(&source, br#"{"id":"order-7","version":1}"#).unwrap();
+    let out = airlock()
+        .arg("submit")
+        .arg(&source)
+        .arg("--intents")
+        .arg(dir.path().join("intents"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let written = dir.path().join("intents/order-7.json");
+    assert_eq!(std::fs::read(&written).unwrap(), std::fs::read(&source).unwrap());
+    assert_eq!(std::fs::read_dir(dir.path().join("intents")).unwrap().count(), 1);
+}

@@ -1,0 +1,229 @@
+//! Test support: a real `airlock` process on a temporary directory, and helpers to
+//! wait for conditions with deadlines (never sleeps as synchronisation).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// How long any condition may take before a test fails.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Polls `f` until it returns `Some`, or panics with `what` after [`DEADLINE`].
+pub fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(2);
+    loop {
+        if let Some(value) = f() {
+            return value;
+        }
+        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// The `airlock` binary under test.
+pub fn airlock() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_airlock"))
+}
+
+/// The demo's target tables.
+pub const SCHEMA: &str = include_str!("../../../examples/sandbox/schema.sql");
+
+/// A temporary Airlock installation: intent, results and state directories, a SQLite
+/// target with the demo tables, and (once started) a running daemon.
+pub struct Sandbox {
+    pub dir: tempfile::TempDir,
+    pub child: Option<Child>,
+    pub extra_args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+impl Sandbox {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sandbox = Self {
+            dir,
+            child: None,
+            extra_args: Vec::new(),
+            env: Vec::new(),
+        };
+        std::fs::create_dir_all(sandbox.intents()).expect("intents dir");
+        rusqlite::Connection::open(sandbox.target())
+            .and_then(|db| db.execute_batch(SCHEMA))
+            .expect("target schema");
+        sandbox
+    }
+
+    pub fn intents(&self) -> PathBuf {
+        self.dir.path().join("intents")
+    }
+
+    pub fn results(&self) -> PathBuf {
+        self.intents().join("results")
+    }
+
+    pub fn state(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn target(&self) -> PathBuf {
+        self.dir.path().join("target.db")
+    }
+
+    /// Starts `airlock run` on the sandbox.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("airlock.log"))
+            .expect("log file");
+        let mut command = airlock();
+        command
+            .arg("run")
+            .arg("--intents")
+            .arg(self.intents())
+            .arg("--state")
+            .arg(self.state())
+            .arg("--target")
+            .arg(format!("sqlite://{}", self.target().display()))
+            .args(&self.extra_args)
+            .env("AIRLOCK_LOG", "debug")
+            .env("AIRLOCK_INTAKE__RESCAN_MS", "500")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        self.child = Some(command.spawn().expect("spawn airlock"));
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn stop(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("not running");
+        signal(&child, "TERM");
+        eventually("airlock to exit after SIGTERM", || child.try_wait().ok().flatten())
+    }
+
+    /// Kills the process outright (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The daemon's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("airlock.log")).unwrap_or_default()
+    }
+
+    /// Writes an intent file the way the protocol says (temporary name, rename).
+    pub fn submit(&self, name: &str, bytes: &[u8]) {
+        let tmp = self.intents().join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, bytes).expect("write intent");
+        std::fs::rename(&tmp, self.intents().join(name)).expect("rename intent");
+    }
+
+    /// Submits an intent given as JSON, named `<id>.json`.
+    pub fn submit_json(&self, intent: &Value) {
+        let id = intent["id"].as_str().expect("id");
+        self.submit(&format!("{id}.json"), &serde_json::to_vec_pretty(intent).expect("json"));
+    }
+
+    /// The outcome file `name` (without `.json`), once it satisfies `accept`.
+    pub fn outcome_where(&self, name: &str, accept: impl Fn(&Value) -> bool) -> Value {
+        let path = self.results().join(format!("{name}.json"));
+        eventually(&format!("outcome {name} (log:\n{})", self.log_tail()), || {
+            let bytes = std::fs::read(&path).ok()?;
+            let value: Value = serde_json::from_slice(&bytes).ok()?;
+            accept(&value).then_some(value)
+        })
+    }
+
+    /// The outcome once it is in `state`.
+    pub fn outcome_in(&self, name: &str, state: &str) -> Value {
+        self.outcome_where(name, |o| o["state"] == state)
+    }
+
+    fn log_tail(&self) -> String {
+        let log = self.log();
+        let start = log.len().saturating_sub(4000);
+        log.get(start..).unwrap_or("").to_owned()
+    }
+
+    /// Runs an `airlock` subcommand against this sandbox's state.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        airlock()
+            .args(args)
+            .arg("--state")
+            .arg(self.state())
+            .output()
+            .expect("run airlock")
+    }
+
+    /// Rows of a query on the target, as JSON arrays.
+    pub fn rows(&self, sql: &str) -> Vec<Vec<Value>> {
+        let db = rusqlite::Connection::open(self.target()).expect("open target");
+        let mut stmt = db.prepare(sql).expect("prepare");
+        let n = stmt.column_count();
+        stmt.query_map([], |row| {
+            (0..n)
+                .map(|i| {
+                    Ok(match row.get_ref(i)? {
+                        rusqlite::types::ValueRef::Null => Value::Null,
+                        rusqlite::types::ValueRef::Integer(v) => json!(v),
+                        rusqlite::types::ValueRef::Real(v) => json!(v),
+                        rusqlite::types::ValueRef::Text(t) => json!(String::from_utf8_lossy(t)),
+                        rusqlite::types::ValueRef::Blob(b) => json!(b.len()),
+                    })
+                })
+                .collect()
+        })
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows")
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(child.id().to_string())
+        .status()
+        .expect("kill");
+    assert!(status.success(), "kill -{name} failed");
+}
+
+/// A valid intent with one op.
+pub fn intent(id: &str, run: &str, op: Value) -> Value {
+    json!({
+        "version": 1,
+        "id": id,
+        "run": run,
+        "ops": [op],
+        "reason": format!("test {id}"),
+        "provenance": {"agent": "test-agent", "model": "test-model"}
+    })
+}
+
+pub fn insert_customer(id: &str, run: &str, customer: i64, name: &str) -> Value {
+    intent(
+        id,
+        run,
+        json!({"op": "insert", "table": "customers", "values": {"id": customer, "name": name}}),
+    )
+}
+
+pub fn path_exists(path: &Path) -> bool {
+    path.symlink_metadata().is_ok()
+}
