@@ -6,7 +6,9 @@
 //!   `O_CREAT|O_EXCL` (never overwrites) and refused on load if group or others may
 //!   read or write it. A partial file left by a failed write is removed.
 //! * `PATH.pub`: the public key, SubjectPublicKeyInfo PEM, mode 0644. It is derived
-//!   from the private key and rewritten whenever a key is generated.
+//!   from the private key and rewritten whenever a key is generated. Should writing
+//!   it fail after the private key was written, the private key stays (it is valid)
+//!   and the public key can be derived with `openssl pkey -in PATH -pubout`.
 //!
 //! Secret material (the seed, the PEM text, the signing key) is zeroized when
 //! dropped, as far as the libraries allow.
