@@ -31,6 +31,10 @@ pub struct Config {
     /// A `.rego` file or a directory of them (with an optional `data.json`);
     /// the default policy compiled into the binary when absent.
     pub policy: Option<PathBuf>,
+    /// The Ed25519 signing key (PKCS#8 PEM, mode 0600), for example a Kubernetes
+    /// Secret mount. When absent, `<state>/signing.key` is used, and created on first
+    /// start.
+    pub key: Option<PathBuf>,
     /// Target databases by name; intents choose one with `target` (default `default`).
     pub targets: BTreeMap<String, String>,
     /// Limits on what an agent may submit.
@@ -43,6 +47,28 @@ pub struct Config {
     pub apply: Apply,
     /// Shutdown behaviour.
     pub shutdown: Shutdown,
+    /// The run logs.
+    pub log: Log,
+}
+
+/// The run logs.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    /// Sign a checkpoint once a run has this many unsealed records (1: with every
+    /// queue commit that adds records).
+    pub checkpoint_records: u64,
+    /// Also sign one once unsealed records are this old, in ms (0: no time bound).
+    pub checkpoint_ms: u64,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Self {
+            checkpoint_records: 1,
+            checkpoint_ms: 0,
+        }
+    }
 }
 
 /// Limits on agent input (DESIGN invariant 5).
@@ -103,11 +129,13 @@ impl Default for Config {
             )]),
             state,
             policy: None,
+            key: None,
             limits: Limits::default(),
             intake: Intake::default(),
             review: Review::default(),
             apply: Apply::default(),
             shutdown: Shutdown::default(),
+            log: Log::default(),
         }
     }
 }
@@ -253,6 +281,13 @@ impl Config {
             max_depth: self.limits.max_depth,
             max_ops: self.limits.max_ops,
         }
+    }
+
+    /// The signing key's path: configured, or `<state>/signing.key`.
+    pub fn key_path(&self) -> PathBuf {
+        self.key
+            .clone()
+            .unwrap_or_else(|| self.state.join("signing.key"))
     }
 
     /// The review time to live.

@@ -28,7 +28,8 @@ use crate::decide::{EmbeddedPolicy, PolicySource};
 use crate::intake::Intake;
 use crate::outcome::Outcomes;
 use crate::pipeline::Pipeline;
-use crate::queue::Queue;
+use crate::queue::{CheckpointPolicy, Queue};
+use crate::seal::Sealer;
 
 /// How often the pipeline looks at the queue when nothing woke it: reviews decided by
 /// another process (`airlock approve`), retries whose backoff ended, expiring reviews.
@@ -47,6 +48,8 @@ pub enum StartError {
     #[error("policy: {0}")]
     Policy(String),
     #[error(transparent)]
+    Key(#[from] crate::seal::SealError),
+    #[error(transparent)]
     Queue(#[from] crate::queue::QueueError),
 }
 
@@ -61,6 +64,7 @@ pub struct Resources {
     pub config: Config,
     pub policy: Arc<EmbeddedPolicy>,
     pub targets: BTreeMap<String, Arc<dyn Target>>,
+    pub sealer: Arc<Sealer>,
 }
 
 impl Resources {
@@ -85,11 +89,40 @@ impl Resources {
             None => PolicySource::Default,
         };
         let policy = EmbeddedPolicy::load(source).map_err(|e| StartError::Policy(e.to_string()))?;
+        let sealer = load_key(&config)?;
         Ok(Self {
             config,
             policy: Arc::new(policy),
             targets,
+            sealer: Arc::new(sealer),
         })
+    }
+}
+
+/// Loads the configured signing key, refusing a missing or exposed one; without a
+/// configured key, uses (and on first start creates) `<state>/signing.key`.
+pub fn load_key(config: &Config) -> Result<Sealer, StartError> {
+    let path = config.key_path();
+    if config.key.is_some() {
+        return Ok(Sealer::load(&path)?);
+    }
+    let (sealer, created) = Sealer::load_or_create(&path)?;
+    if created {
+        info!(
+            message = "created a new signing key; verify logs with its public key",
+            key = %path.display(),
+            public_key = %crate::seal::public_key_path(&path).display(),
+            keyid = %sealer.keyid(),
+        );
+    }
+    Ok(sealer)
+}
+
+/// The queue's checkpoint policy from the configuration.
+pub fn checkpoint_policy(config: &Config) -> CheckpointPolicy {
+    CheckpointPolicy {
+        every_records: config.log.checkpoint_records,
+        every_ms: config.log.checkpoint_ms,
     }
 }
 
@@ -102,13 +135,16 @@ pub async fn run(
         config,
         policy,
         targets,
+        sealer,
     } = resources;
+    let checkpoints = checkpoint_policy(&config);
     let validator = airlock_intent::Validator::new(config.intent_limits());
     let intake = Intake::new(
         config.intents.clone(),
         validator,
         targets.keys().cloned().collect::<BTreeSet<_>>(),
-        Queue::open(&config.state)?,
+        Queue::open(&config.state)?.with_sealer(sealer.clone(), checkpoints),
+        sealer.clone(),
     );
     let outcomes = Outcomes::new(config.results_dir()).map_err(|source| StartError::Dir {
         path: config.results_dir(),
@@ -116,7 +152,7 @@ pub async fn run(
     })?;
     let pipeline = Pipeline::new(
         &config,
-        Queue::open(&config.state)?,
+        Queue::open(&config.state)?.with_sealer(sealer.clone(), checkpoints),
         policy.clone(),
         targets,
         outcomes,
@@ -141,6 +177,7 @@ pub async fn run(
         state = %config.state.display(),
         targets = ?config.targets.keys().collect::<Vec<_>>(),
         policy = %policy.identity(),
+        keyid = %sealer.keyid(),
     );
 
     shutdown.await;
@@ -259,8 +296,12 @@ fn pipeline_loop(mut pipeline: Pipeline, rx: Receiver<Message>) {
             break;
         }
     }
-    // Tell the agent where everything stands, then stop.
+    // Tell the agent where everything stands, seal every run's head, then stop.
     if let Err(error) = pipeline.flush_outcomes() {
         error!(message = "cannot write the last outcomes", %error);
+    }
+    match pipeline.seal_all() {
+        Ok(n) => info!(message = "run logs sealed", checkpoints = n),
+        Err(error) => error!(message = "cannot seal the run logs", %error),
     }
 }

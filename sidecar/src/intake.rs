@@ -26,6 +26,7 @@ use std::fs::{self, File};
 use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
@@ -33,7 +34,7 @@ use airlock_intent::{Problem, Validator};
 use tracing::{debug, info, warn};
 
 use crate::queue::{Admission, Arrival, Queue, QueueError, Refusal};
-use crate::seal;
+use crate::seal::{self, Sealer};
 
 /// The prefix of claimed files.
 const CLAIM_PREFIX: &str = ".airlock-claim.";
@@ -73,6 +74,7 @@ pub struct Intake {
     validator: Validator,
     targets: BTreeSet<String>,
     queue: Queue,
+    sealer: Arc<Sealer>,
     /// Non-regular entries already refused, which cannot be removed (directories):
     /// remembered by inode so they are reported once, not at every scan.
     reported: HashSet<(u64, u64)>,
@@ -94,13 +96,21 @@ enum Read2 {
 }
 
 impl Intake {
-    /// An intake over `dir`, admitting intents for the given target names.
-    pub fn new(dir: PathBuf, validator: Validator, targets: BTreeSet<String>, queue: Queue) -> Self {
+    /// An intake over `dir`, admitting intents for the given target names and
+    /// sealing each with `sealer`.
+    pub fn new(
+        dir: PathBuf,
+        validator: Validator,
+        targets: BTreeSet<String>,
+        queue: Queue,
+        sealer: Arc<Sealer>,
+    ) -> Self {
         Self {
             dir,
             validator,
             targets,
             queue,
+            sealer,
             reported: HashSet::new(),
         }
     }
@@ -238,12 +248,27 @@ impl Intake {
                     digest,
                 })
             }
-            Ok(intent) => Read2::Arrival(Arrival {
-                file: name.to_owned(),
-                bytes,
-                digest,
-                intent,
-            }),
+            Ok(intent) => match self
+                .sealer
+                .seal(seal::INTENT_PAYLOAD_TYPE, bytes.clone())
+                .to_json()
+            {
+                Ok(envelope) => Read2::Arrival(Arrival {
+                    file: name.to_owned(),
+                    bytes,
+                    digest,
+                    envelope,
+                    keyid: self.sealer.keyid().to_owned(),
+                    intent,
+                }),
+                Err(error) => Read2::Refusal(refusal(
+                    name,
+                    bytes,
+                    digest,
+                    0,
+                    format!("cannot seal {name}: {error}"),
+                )),
+            },
             Err(invalid) => Read2::Refusal(Refusal {
                 file: name.to_owned(),
                 kind: "invalid",
@@ -314,9 +339,9 @@ fn refusal(name: &str, bytes: Vec<u8>, digest: String, size: u64, message: Strin
     Refusal {
         file: name.to_owned(),
         kind: "invalid",
+        size: size.max(bytes.len() as u64),
         bytes,
         digest,
-        size,
         id: None,
         run: None,
         problems: vec![Problem {
@@ -394,6 +419,7 @@ mod tests {
             Validator::new(airlock_intent::Limits::default()),
             BTreeSet::from(["default".to_owned()]),
             Queue::open(state).unwrap(),
+            Arc::new(Sealer::generate().unwrap()),
         )
     }
 

@@ -89,6 +89,31 @@ enum Command {
     },
     /// Print the intent JSON Schema.
     Schema,
+    /// Create an Ed25519 signing key pair (PATH and PATH.pub, PEM).
+    Keygen {
+        /// Where to write the private key (mode 0600); the public key goes to PATH.pub.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// List runs with their intents counted by state.
+    Runs {
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Write one run's log as JSON Lines (records, checkpoints, intent envelopes).
+    Export {
+        /// The run to export.
+        #[arg(long)]
+        run: String,
+        /// The file to write ("-" for standard output).
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        state: StateArgs,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -247,6 +272,57 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             print!("{}", airlock_intent::SCHEMA);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Keygen { out } => {
+            let verifier = airlock::seal::keygen(&out)?;
+            println!("private key  {} (mode 0600)", out.display());
+            println!("public key   {}", airlock::seal::public_key_path(&out).display());
+            println!("keyid        {}", verifier.keyid());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Runs { json, state } => {
+            let queue = open_queue(state)?;
+            let runs = queue.runs()?;
+            if json {
+                for run in &runs {
+                    println!("{}", serde_json::to_string(run)?);
+                }
+            } else {
+                println!("{:<28} {:>8}  counts by state", "run", "records");
+                for run in &runs {
+                    let counts = run
+                        .counts
+                        .iter()
+                        .map(|(state, n)| format!("{state}={n}"))
+                        .collect::<Vec<_>>()
+                        .join(" ");
+                    println!("{:<28} {:>8}  {counts}", run.run, run.records);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Export { run, out, state } => {
+            let (mut queue, sealed) = open_queue_sealed(state)?;
+            if !sealed {
+                anyhow::bail!("export needs the signing key to seal the run's head; use --config or the key in the state directory");
+            }
+            if !queue.runs()?.iter().any(|r| r.run == run) {
+                anyhow::bail!("no run named {run:?} (see `airlock runs`)");
+            }
+            queue.seal_due(true)?;
+            let mut bytes = Vec::new();
+            for line in queue.export_lines(Some(&run))? {
+                bytes.extend_from_slice(&line);
+                bytes.push(b'\n');
+            }
+            if out.as_os_str() == "-" {
+                use std::io::Write;
+                std::io::stdout().write_all(&bytes)?;
+            } else {
+                std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+                eprintln!("exported run {run} to {}", out.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -280,18 +356,35 @@ fn load_run_config(args: RunArgs) -> Result<Config> {
 
 const DEFAULT_TARGET: &str = "sqlite://./.airlock/target.db";
 
+/// Opens the queue of an existing state directory, with the signing key when it can
+/// be read, so records this command writes are checkpointed at once (otherwise the
+/// daemon checkpoints them at its next step).
 fn open_queue(args: StateArgs) -> Result<Queue> {
-    let state = match args.state {
-        Some(state) => state,
-        None => Config::load(args.config.as_deref(), std::env::vars())?.state,
-    };
-    if !state.join("queue.db").exists() {
+    Ok(open_queue_sealed(args)?.0)
+}
+
+fn open_queue_sealed(args: StateArgs) -> Result<(Queue, bool)> {
+    let mut config = Config::load(args.config.as_deref(), std::env::vars())?;
+    if let Some(state) = args.state {
+        config.state = state;
+    }
+    if !config.state.join("queue.db").exists() {
         anyhow::bail!(
             "no queue in {} (is this Airlock's state directory? use --state DIR)",
-            state.display()
+            config.state.display()
         );
     }
-    Ok(Queue::open(&state)?)
+    let queue = Queue::open(&config.state)?;
+    match airlock::seal::Sealer::load(&config.key_path()) {
+        Ok(sealer) => Ok((
+            queue.with_sealer(
+                std::sync::Arc::new(sealer),
+                airlock::daemon::checkpoint_policy(&config),
+            ),
+            true,
+        )),
+        Err(_) => Ok((queue, false)),
+    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

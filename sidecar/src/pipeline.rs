@@ -92,7 +92,15 @@ impl Pipeline {
         self.decide(&mut report)?;
         self.apply(&mut report)?;
         self.write_outcomes(&mut report)?;
+        // Records written by other connections without the key (the CLI), or held
+        // back by a checkpoint policy with a time bound.
+        self.queue.seal_due(false)?;
         Ok(report)
+    }
+
+    /// Checkpoints every run with unsealed records (on a clean stop).
+    pub fn seal_all(&mut self) -> Result<usize, QueueError> {
+        self.queue.seal_due(true)
     }
 
     /// Writes every pending outcome file.

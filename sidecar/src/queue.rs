@@ -12,7 +12,15 @@
 //! - **One state change, one record.** Each change of an intent's state is checked by
 //!   the pure state machine ([`State::next`]) and appended, in the same transaction,
 //!   as a record of its run's log: a JSON statement holding the SHA-256 of the
-//!   previous record of the run, so the log is a hash chain.
+//!   previous record of the run, so the log is a hash chain. Intents are stored with
+//!   their DSSE envelope (the exact bytes, signed at intake).
+//! - **Checkpoints.** A checkpoint is a DSSE envelope, signed with the sidecar key,
+//!   over a run's head (sequence number and digest of its last record). With a key,
+//!   every commit that adds records to a run checkpoints it in the same transaction
+//!   when the [`CheckpointPolicy`] says it is due (by default: always), so the cost
+//!   of signing grows with commits, not with state changes. A connection without the
+//!   key (an operator's CLI) leaves records unsealed, and the daemon checkpoints them
+//!   at its next step ([`Queue::seal_due`]).
 //! - **Queue order.** `intents.seq` grows with each admission and is the order in
 //!   which a run's intents apply (DESIGN invariant 7).
 //! - **Idempotent admission.** An id is admitted once. The same id with the same bytes
@@ -27,8 +35,9 @@
 //! The schema is versioned with `PRAGMA user_version`; [`Queue::open`] migrates older
 //! files forward and refuses newer ones.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
@@ -36,7 +45,7 @@ use serde_json::{Value, json};
 
 use crate::decide::Decision;
 use crate::lifecycle::{Event, IllegalTransition, State, UnknownState, Verdict};
-use crate::seal;
+use crate::seal::{self, Sealer};
 
 /// The schema version this code writes.
 const SCHEMA_VERSION: i64 = 1;
@@ -51,6 +60,7 @@ const MIGRATIONS: &[&str] = &[
         target TEXT NOT NULL,
         digest TEXT NOT NULL,
         payload BLOB NOT NULL,
+        envelope BLOB NOT NULL,
         file TEXT NOT NULL,
         state TEXT NOT NULL,
         decision TEXT,
@@ -95,7 +105,17 @@ const MIGRATIONS: &[&str] = &[
     CREATE TABLE runs (
         run TEXT PRIMARY KEY,
         head_seq INTEGER NOT NULL,
-        head_digest TEXT NOT NULL
+        head_digest TEXT NOT NULL,
+        sealed_seq INTEGER NOT NULL DEFAULT 0,
+        sealed_at INTEGER NOT NULL DEFAULT 0
+    );
+
+    CREATE TABLE checkpoints (
+        run TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        envelope BLOB NOT NULL,
+        at INTEGER NOT NULL,
+        PRIMARY KEY (run, seq)
     );
 
     CREATE TABLE records (
@@ -175,6 +195,10 @@ pub struct Arrival {
     pub bytes: Vec<u8>,
     /// `sha256:<hex>` of `bytes`.
     pub digest: String,
+    /// The DSSE envelope sealing `bytes`, as JSON.
+    pub envelope: Vec<u8>,
+    /// The key id that sealed it.
+    pub keyid: String,
     pub intent: airlock_intent::Intent,
 }
 
@@ -324,11 +348,31 @@ pub struct RunSummary {
     pub head: String,
 }
 
+/// When a run's head gets a checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CheckpointPolicy {
+    /// Checkpoint once this many records are unsealed (1: every commit that adds any).
+    pub every_records: u64,
+    /// Checkpoint once the oldest unsealed record is this old, in ms (0: no time bound).
+    pub every_ms: u64,
+}
+
+impl Default for CheckpointPolicy {
+    fn default() -> Self {
+        Self {
+            every_records: 1,
+            every_ms: 0,
+        }
+    }
+}
+
 /// The queue database.
 #[derive(Debug)]
 pub struct Queue {
     conn: Connection,
     path: PathBuf,
+    sealer: Option<Arc<Sealer>>,
+    policy: CheckpointPolicy,
 }
 
 impl Queue {
@@ -365,7 +409,19 @@ impl Queue {
                 .map_err(open_err)?;
         }
         tx.commit().map_err(open_err)?;
-        Ok(Self { conn, path })
+        Ok(Self {
+            conn,
+            path,
+            sealer: None,
+            policy: CheckpointPolicy::default(),
+        })
+    }
+
+    /// Lets this connection sign checkpoints with `sealer`, under `policy`.
+    pub fn with_sealer(mut self, sealer: Arc<Sealer>, policy: CheckpointPolicy) -> Self {
+        self.sealer = Some(sealer);
+        self.policy = policy;
+        self
     }
 
     /// The database file.
@@ -381,10 +437,90 @@ impl Queue {
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let mut writer = Writer { tx, now: now_ms() };
+        let mut writer = Writer {
+            tx,
+            now: now_ms(),
+            touched: BTreeSet::new(),
+        };
         let value = f(&mut writer)?;
+        if let Some(sealer) = &self.sealer {
+            for run in std::mem::take(&mut writer.touched) {
+                writer.checkpoint_if_due(&run, sealer, self.policy, false)?;
+            }
+        }
         writer.tx.commit()?;
         Ok(value)
+    }
+
+    /// Checkpoints every run with unsealed records that the policy says is due (or
+    /// every such run, with `force`: on a clean stop and before an export). Returns
+    /// how many checkpoints were written; none without a key.
+    pub fn seal_due(&mut self, force: bool) -> Result<usize, QueueError> {
+        let Some(sealer) = self.sealer.clone() else {
+            return Ok(0);
+        };
+        let policy = self.policy;
+        let runs: Vec<String> = self
+            .conn
+            .prepare_cached("SELECT run FROM runs WHERE head_seq > sealed_seq ORDER BY run")?
+            .query_map([], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        if runs.is_empty() {
+            return Ok(0);
+        }
+        self.write(|w| {
+            let mut written = 0;
+            for run in &runs {
+                written += usize::from(w.checkpoint_if_due(run, &sealer, policy, force)?);
+            }
+            Ok(written)
+        })
+    }
+
+    /// The lines of the export of `run` (all runs when `None`), in order: each intent's
+    /// envelope line just before its `received` record, each record as the exact bytes
+    /// that were hashed, and each checkpoint just after the record it covers. The
+    /// format is documented in `docs/log-format.md`.
+    pub fn export_lines(&self, run: Option<&str>) -> Result<Vec<Vec<u8>>, QueueError> {
+        let runs: Vec<String> = match run {
+            Some(run) => vec![run.to_owned()],
+            None => self
+                .conn
+                .prepare("SELECT run FROM runs ORDER BY run")?
+                .query_map([], |row| row.get(0))?
+                .collect::<Result<_, _>>()?,
+        };
+        let mut lines = Vec::new();
+        for run in runs {
+            let mut checkpoints: BTreeMap<i64, Vec<u8>> = self
+                .conn
+                .prepare_cached("SELECT seq, envelope FROM checkpoints WHERE run = ?1")?
+                .query_map([&run], |row| Ok((row.get(0)?, row.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            for record in self.records(&run)? {
+                if record.event == "received" {
+                    if let Some(id) = &record.intent_id {
+                        let envelope: Vec<u8> = self
+                            .conn
+                            .prepare_cached("SELECT envelope FROM intents WHERE id = ?1")?
+                            .query_row([id], |row| row.get(0))?;
+                        let envelope: Value = serde_json::from_slice(&envelope)?;
+                        lines.push(serde_json::to_vec(
+                            &json!({"type": "intent", "id": id, "envelope": envelope}),
+                        )?);
+                    }
+                }
+                let seq = record.seq;
+                lines.push(record.body);
+                if let Some(envelope) = checkpoints.remove(&seq) {
+                    let envelope: Value = serde_json::from_slice(&envelope)?;
+                    lines.push(serde_json::to_vec(
+                        &json!({"type": "checkpoint", "envelope": envelope}),
+                    )?);
+                }
+            }
+        }
+        Ok(lines)
     }
 
     /// One intent by id.
@@ -627,6 +763,8 @@ pub struct ReviewProgress {
 pub struct Writer<'q> {
     tx: Transaction<'q>,
     now: i64,
+    /// Runs that got records in this transaction.
+    touched: BTreeSet<String>,
 }
 
 impl Writer<'_> {
@@ -673,8 +811,8 @@ impl Writer<'_> {
         let intent = &arrival.intent;
         self.tx
             .prepare_cached(
-                "INSERT INTO intents (id, run, target, digest, payload, file, state, received_at, updated_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'queued', ?7, ?7)",
+                "INSERT INTO intents (id, run, target, digest, payload, envelope, file, state, received_at, updated_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'queued', ?8, ?8)",
             )?
             .execute(params![
                 id,
@@ -682,6 +820,7 @@ impl Writer<'_> {
                 intent.target.as_str(),
                 arrival.digest,
                 arrival.bytes,
+                arrival.envelope,
                 arrival.file,
                 self.now
             ])?;
@@ -693,6 +832,7 @@ impl Writer<'_> {
                 "digest": arrival.digest,
                 "file": arrival.file,
                 "target": intent.target.as_str(),
+                "keyid": arrival.keyid,
             }),
         )?;
         Ok(Admission::Queued)
@@ -994,6 +1134,7 @@ impl Writer<'_> {
             None => (1, Value::Null),
         };
         let body = serde_json::to_vec(&json!({
+            "type": "record",
             "run": run,
             "seq": seq,
             "intent": intent_id,
@@ -1014,6 +1155,55 @@ impl Writer<'_> {
                  ON CONFLICT (run) DO UPDATE SET head_seq = excluded.head_seq, head_digest = excluded.head_digest",
             )?
             .execute(params![run, seq, digest])?;
+        self.touched.insert(run.to_owned());
         Ok(())
+    }
+
+    /// Signs a checkpoint over `run`'s head if it has unsealed records and the policy
+    /// (or `force`) says so. Returns whether one was written.
+    fn checkpoint_if_due(
+        &mut self,
+        run: &str,
+        sealer: &Sealer,
+        policy: CheckpointPolicy,
+        force: bool,
+    ) -> Result<bool, QueueError> {
+        let (head_seq, head_digest, sealed_seq, sealed_at): (i64, String, i64, i64) = self
+            .tx
+            .prepare_cached(
+                "SELECT head_seq, head_digest, sealed_seq, sealed_at FROM runs WHERE run = ?1",
+            )?
+            .query_row([run], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))?;
+        let unsealed = head_seq - sealed_seq;
+        if unsealed <= 0 {
+            return Ok(false);
+        }
+        let due = force
+            || unsealed as u64 >= policy.every_records.max(1)
+            || (policy.every_ms > 0 && self.now - sealed_at >= policy.every_ms as i64);
+        if !due {
+            return Ok(false);
+        }
+        let payload = serde_json::to_vec(&json!({
+            "type": "checkpoint",
+            "run": run,
+            "seq": head_seq,
+            "head": head_digest,
+            "at": self.now,
+        }))?;
+        let envelope = sealer
+            .seal(seal::CHECKPOINT_PAYLOAD_TYPE, payload)
+            .to_json()
+            .map_err(|e| QueueError::Corrupt(format!("cannot encode checkpoint: {e}")))?;
+        self.tx
+            .prepare_cached(
+                "INSERT INTO checkpoints (run, seq, envelope, at) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (run, seq) DO NOTHING",
+            )?
+            .execute(params![run, head_seq, envelope, self.now])?;
+        self.tx
+            .prepare_cached("UPDATE runs SET sealed_seq = ?2, sealed_at = ?3 WHERE run = ?1")?
+            .execute(params![run, head_seq, self.now])?;
+        Ok(true)
     }
 }
