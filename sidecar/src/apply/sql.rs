@@ -345,7 +345,10 @@ mod tests {
         );
         assert_eq!(s.params, vec![&json!("Ada"), &Value::Null]);
         let s = insert(Dialect::Postgres, &table("s.c"), pairs(&values));
-        assert_eq!(s.sql, r#"INSERT INTO "s"."c" ("name","tier") VALUES ($1,$2)"#);
+        assert_eq!(
+            s.sql,
+            r#"INSERT INTO "s"."c" ("name","tier") VALUES ($1,$2)"#
+        );
     }
 
     #[test]

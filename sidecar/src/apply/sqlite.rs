@@ -50,9 +50,9 @@ use super::{
 
 const DIALECT: Dialect = Dialect::Sqlite;
 
-/// How long a statement waits for another connection's lock before failing with
-/// `SQLITE_BUSY` (a transient error).
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a statement waits by default for another connection's lock before
+/// failing with `SQLITE_BUSY` (a transient error).
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// An SQLite database that intents are applied to.
 #[derive(Debug)]
@@ -66,6 +66,16 @@ impl SqliteTarget {
     /// Opens (creating if missing) the database at `path`, configures the
     /// connection, and creates the ledger if missing. Blocking.
     pub fn open(name: &str, path: impl AsRef<Path>) -> Result<Self, ApplyError> {
+        Self::open_with_busy_timeout(name, path, BUSY_TIMEOUT)
+    }
+
+    /// [`SqliteTarget::open`], waiting at most `busy_timeout` for another
+    /// connection's lock before a write fails with a transient `SQLITE_BUSY`.
+    pub fn open_with_busy_timeout(
+        name: &str,
+        path: impl AsRef<Path>,
+        busy_timeout: Duration,
+    ) -> Result<Self, ApplyError> {
         let path = path.as_ref();
         let context = |e: ApplyError| e.context(&format!("target {name:?} ({})", path.display()));
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -77,7 +87,7 @@ impl SqliteTarget {
             })?;
         }
         let mut conn = Connection::open(path).map_err(|e| context(db_error(e)))?;
-        configure(&conn).map_err(context)?;
+        configure(&conn, busy_timeout).map_err(context)?;
         init_ledger(&mut conn).map_err(context)?;
         Ok(Self {
             name: name.to_owned(),
@@ -141,8 +151,8 @@ fn lock(conn: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
     })
 }
 
-fn configure(conn: &Connection) -> Result<(), ApplyError> {
-    conn.busy_timeout(BUSY_TIMEOUT).map_err(db_error)?;
+fn configure(conn: &Connection, busy_timeout: Duration) -> Result<(), ApplyError> {
+    conn.busy_timeout(busy_timeout).map_err(db_error)?;
     // Answers the mode in effect; an in-memory database stays "memory", which is fine.
     let _mode: String = conn
         .query_row("PRAGMA journal_mode=WAL", [], |row| row.get(0))
@@ -255,7 +265,9 @@ fn apply_intent(
     for (index, op) in intent.ops.iter().enumerate() {
         let info = match tables.entry(op.table().clone()) {
             Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(e) => e.insert(table_info(&tx, op.table()).map_err(|e| e.at_op(index, op))?),
+            Entry::Vacant(e) => {
+                e.insert(table_info(&tx, op.table()).map_err(|e| e.at_op(index, op))?)
+            }
         };
         let mut step = Step {
             conn: &tx,
@@ -275,8 +287,7 @@ fn apply_intent(
         undo,
     };
     write_ledger(&tx, &entry)?;
-    tx.commit()
-        .map_err(|e| db_error(e).context("committing"))?;
+    tx.commit().map_err(|e| db_error(e).context("committing"))?;
     Ok(Applied {
         already: false,
         ledger: entry,
@@ -321,8 +332,10 @@ fn table_info(conn: &Connection, table: &TableName) -> Result<TableInfo, ApplyEr
             .or_else(|| found.first()),
     };
     let Some((schema, kind, without_rowid)) = entry else {
-        return Err(ApplyError::permanent(format!("table {table} does not exist"))
-            .with_code(codes::UNKNOWN_TABLE));
+        return Err(
+            ApplyError::permanent(format!("table {table} does not exist"))
+                .with_code(codes::UNKNOWN_TABLE),
+        );
     };
     if kind != "table" {
         return Err(ApplyError::permanent(format!(
@@ -477,9 +490,15 @@ impl Step<'_> {
         Ok(rows)
     }
 
-    fn upsert(&mut self, table: &TableName, values: &Row, on: &[Column]) -> Result<u64, ApplyError> {
+    fn upsert(
+        &mut self,
+        table: &TableName,
+        values: &Row,
+        on: &[Column],
+    ) -> Result<u64, ApplyError> {
         self.info.check(table, "values", keys(values))?;
-        self.info.check(table, "on", on.iter().map(Column::as_str))?;
+        self.info
+            .check(table, "on", on.iter().map(Column::as_str))?;
         if on.is_empty() {
             return Err(bad_op(
                 "on is empty: an upsert needs the columns of a unique constraint",
@@ -493,9 +512,8 @@ impl Step<'_> {
         }
         let values = bind("values", values)?;
         let on: Vec<&str> = on.iter().map(Column::as_str).collect();
-        let on_filter: Vec<(&str, &SqlValue)> = refs(&values)
-            .filter(|(c, _)| on.contains(c))
-            .collect();
+        let on_filter: Vec<(&str, &SqlValue)> =
+            refs(&values).filter(|(c, _)| on.contains(c)).collect();
         // A NULL never conflicts, so then the upsert can only insert.
         let before = if on_filter.iter().any(|(_, v)| v.is_null()) {
             Vec::new()
@@ -528,7 +546,9 @@ impl Step<'_> {
         self.info.check(table, "set", keys(set))?;
         self.info.check(table, "expect", keys(expect))?;
         if key.is_empty() {
-            return Err(bad_op("key is empty: an update must name the row it changes"));
+            return Err(bad_op(
+                "key is empty: an update must name the row it changes",
+            ));
         }
         if set.is_empty() {
             return Err(bad_op("set is empty: the update would change nothing"));
@@ -538,7 +558,10 @@ impl Step<'_> {
         let expect_args = bind("expect", expect)?;
         let filter = || refs(&key_args).chain(refs(&expect_args));
         let before = self.matched(table, key, &key_args, expect, filter())?;
-        let rows = execute(self.conn, &sql::update(DIALECT, table, refs(&set_args), filter()))?;
+        let rows = execute(
+            self.conn,
+            &sql::update(DIALECT, table, refs(&set_args), filter()),
+        )?;
         self.check_rows(rows, key)?;
         for row in &before {
             let (old_key, before_image) = self.info.image(row);
@@ -577,7 +600,9 @@ impl Step<'_> {
         self.info.check(table, "key", keys(key))?;
         self.info.check(table, "expect", keys(expect))?;
         if key.is_empty() {
-            return Err(bad_op("key is empty: a delete must name the row it removes"));
+            return Err(bad_op(
+                "key is empty: a delete must name the row it removes",
+            ));
         }
         let key_args = bind("key", key)?;
         let expect_args = bind("expect", expect)?;
@@ -673,10 +698,13 @@ impl Step<'_> {
         };
         let pk: Vec<&str> = self.info.pk.iter().map(String::as_str).collect();
         let filter = on
-            .and_then(|on| non_null(on))
+            .and_then(&non_null)
             .or_else(|| {
                 self.info.rowid.map(|alias| {
-                    vec![(alias.to_owned(), SqlValue::Integer(self.conn.last_insert_rowid()))]
+                    vec![(
+                        alias.to_owned(),
+                        SqlValue::Integer(self.conn.last_insert_rowid()),
+                    )]
                 })
             })
             .or_else(|| (!pk.is_empty()).then(|| non_null(&pk)).flatten());
@@ -902,8 +930,11 @@ mod tests {
             "SQLITE_CONSTRAINT_UNIQUE"
         );
         assert_eq!(code_name(ffi::SQLITE_BUSY), "SQLITE_BUSY");
-        assert_eq!(code_name(ffi::SQLITE_IOERR_SHMMAP), format!("SQLITE_IOERR({})", ffi::SQLITE_IOERR_SHMMAP));
-        assert_eq!(code_name(9999), "SQLITE(9999)");
+        assert_eq!(
+            code_name(ffi::SQLITE_IOERR_SHMMAP),
+            format!("SQLITE_IOERR({})", ffi::SQLITE_IOERR_SHMMAP)
+        );
+        assert_eq!(code_name(0xff), "SQLITE(255)");
     }
 
     #[test]
