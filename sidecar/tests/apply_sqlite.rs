@@ -643,6 +643,19 @@ async fn the_same_id_with_different_bytes_is_refused() {
 }
 
 #[tokio::test]
+async fn an_intent_for_another_target_is_refused() {
+    let db = setup();
+    let mut i = intent(
+        "i-elsewhere",
+        json!([{"op": "insert", "table": "events", "values": {"message": "x"}}]),
+    );
+    i.target = airlock_intent::TargetName::parse("warehouse").unwrap();
+    let err = apply_err(&db, &i, &meta(&i)).await;
+    assert_eq!(err.code.as_deref(), Some(codes::WRONG_TARGET), "{err}");
+    assert!(err.to_string().contains("\"warehouse\""), "{err}");
+}
+
+#[tokio::test]
 async fn a_locked_database_is_a_transient_error() {
     let db = setup();
     let target = SqliteTarget::open_with_busy_timeout("default", &db.path, Duration::ZERO).unwrap();

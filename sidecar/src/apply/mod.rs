@@ -11,8 +11,9 @@
 //!
 //! Layout: [`sql`] builds SQL text for a [`sql::Dialect`] and knows nothing of any
 //! driver; each target module (today [`sqlite`]) runs it. Only these modules speak
-//! SQL. Dialect differences (placeholders, null-safe comparison, ledger DDL) live in
-//! [`sql::Dialect`] alone.
+//! SQL. Differences in the statements Airlock generates (placeholders, null-safe
+//! comparison, ledger DDL) live in [`sql::Dialect`] alone; reading the catalogue
+//! (columns, primary key) and classifying driver errors are each target module's.
 //!
 //! Op indexes in errors and images count from 0, as in the JSON pointer `/ops/N`.
 
@@ -43,6 +44,7 @@ pub trait Target: Send + Sync + fmt::Debug {
     /// Applies `intent` in one transaction together with its ledger row, exactly once:
     /// if the ledger already holds the intent's id, nothing is written and the stored
     /// entry is returned with `already: true` (or an error if its digest differs).
+    /// An intent whose `target` is not [`Target::name`] is refused.
     async fn apply(&self, intent: &Intent, meta: &ApplyMeta) -> Result<Applied, ApplyError>;
 
     /// The ledger row of `intent_id`, if that intent was applied to this target.
@@ -97,7 +99,8 @@ pub struct LedgerEntry {
     pub run: String,
     /// `"sha256:<hex>"` of the intent's bytes, as given in [`ApplyMeta::digest`].
     pub digest: String,
-    /// When the transaction was committed, in milliseconds since the Unix epoch.
+    /// When the intent was applied (taken just before the commit), in milliseconds
+    /// since the Unix epoch.
     pub applied_at_ms: i64,
     /// One image per row touched, in the order the rows were written. Undo applies
     /// them in reverse.
@@ -161,6 +164,8 @@ pub mod codes {
     pub const DIGEST_MISMATCH: &str = "AIRLOCK_DIGEST_MISMATCH";
     /// The ledger table is unreadable or from a newer Airlock.
     pub const LEDGER: &str = "AIRLOCK_LEDGER";
+    /// The intent names another target than the one asked to apply it.
+    pub const WRONG_TARGET: &str = "AIRLOCK_WRONG_TARGET";
     /// The target URL is not one Airlock supports.
     pub const UNSUPPORTED_URL: &str = "AIRLOCK_UNSUPPORTED_URL";
 }

@@ -303,8 +303,9 @@ pub fn select<'c, P: Arg>(
     );
     b.filter(filter);
     if let Some(limit) = limit {
-        // A number Airlock chose, not a value from the intent.
-        let _ = write!(b.sql, " LIMIT {limit}");
+        // A number Airlock chose, not a value from the intent; both dialects take
+        // a signed 64-bit limit.
+        let _ = write!(b.sql, " LIMIT {}", limit.min(i64::MAX as u64));
     }
     b.finish()
 }
@@ -450,6 +451,14 @@ mod tests {
             None,
         );
         assert_eq!(s.sql, r#"SELECT "a" FROM "t""#);
+        let s = select(
+            Dialect::Sqlite,
+            &table("t"),
+            &["a"],
+            Vec::<(&str, Value)>::new(),
+            Some(u64::MAX),
+        );
+        assert_eq!(s.sql, r#"SELECT "a" FROM "t" LIMIT 9223372036854775807"#);
     }
 
     #[test]

@@ -127,7 +127,8 @@ impl Target for SqliteTarget {
     async fn apply(&self, intent: &Intent, meta: &ApplyMeta) -> Result<Applied, ApplyError> {
         let intent = intent.clone();
         let meta = meta.clone();
-        self.with_conn(move |conn| apply_intent(conn, &intent, &meta))
+        let name = self.name.clone();
+        self.with_conn(move |conn| apply_intent(conn, &name, &intent, &meta))
             .await
     }
 
@@ -235,9 +236,18 @@ fn write_ledger(conn: &Connection, entry: &LedgerEntry) -> Result<(), ApplyError
 /// The whole of one apply, inside one transaction.
 fn apply_intent(
     conn: &mut Connection,
+    name: &str,
     intent: &Intent,
     meta: &ApplyMeta,
 ) -> Result<Applied, ApplyError> {
+    if intent.target.as_str() != name {
+        return Err(ApplyError::permanent(format!(
+            "intent {:?} is for target {:?}, not {name:?}",
+            intent.id.as_str(),
+            intent.target.as_str()
+        ))
+        .with_code(codes::WRONG_TARGET));
+    }
     // Dropping `tx` without commit rolls back: every `?` below undoes everything.
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
