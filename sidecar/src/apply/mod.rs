@@ -1,73 +1,345 @@
-//! Placeholder; filled in by its own change (interface only).
+//! Apply: the box of DESIGN.md that writes an approved intent to its target database.
+//!
+//! One intent is one target transaction: its ops run in order, the before- and
+//! after-images of every row they touch are captured as [`UndoImage`]s, and a
+//! [`LedgerEntry`] (intent id, run, digest, undo images) is written to the target's
+//! `airlock_ledger` table *in the same transaction*. The ledger is what makes apply
+//! exactly-once (invariant 2): applying an intent whose id the ledger already holds
+//! writes nothing and answers [`Applied::already`]. Any error rolls the whole
+//! transaction back, so an intent is either entirely applied (ledger row included)
+//! or not at all.
+//!
+//! Layout: [`sql`] builds SQL text for a [`sql::Dialect`] and knows nothing of any
+//! driver; each target module (today [`sqlite`]) runs it. Only these modules speak
+//! SQL. Differences in the statements Airlock generates (placeholders, null-safe
+//! comparison, ledger DDL) live in [`sql::Dialect`] alone; reading the catalogue
+//! (columns, primary key) and classifying driver errors are each target module's.
+//!
+//! Op indexes in errors and images count from 0, as in the JSON pointer `/ops/N`.
+
+pub mod sql;
+pub mod sqlite;
+
+use std::fmt;
 use std::sync::Arc;
 
-use airlock_intent::Intent;
+use airlock_intent::{Intent, Op};
+use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-#[derive(Clone, Debug)]
-pub struct ApplyMeta {
-    pub digest: String,
-    pub max_rows: u64,
-}
+pub use sqlite::SqliteTarget;
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct OpResult {
-    pub index: usize,
-    pub rows: u64,
-}
+/// Column name → JSON value: one row, or the columns identifying one row.
+pub type Image = serde_json::Map<String, serde_json::Value>;
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct UndoImage {
-    pub op: usize,
-    pub table: String,
-    pub key: serde_json::Map<String, serde_json::Value>,
-    pub before: Option<serde_json::Map<String, serde_json::Value>>,
-    pub after: Option<serde_json::Map<String, serde_json::Value>>,
-}
+/// How many rows an update or delete may touch unless configured otherwise.
+pub const DEFAULT_MAX_ROWS: u64 = 1;
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct LedgerEntry {
-    pub intent_id: String,
-    pub run: String,
-    pub digest: String,
-    pub applied_at_ms: i64,
-    pub undo: Vec<UndoImage>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Applied {
-    pub already: bool,
-    pub ledger: LedgerEntry,
-    pub ops: Vec<OpResult>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ErrorKind {
-    Transient,
-    Permanent,
-}
-
-#[derive(Clone, Debug, thiserror::Error, Serialize, Deserialize)]
-#[error("{message}")]
-pub struct ApplyError {
-    pub kind: ErrorKind,
-    pub op: Option<usize>,
-    pub code: Option<String>,
-    pub message: String,
-}
-
-#[async_trait::async_trait]
-pub trait Target: Send + Sync + std::fmt::Debug {
+/// A database that approved intents are applied to.
+#[async_trait]
+pub trait Target: Send + Sync + fmt::Debug {
+    /// The configured name of this target (an intent's `target` field).
     fn name(&self) -> &str;
+
+    /// Applies `intent` in one transaction together with its ledger row, exactly once:
+    /// if the ledger already holds the intent's id, nothing is written and the stored
+    /// entry is returned with `already: true` (or an error if its digest differs).
+    /// An intent whose `target` is not [`Target::name`] is refused.
     async fn apply(&self, intent: &Intent, meta: &ApplyMeta) -> Result<Applied, ApplyError>;
+
+    /// The ledger row of `intent_id`, if that intent was applied to this target.
     async fn ledger_entry(&self, intent_id: &str) -> Result<Option<LedgerEntry>, ApplyError>;
 }
 
-pub fn open(_name: &str, url: &str) -> Result<Arc<dyn Target>, ApplyError> {
-    Err(ApplyError {
-        kind: ErrorKind::Permanent,
-        op: None,
-        code: None,
-        message: format!("unsupported {url}"),
-    })
+/// What the caller knows about an intent that is not in the intent itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApplyMeta {
+    /// Digest of the intent's exact bytes, `"sha256:<hex>"`; stored in the ledger so a
+    /// second intent reusing an id with different bytes is refused.
+    pub digest: String,
+    /// Most rows one update or delete may touch; more fails the whole intent.
+    pub max_rows: u64,
+}
+
+impl ApplyMeta {
+    /// Metadata for an intent with this digest and the default row limit.
+    pub fn new(digest: impl Into<String>) -> Self {
+        Self {
+            digest: digest.into(),
+            max_rows: DEFAULT_MAX_ROWS,
+        }
+    }
+}
+
+/// The outcome of a successful [`Target::apply`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Applied {
+    /// The ledger already held this intent: nothing was written now, `ledger` is the
+    /// stored entry and `ops` is empty.
+    pub already: bool,
+    /// The intent's ledger row.
+    pub ledger: LedgerEntry,
+    /// Rows written by each op, in op order.
+    pub ops: Vec<OpResult>,
+}
+
+/// How many rows one op wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpResult {
+    /// Index of the op in the intent's `ops`, from 0.
+    pub index: usize,
+    /// Rows inserted, updated or deleted (an upsert that did nothing counts 0).
+    pub rows: u64,
+}
+
+/// One row of the target's ledger: an applied intent and how to undo it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    pub intent_id: String,
+    pub run: String,
+    /// `"sha256:<hex>"` of the intent's bytes, as given in [`ApplyMeta::digest`].
+    pub digest: String,
+    /// When the intent was applied (taken just before the commit), in milliseconds
+    /// since the Unix epoch.
+    pub applied_at_ms: i64,
+    /// One image per row touched, in the order the rows were written. Undo applies
+    /// them in reverse.
+    pub undo: Vec<UndoImage>,
+}
+
+/// The state of one row before and after one op.
+///
+/// Values are JSON: SQL integers and reals are numbers, text is a string, NULL is
+/// null, and a BLOB is the object `{"$blob": "<lowercase hex>"}` (objects never
+/// appear otherwise in images, so undo can turn it back into a BLOB).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UndoImage {
+    /// Index of the op in the intent's `ops`, from 0.
+    pub op: usize,
+    /// The table as the intent named it.
+    pub table: String,
+    /// Primary-key columns → values identifying the row as the op left it (for a
+    /// delete, as it was). A table without a primary key is keyed by `rowid`.
+    pub key: Image,
+    /// The row before the op; `None` for an inserted row.
+    pub before: Option<Image>,
+    /// The row after the op; `None` for a deleted row.
+    pub after: Option<Image>,
+}
+
+/// Whether retrying the same intent later may succeed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ErrorKind {
+    /// Busy or locked database, I/O trouble, connection loss: retry with backoff.
+    Transient,
+    /// The intent cannot apply as written: constraint violation, unknown table or
+    /// column, failed `expect`, a key that matched nothing. Retrying will not help.
+    Permanent,
+}
+
+/// Codes for the errors Airlock itself detects (database errors carry the
+/// database's own code: an SQLite extended result code name or a SQLSTATE).
+pub mod codes {
+    /// The intent names a table the target does not have.
+    pub const UNKNOWN_TABLE: &str = "AIRLOCK_UNKNOWN_TABLE";
+    /// The intent names a column its table does not have.
+    pub const UNKNOWN_COLUMN: &str = "AIRLOCK_UNKNOWN_COLUMN";
+    /// The op writes a table Airlock keeps for itself (its ledger).
+    pub const RESERVED_TABLE: &str = "AIRLOCK_RESERVED_TABLE";
+    /// The op names a view or virtual table; Airlock writes plain tables only.
+    pub const NOT_A_TABLE: &str = "AIRLOCK_NOT_A_TABLE";
+    /// The op is malformed for this target (empty key or set, `on` not in values).
+    pub const BAD_OP: &str = "AIRLOCK_BAD_OP";
+    /// A value cannot be represented in the target (e.g. an integer beyond i64).
+    pub const BAD_VALUE: &str = "AIRLOCK_BAD_VALUE";
+    /// An update or delete key matched no row.
+    pub const NO_ROW: &str = "AIRLOCK_NO_ROW";
+    /// The key matched, but the `expect` values did not hold.
+    pub const EXPECT_FAILED: &str = "AIRLOCK_EXPECT_FAILED";
+    /// An update or delete matched more rows than `max_rows` allows.
+    pub const TOO_MANY_ROWS: &str = "AIRLOCK_TOO_MANY_ROWS";
+    /// A written row could not be found again to record its after-image.
+    pub const NO_ROW_IDENTITY: &str = "AIRLOCK_NO_ROW_IDENTITY";
+    /// The ledger holds this intent id with a different digest.
+    pub const DIGEST_MISMATCH: &str = "AIRLOCK_DIGEST_MISMATCH";
+    /// The ledger table is unreadable or from a newer Airlock.
+    pub const LEDGER: &str = "AIRLOCK_LEDGER";
+    /// The intent names another target than the one asked to apply it.
+    pub const WRONG_TARGET: &str = "AIRLOCK_WRONG_TARGET";
+    /// The target URL is not one Airlock supports.
+    pub const UNSUPPORTED_URL: &str = "AIRLOCK_UNSUPPORTED_URL";
+}
+
+/// Why an intent could not be applied. Nothing of it was written.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{}", self.render())]
+pub struct ApplyError {
+    /// Whether a retry may succeed.
+    pub kind: ErrorKind,
+    /// The failing op's index in `ops` (from 0), when one op is to blame.
+    pub op: Option<usize>,
+    /// The failing op's kind and table, e.g. `update orders`.
+    pub op_label: Option<String>,
+    /// The database's code (SQLite extended result code name, or SQLSTATE), or one
+    /// of [`codes`] for problems Airlock detected itself.
+    pub code: Option<String>,
+    /// What went wrong, naming the column and value where known.
+    pub message: String,
+}
+
+impl ApplyError {
+    /// A retry may succeed.
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Transient, message)
+    }
+
+    /// A retry will not help.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Permanent, message)
+    }
+
+    fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            op: None,
+            op_label: None,
+            code: None,
+            message: message.into(),
+        }
+    }
+
+    /// Sets the error code.
+    #[must_use]
+    pub fn with_code(mut self, code: impl Into<String>) -> Self {
+        self.code = Some(code.into());
+        self
+    }
+
+    /// Blames op `index` of the intent, unless an op is blamed already.
+    #[must_use]
+    pub fn at_op(mut self, index: usize, op: &Op) -> Self {
+        if self.op.is_none() {
+            self.op = Some(index);
+            self.op_label = Some(format!("{} {}", op.kind().as_str(), op.table()));
+        }
+        self
+    }
+
+    /// Prefixes the message with where the error happened.
+    #[must_use]
+    pub(crate) fn context(mut self, context: &str) -> Self {
+        self.message = format!("{context}: {}", self.message);
+        self
+    }
+
+    /// Whether retrying may succeed.
+    pub fn is_transient(&self) -> bool {
+        self.kind == ErrorKind::Transient
+    }
+
+    fn render(&self) -> String {
+        match (self.op, &self.op_label) {
+            (Some(op), Some(label)) => format!("op {op} ({label}): {}", self.message),
+            (Some(op), None) => format!("op {op}: {}", self.message),
+            (None, _) => self.message.clone(),
+        }
+    }
+}
+
+/// Opens the target called `name` at `url`.
+///
+/// Supported: `sqlite://<path>`, where the path is relative (`sqlite://target.db`,
+/// `sqlite://./.airlock/target.db`) or absolute (`sqlite:///abs/path.db`). The file
+/// and its parent directory are created if missing. Opening does blocking I/O; call
+/// it at start-up (or inside `spawn_blocking`).
+///
+/// Errors never repeat the URL itself, which for server databases holds credentials.
+pub fn open(name: &str, url: &str) -> Result<Arc<dyn Target>, ApplyError> {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        if path.is_empty() {
+            return Err(ApplyError::permanent(format!(
+                "target {name:?}: sqlite:// URL has no path; write sqlite://<path>, e.g. \
+                 sqlite://./.airlock/target.db or sqlite:///abs/path.db"
+            ))
+            .with_code(codes::UNSUPPORTED_URL));
+        }
+        return Ok(Arc::new(SqliteTarget::open(name, path)?));
+    }
+    let scheme = url.split_once("://").map(|(scheme, _)| scheme);
+    let message = match scheme {
+        Some(s) if s.eq_ignore_ascii_case("postgres") || s.eq_ignore_ascii_case("postgresql") => {
+            format!(
+                "target {name:?}: PostgreSQL targets ({s}://) are not supported yet; \
+                 supported: sqlite://<path>"
+            )
+        }
+        Some(s) => format!(
+            "target {name:?}: unsupported URL scheme {s:?}; supported: sqlite://<path> \
+             (PostgreSQL comes later)"
+        ),
+        None => format!(
+            "target {name:?}: the URL has no scheme (expected <scheme>://...); \
+             supported: sqlite://<path>"
+        ),
+    };
+    Err(ApplyError::permanent(message).with_code(codes::UNSUPPORTED_URL))
+}
+
+/// Renders JSON for an error message, cut short so hostile values cannot flood logs.
+pub(crate) fn show(value: &impl Serialize) -> String {
+    const LIMIT: usize = 200;
+    let text = serde_json::to_string(value).unwrap_or_else(|_| "<unprintable>".to_owned());
+    if text.len() <= LIMIT {
+        return text;
+    }
+    let mut end = LIMIT;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_display_names_op_and_table() {
+        let op: Op = serde_json::from_value(serde_json::json!({
+            "op": "update", "table": "orders", "key": {"id": 7}, "set": {"status": "paid"}
+        }))
+        .unwrap();
+        let err = ApplyError::permanent(r#"key {"id":7} matched no row"#)
+            .with_code(codes::NO_ROW)
+            .at_op(2, &op);
+        assert_eq!(
+            err.to_string(),
+            r#"op 2 (update orders): key {"id":7} matched no row"#
+        );
+        // A second at_op does not re-blame.
+        assert_eq!(err.clone().at_op(5, &op).op, Some(2));
+    }
+
+    #[test]
+    fn show_truncates_long_values_on_char_boundaries() {
+        let long = "é".repeat(500);
+        let shown = show(&long);
+        assert!(shown.len() < 220, "{}", shown.len());
+        assert!(shown.ends_with('…'));
+    }
+
+    #[test]
+    fn open_refuses_other_schemes_without_echoing_the_url() {
+        let err = open("main", "postgres://user:secret@db/x").unwrap_err();
+        assert!(err.message.contains("PostgreSQL"), "{err}");
+        assert!(!err.message.contains("secret"), "{err}");
+        let err = open("main", "mysql://h/db").unwrap_err();
+        assert!(err.message.contains("\"mysql\""), "{err}");
+        assert!(err.message.contains("sqlite://"), "{err}");
+        let err = open("main", "target.db").unwrap_err();
+        assert!(err.message.contains("no scheme"), "{err}");
+        let err = open("main", "sqlite://").unwrap_err();
+        assert!(err.message.contains("no path"), "{err}");
+        assert_eq!(err.kind, ErrorKind::Permanent);
+    }
 }

@@ -1,0 +1,985 @@
+//! The SQLite target: applies intents to an SQLite database file.
+//!
+//! What it guarantees on disk:
+//! - **One transaction per intent.** `BEGIN IMMEDIATE` takes the write lock before
+//!   anything is read, so the images captured and the rows written are the same
+//!   rows, and no other writer interleaves. Any error (and any panic) rolls back:
+//!   there are never partial writes.
+//! - **Exactly once.** The ledger row (`airlock_ledger`) is inserted in that same
+//!   transaction, after the ops. An intent id already in the ledger is not applied
+//!   again; the stored entry is returned instead. If the caller's future is dropped
+//!   mid-apply, the blocking work still runs to its end, so the ledger, not the
+//!   caller, is the truth about whether the intent committed.
+//! - **Durable on return.** The database runs in WAL mode with `synchronous=FULL`,
+//!   so a successful return means the commit is on disk and the queue may mark the
+//!   intent applied.
+//! - **Foreign keys enforced.** `foreign_keys=ON` on Airlock's connection, whatever
+//!   other connections to the file do.
+//!
+//! Checks before writing: the table exists and is a plain table (not a view, not
+//! Airlock's own), every column the op names exists (names are case-sensitive,
+//! as in PostgreSQL), keys and sets are not empty, and every value is representable.
+//! The database checks the rest (constraints, types) and its errors carry SQLite's
+//! extended result code name.
+//!
+//! Values: JSON null → NULL, booleans → 0/1, integers → INTEGER (beyond i64 is an
+//! error), other numbers → REAL, strings → TEXT, arrays and objects → their JSON
+//! text. Images read back INTEGER and REAL as numbers, TEXT as strings (invalid
+//! UTF-8 replaced), NULL as null, and BLOB as `{"$blob": "<hex>"}`.
+//!
+//! One connection, behind a mutex; work runs on tokio's blocking pool. SQLite has a
+//! single writer anyway, so more connections would only wait on each other.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use airlock_intent::{Column, Intent, Op, Row, TableName};
+use async_trait::async_trait;
+use rusqlite::types::{Value as SqlValue, ValueRef};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, ffi, params_from_iter};
+use serde_json::Value;
+
+use super::sql::{self, Arg, Dialect, Statement};
+use super::{
+    Applied, ApplyError, ApplyMeta, ErrorKind, Image, LedgerEntry, OpResult, Target, UndoImage,
+    codes, show,
+};
+
+const DIALECT: Dialect = Dialect::Sqlite;
+
+/// How long a statement waits by default for another connection's lock before
+/// failing with `SQLITE_BUSY` (a transient error).
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// An SQLite database that intents are applied to.
+#[derive(Debug)]
+pub struct SqliteTarget {
+    name: String,
+    path: PathBuf,
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl SqliteTarget {
+    /// Opens (creating if missing) the database at `path`, configures the
+    /// connection, and creates the ledger if missing. Blocking.
+    pub fn open(name: &str, path: impl AsRef<Path>) -> Result<Self, ApplyError> {
+        Self::open_with_busy_timeout(name, path, BUSY_TIMEOUT)
+    }
+
+    /// [`SqliteTarget::open`], waiting at most `busy_timeout` for another
+    /// connection's lock before a write fails with a transient `SQLITE_BUSY`.
+    pub fn open_with_busy_timeout(
+        name: &str,
+        path: impl AsRef<Path>,
+        busy_timeout: Duration,
+    ) -> Result<Self, ApplyError> {
+        let path = path.as_ref();
+        let context = |e: ApplyError| e.context(&format!("target {name:?} ({})", path.display()));
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                ApplyError::permanent(format!(
+                    "target {name:?}: cannot create directory {}: {e}",
+                    parent.display()
+                ))
+            })?;
+        }
+        let mut conn = Connection::open(path).map_err(|e| context(db_error(e)))?;
+        configure(&conn, busy_timeout).map_err(context)?;
+        init_ledger(&mut conn).map_err(context)?;
+        Ok(Self {
+            name: name.to_owned(),
+            path: path.to_owned(),
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    async fn with_conn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, ApplyError> + Send + 'static,
+    ) -> Result<T, ApplyError> {
+        let conn = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || f(&mut lock(&conn)))
+            .await
+            .map_err(|e| {
+                ApplyError::transient(format!(
+                    "target {:?}: the database task did not finish: {e}",
+                    self.name
+                ))
+            })?
+    }
+}
+
+#[async_trait]
+impl Target for SqliteTarget {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn apply(&self, intent: &Intent, meta: &ApplyMeta) -> Result<Applied, ApplyError> {
+        let intent = intent.clone();
+        let meta = meta.clone();
+        let name = self.name.clone();
+        self.with_conn(move |conn| apply_intent(conn, &name, &intent, &meta))
+            .await
+    }
+
+    async fn ledger_entry(&self, intent_id: &str) -> Result<Option<LedgerEntry>, ApplyError> {
+        let intent_id = intent_id.to_owned();
+        self.with_conn(move |conn| read_ledger(conn, &intent_id))
+            .await
+    }
+}
+
+/// Locks the connection. A panic while it was held has already unwound through the
+/// transaction guard (which rolls back); roll back again in case it had not.
+fn lock(conn: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
+    conn.lock().unwrap_or_else(|poisoned| {
+        conn.clear_poison();
+        let guard = poisoned.into_inner();
+        if !guard.is_autocommit() {
+            let _ = guard.execute_batch("ROLLBACK");
+        }
+        guard
+    })
+}
+
+fn configure(conn: &Connection, busy_timeout: Duration) -> Result<(), ApplyError> {
+    conn.busy_timeout(busy_timeout).map_err(db_error)?;
+    // Answers the mode in effect; an in-memory database stays "memory", which is fine.
+    let _mode: String = conn
+        .query_row("PRAGMA journal_mode=WAL", [], |row| row.get(0))
+        .map_err(db_error)?;
+    conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
+        .map_err(db_error)
+}
+
+/// Creates the ledger if missing and checks its version is one this code knows.
+fn init_ledger(conn: &mut Connection) -> Result<(), ApplyError> {
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(db_error)?;
+    for statement in DIALECT.ledger_ddl() {
+        tx.execute(&statement, []).map_err(db_error)?;
+    }
+    let version: i64 = tx
+        .query_row(&DIALECT.ledger_version(), [], |row| row.get(0))
+        .map_err(db_error)?;
+    if version != sql::LEDGER_VERSION {
+        return Err(ApplyError::permanent(format!(
+            "the ledger in this database has schema version {version}; this Airlock \
+             knows version {}",
+            sql::LEDGER_VERSION
+        ))
+        .with_code(codes::LEDGER));
+    }
+    tx.commit().map_err(db_error)
+}
+
+fn read_ledger(conn: &Connection, intent_id: &str) -> Result<Option<LedgerEntry>, ApplyError> {
+    let row = conn
+        .query_row(&DIALECT.ledger_select(), [intent_id], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, String>(2)?,
+                row.get::<_, i64>(3)?,
+                row.get::<_, String>(4)?,
+            ))
+        })
+        .optional()
+        .map_err(|e| db_error(e).context("reading the ledger"))?;
+    let Some((intent_id, run, digest, applied_at_ms, undo)) = row else {
+        return Ok(None);
+    };
+    let undo = serde_json::from_str(&undo).map_err(|e| {
+        ApplyError::permanent(format!(
+            "the ledger row of intent {intent_id:?} has unreadable undo images: {e}"
+        ))
+        .with_code(codes::LEDGER)
+    })?;
+    Ok(Some(LedgerEntry {
+        intent_id,
+        run,
+        digest,
+        applied_at_ms,
+        undo,
+    }))
+}
+
+fn write_ledger(conn: &Connection, entry: &LedgerEntry) -> Result<(), ApplyError> {
+    let undo = serde_json::to_string(&entry.undo).map_err(|e| {
+        ApplyError::permanent(format!("cannot encode undo images: {e}")).with_code(codes::LEDGER)
+    })?;
+    conn.execute(
+        &DIALECT.ledger_insert(),
+        rusqlite::params![
+            entry.intent_id,
+            entry.run,
+            entry.digest,
+            entry.applied_at_ms,
+            undo
+        ],
+    )
+    .map_err(|e| db_error(e).context("writing the ledger row"))?;
+    Ok(())
+}
+
+/// The whole of one apply, inside one transaction.
+fn apply_intent(
+    conn: &mut Connection,
+    name: &str,
+    intent: &Intent,
+    meta: &ApplyMeta,
+) -> Result<Applied, ApplyError> {
+    if intent.target.as_str() != name {
+        return Err(ApplyError::permanent(format!(
+            "intent {:?} is for target {:?}, not {name:?}",
+            intent.id.as_str(),
+            intent.target.as_str()
+        ))
+        .with_code(codes::WRONG_TARGET));
+    }
+    // Dropping `tx` without commit rolls back: every `?` below undoes everything.
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(|e| db_error(e).context("beginning the transaction"))?;
+    if let Some(entry) = read_ledger(&tx, intent.id.as_str())? {
+        if entry.digest != meta.digest {
+            return Err(ApplyError::permanent(format!(
+                "intent {:?} was already applied with digest {}, and this one has digest \
+                 {}: same id, different bytes",
+                intent.id.as_str(),
+                entry.digest,
+                meta.digest
+            ))
+            .with_code(codes::DIGEST_MISMATCH));
+        }
+        return Ok(Applied {
+            already: true,
+            ledger: entry,
+            ops: Vec::new(),
+        });
+    }
+    let mut tables: HashMap<TableName, TableInfo> = HashMap::new();
+    let mut undo = Vec::new();
+    let mut ops = Vec::with_capacity(intent.ops.len());
+    for (index, op) in intent.ops.iter().enumerate() {
+        let info = match tables.entry(op.table().clone()) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                e.insert(table_info(&tx, op.table()).map_err(|e| e.at_op(index, op))?)
+            }
+        };
+        let mut step = Step {
+            conn: &tx,
+            info,
+            index,
+            max_rows: meta.max_rows,
+            undo: &mut undo,
+        };
+        let rows = step.apply(op).map_err(|e| e.at_op(index, op))?;
+        ops.push(OpResult { index, rows });
+    }
+    let entry = LedgerEntry {
+        intent_id: intent.id.as_str().to_owned(),
+        run: intent.run.as_str().to_owned(),
+        digest: meta.digest.clone(),
+        applied_at_ms: now_ms(),
+        undo,
+    };
+    write_ledger(&tx, &entry)?;
+    tx.commit().map_err(|e| db_error(e).context("committing"))?;
+    Ok(Applied {
+        already: false,
+        ledger: entry,
+        ops,
+    })
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// What Airlock needs to know about one table, read once per intent.
+#[derive(Debug)]
+struct TableInfo {
+    /// All columns, in declaration order.
+    columns: Vec<String>,
+    /// Primary-key columns, in key order; empty when none is declared.
+    pk: Vec<String>,
+    /// The name to select the rowid by (`rowid`, or an alias a column does not
+    /// shadow); `None` for a `WITHOUT ROWID` table.
+    rowid: Option<&'static str>,
+}
+
+fn table_info(conn: &Connection, table: &TableName) -> Result<TableInfo, ApplyError> {
+    if sql::is_reserved_table(table) {
+        return Err(ApplyError::permanent(format!(
+            "table {table} belongs to Airlock (its ledger); intents cannot write it"
+        ))
+        .with_code(codes::RESERVED_TABLE));
+    }
+    let found = table_list(conn, table.name())
+        .map_err(|e| db_error(e).context("reading the table list"))?;
+    // SQLite resolves an unqualified name in temp, then main, then attached databases.
+    let entry = match table.schema() {
+        Some(schema) => found.iter().find(|f| f.0.eq_ignore_ascii_case(schema)),
+        None => found
+            .iter()
+            .find(|f| f.0 == "temp")
+            .or_else(|| found.iter().find(|f| f.0 == "main"))
+            .or_else(|| found.first()),
+    };
+    let Some((schema, kind, without_rowid)) = entry else {
+        return Err(
+            ApplyError::permanent(format!("table {table} does not exist"))
+                .with_code(codes::UNKNOWN_TABLE),
+        );
+    };
+    if kind != "table" {
+        return Err(ApplyError::permanent(format!(
+            "{table} is a {kind}, not a table; Airlock writes plain tables only"
+        ))
+        .with_code(codes::NOT_A_TABLE));
+    }
+    let mut columns_pk = table_columns(conn, table.name(), schema)
+        .map_err(|e| db_error(e).context("reading the table's columns"))?;
+    let columns: Vec<String> = columns_pk.iter().map(|(name, _)| name.clone()).collect();
+    columns_pk.retain(|(_, pk)| *pk > 0);
+    columns_pk.sort_by_key(|(_, pk)| *pk);
+    let pk: Vec<String> = columns_pk.into_iter().map(|(name, _)| name).collect();
+    let rowid = if *without_rowid {
+        None
+    } else {
+        ["rowid", "_rowid_", "oid"]
+            .into_iter()
+            .find(|alias| !columns.iter().any(|c| c.eq_ignore_ascii_case(alias)))
+    };
+    if pk.is_empty() && rowid.is_none() {
+        return Err(ApplyError::permanent(format!(
+            "table {table} has no primary key, and columns named rowid, _rowid_ and oid \
+             hide its rowid: Airlock cannot identify its rows for undo"
+        ))
+        .with_code(codes::NO_ROW_IDENTITY));
+    }
+    Ok(TableInfo { columns, pk, rowid })
+}
+
+/// The databases holding a table of this name: (schema, type, without rowid).
+fn table_list(conn: &Connection, name: &str) -> rusqlite::Result<Vec<(String, String, bool)>> {
+    let mut stmt = conn.prepare_cached("SELECT schema, type, wr FROM pragma_table_list(?1)")?;
+    let rows = stmt.query_map([name], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+    rows.collect()
+}
+
+/// A table's columns in declaration order, with their position in the primary key
+/// (0 when not in it).
+fn table_columns(
+    conn: &Connection,
+    name: &str,
+    schema: &str,
+) -> rusqlite::Result<Vec<(String, i64)>> {
+    let mut stmt =
+        conn.prepare_cached("SELECT name, pk FROM pragma_table_info(?1, ?2) ORDER BY cid")?;
+    let rows = stmt.query_map([name, schema], |row| Ok((row.get(0)?, row.get(1)?)))?;
+    rows.collect()
+}
+
+impl TableInfo {
+    /// The columns that identify a row: the primary key, else the rowid.
+    fn key_columns(&self) -> Vec<&str> {
+        if self.pk.is_empty() {
+            self.rowid.into_iter().collect()
+        } else {
+            self.pk.iter().map(String::as_str).collect()
+        }
+    }
+
+    /// What images select: every column, then the rowid when it is the key.
+    fn select_list(&self) -> Vec<&str> {
+        let mut list: Vec<&str> = self.columns.iter().map(String::as_str).collect();
+        if self.pk.is_empty() {
+            list.extend(self.rowid);
+        }
+        list
+    }
+
+    /// Splits a row read with [`TableInfo::select_list`] into its key and its image.
+    fn image(&self, row: &[SqlValue]) -> (Image, Image) {
+        let mut image = Image::new();
+        for (column, value) in self.columns.iter().zip(row) {
+            image.insert(column.clone(), to_json(value));
+        }
+        let mut key = Image::new();
+        for column in self.key_columns() {
+            let value = self.value_of(row, column).map_or(Value::Null, to_json);
+            key.insert(column.to_owned(), value);
+        }
+        (key, image)
+    }
+
+    /// The value of `column` (or the rowid) in a row read with the select list.
+    fn value_of<'r>(&self, row: &'r [SqlValue], column: &str) -> Option<&'r SqlValue> {
+        match self.columns.iter().position(|c| c == column) {
+            Some(i) => row.get(i),
+            None if self.rowid == Some(column) && self.pk.is_empty() => row.get(self.columns.len()),
+            None => None,
+        }
+    }
+
+    /// Fails unless every name is a column of the table.
+    fn check<'n>(
+        &self,
+        table: &TableName,
+        part: &str,
+        names: impl IntoIterator<Item = &'n str>,
+    ) -> Result<(), ApplyError> {
+        for name in names {
+            if self.columns.iter().any(|c| c == name) {
+                continue;
+            }
+            let hint = self
+                .columns
+                .iter()
+                .find(|c| c.eq_ignore_ascii_case(name))
+                .map(|c| format!(" (did you mean {c:?}? column names are case-sensitive)"))
+                .unwrap_or_default();
+            return Err(ApplyError::permanent(format!(
+                "{part} names column {name:?}, which table {table} does not have{hint}; its \
+                 columns are {}",
+                show(&self.columns)
+            ))
+            .with_code(codes::UNKNOWN_COLUMN));
+        }
+        Ok(())
+    }
+}
+
+/// One op being applied, with what it needs from the intent's transaction.
+struct Step<'a> {
+    conn: &'a Connection,
+    info: &'a TableInfo,
+    index: usize,
+    max_rows: u64,
+    undo: &'a mut Vec<UndoImage>,
+}
+
+impl Step<'_> {
+    /// Applies one op; answers the number of rows it wrote.
+    fn apply(&mut self, op: &Op) -> Result<u64, ApplyError> {
+        match op {
+            Op::Insert { table, values } => self.insert(table, values),
+            Op::Upsert { table, values, on } => self.upsert(table, values, on),
+            Op::Update {
+                table,
+                key,
+                set,
+                expect,
+            } => self.update(table, key, set, expect.as_ref()),
+            Op::Delete { table, key, expect } => self.delete(table, key, expect.as_ref()),
+        }
+    }
+
+    fn insert(&mut self, table: &TableName, values: &Row) -> Result<u64, ApplyError> {
+        self.info.check(table, "values", keys(values))?;
+        let values = bind("values", values)?;
+        let rows = execute(self.conn, &sql::insert(DIALECT, table, refs(&values)))?;
+        let (key, after) = self.find_written(table, &values, None)?;
+        self.record(table, key, None, Some(after));
+        Ok(rows)
+    }
+
+    fn upsert(
+        &mut self,
+        table: &TableName,
+        values: &Row,
+        on: &[Column],
+    ) -> Result<u64, ApplyError> {
+        self.info.check(table, "values", keys(values))?;
+        self.info
+            .check(table, "on", on.iter().map(Column::as_str))?;
+        if on.is_empty() {
+            return Err(bad_op(
+                "on is empty: an upsert needs the columns of a unique constraint",
+            ));
+        }
+        if let Some(missing) = on.iter().find(|c| !values.contains_key(c.as_str())) {
+            return Err(bad_op(format!(
+                "on names column {:?}, which is not in values",
+                missing.as_str()
+            )));
+        }
+        let values = bind("values", values)?;
+        let on: Vec<&str> = on.iter().map(Column::as_str).collect();
+        let on_filter: Vec<(&str, &SqlValue)> =
+            refs(&values).filter(|(c, _)| on.contains(c)).collect();
+        // A NULL never conflicts, so then the upsert can only insert.
+        let before = if on_filter.iter().any(|(_, v)| v.is_null()) {
+            Vec::new()
+        } else {
+            self.read(table, on_filter, Some(2))?
+        };
+        let rows = execute(self.conn, &sql::upsert(DIALECT, table, refs(&values), &on))?;
+        if before.len() > 1 {
+            return Err(bad_op(format!(
+                "on {} matches more than one row: those columns are not a unique key",
+                show(&on)
+            )));
+        }
+        let before = before.first().map(|row| self.info.image(row).1);
+        let (key, after) = self.find_written(table, &values, Some(&on))?;
+        self.record(table, key, before, Some(after));
+        Ok(rows)
+    }
+
+    fn update(
+        &mut self,
+        table: &TableName,
+        key: &Row,
+        set: &Row,
+        expect: Option<&Row>,
+    ) -> Result<u64, ApplyError> {
+        let empty = Row::new();
+        let expect = expect.unwrap_or(&empty);
+        self.info.check(table, "key", keys(key))?;
+        self.info.check(table, "set", keys(set))?;
+        self.info.check(table, "expect", keys(expect))?;
+        if key.is_empty() {
+            return Err(bad_op(
+                "key is empty: an update must name the row it changes",
+            ));
+        }
+        if set.is_empty() {
+            return Err(bad_op("set is empty: the update would change nothing"));
+        }
+        let key_args = bind("key", key)?;
+        let set_args = bind("set", set)?;
+        let expect_args = bind("expect", expect)?;
+        let filter = || refs(&key_args).chain(refs(&expect_args));
+        let before = self.matched(table, key, &key_args, expect, filter())?;
+        let rows = execute(
+            self.conn,
+            &sql::update(DIALECT, table, refs(&set_args), filter()),
+        )?;
+        self.check_rows(rows, key)?;
+        for row in &before {
+            let (old_key, before_image) = self.info.image(row);
+            // Where the row is now: its key columns, with those the op set replaced.
+            let mut now = Vec::new();
+            for column in self.info.key_columns() {
+                let value = set_args
+                    .iter()
+                    .find(|(c, _)| *c == column)
+                    .map(|(_, v)| v)
+                    .or_else(|| self.info.value_of(row, column));
+                now.push((column, value.unwrap_or(&SqlValue::Null)));
+            }
+            let after = self.read(table, now, Some(1))?;
+            let (key, after_image) = match after.first() {
+                Some(row) => {
+                    let (key, image) = self.info.image(row);
+                    (key, Some(image))
+                }
+                // A trigger removed it; the image says so.
+                None => (old_key, None),
+            };
+            self.record(table, key, Some(before_image), after_image);
+        }
+        Ok(rows)
+    }
+
+    fn delete(
+        &mut self,
+        table: &TableName,
+        key: &Row,
+        expect: Option<&Row>,
+    ) -> Result<u64, ApplyError> {
+        let empty = Row::new();
+        let expect = expect.unwrap_or(&empty);
+        self.info.check(table, "key", keys(key))?;
+        self.info.check(table, "expect", keys(expect))?;
+        if key.is_empty() {
+            return Err(bad_op(
+                "key is empty: a delete must name the row it removes",
+            ));
+        }
+        let key_args = bind("key", key)?;
+        let expect_args = bind("expect", expect)?;
+        let filter = || refs(&key_args).chain(refs(&expect_args));
+        let before = self.matched(table, key, &key_args, expect, filter())?;
+        let rows = execute(self.conn, &sql::delete(DIALECT, table, filter()))?;
+        self.check_rows(rows, key)?;
+        for row in &before {
+            let (key, image) = self.info.image(row);
+            self.record(table, key, Some(image), None);
+        }
+        Ok(rows)
+    }
+
+    /// Reads the rows an update or delete will touch (its before-images), failing
+    /// when there are none or more than `max_rows`, and saying why.
+    fn matched<'f>(
+        &self,
+        table: &TableName,
+        key: &Row,
+        key_args: &[(&str, SqlValue)],
+        expect: &Row,
+        filter: impl IntoIterator<Item = (&'f str, &'f SqlValue)>,
+    ) -> Result<Vec<Vec<SqlValue>>, ApplyError> {
+        let before = self.read(table, filter, Some(self.max_rows.saturating_add(1)))?;
+        if before.is_empty() {
+            if !expect.is_empty() {
+                let columns: Vec<&str> = keys(expect).collect();
+                let stmt = sql::select(DIALECT, table, &columns, refs(key_args), Some(1));
+                if let Some(row) = query(self.conn, &stmt)?.first() {
+                    let found: Image = columns
+                        .iter()
+                        .zip(row)
+                        .map(|(c, v)| ((*c).to_owned(), to_json(v)))
+                        .collect();
+                    return Err(ApplyError::permanent(format!(
+                        "expect did not hold: key {} matched a row, but it has {}, not {}",
+                        show(key),
+                        show(&found),
+                        show(expect)
+                    ))
+                    .with_code(codes::EXPECT_FAILED));
+                }
+            }
+            return Err(
+                ApplyError::permanent(format!("key {} matched no row", show(key)))
+                    .with_code(codes::NO_ROW),
+            );
+        }
+        if before.len() as u64 > self.max_rows {
+            return Err(self.too_many(key));
+        }
+        Ok(before)
+    }
+
+    /// Defensive: the write itself must not exceed the limit either.
+    fn check_rows(&self, rows: u64, key: &Row) -> Result<(), ApplyError> {
+        if rows > self.max_rows {
+            return Err(self.too_many(key));
+        }
+        Ok(())
+    }
+
+    fn too_many(&self, key: &Row) -> ApplyError {
+        ApplyError::permanent(format!(
+            "key {} matched more than {} row(s), the most one op may change (max_rows)",
+            show(key),
+            self.max_rows
+        ))
+        .with_code(codes::TOO_MANY_ROWS)
+    }
+
+    /// Finds the row an insert or upsert just wrote, for its after-image: by the
+    /// `on` columns of an upsert, else by the rowid SQLite just assigned, else by
+    /// the primary key given in the values.
+    fn find_written(
+        &self,
+        table: &TableName,
+        values: &[(&str, SqlValue)],
+        on: Option<&[&str]>,
+    ) -> Result<(Image, Image), ApplyError> {
+        let non_null = |columns: &[&str]| -> Option<Vec<(String, SqlValue)>> {
+            columns
+                .iter()
+                .map(|c| {
+                    values
+                        .iter()
+                        .find(|(v, _)| v == c)
+                        .filter(|(_, v)| !v.is_null())
+                        .map(|(c, v)| ((*c).to_owned(), v.clone()))
+                })
+                .collect()
+        };
+        let pk: Vec<&str> = self.info.pk.iter().map(String::as_str).collect();
+        let filter = on
+            .and_then(&non_null)
+            .or_else(|| {
+                self.info.rowid.map(|alias| {
+                    vec![(
+                        alias.to_owned(),
+                        SqlValue::Integer(self.conn.last_insert_rowid()),
+                    )]
+                })
+            })
+            .or_else(|| (!pk.is_empty()).then(|| non_null(&pk)).flatten());
+        let Some(filter) = filter else {
+            return Err(ApplyError::permanent(
+                "cannot find the written row again: the table has no rowid and values \
+                 do not give its whole primary key",
+            )
+            .with_code(codes::NO_ROW_IDENTITY));
+        };
+        let rows = self.read(table, filter.iter().map(|(c, v)| (c.as_str(), v)), Some(1))?;
+        let Some(row) = rows.first() else {
+            return Err(ApplyError::permanent(
+                "the written row is gone (removed by a trigger?); cannot record its image",
+            )
+            .with_code(codes::NO_ROW_IDENTITY));
+        };
+        Ok(self.info.image(row))
+    }
+
+    /// Reads rows of `table` (all columns, plus the rowid when it is the key).
+    fn read<'f>(
+        &self,
+        table: &TableName,
+        filter: impl IntoIterator<Item = (&'f str, &'f SqlValue)>,
+        limit: Option<u64>,
+    ) -> Result<Vec<Vec<SqlValue>>, ApplyError> {
+        let stmt = sql::select(DIALECT, table, &self.info.select_list(), filter, limit);
+        query(self.conn, &stmt)
+    }
+
+    fn record(
+        &mut self,
+        table: &TableName,
+        key: Image,
+        before: Option<Image>,
+        after: Option<Image>,
+    ) {
+        self.undo.push(UndoImage {
+            op: self.index,
+            table: table.to_string(),
+            key,
+            before,
+            after,
+        });
+    }
+}
+
+fn bad_op(message: impl Into<String>) -> ApplyError {
+    ApplyError::permanent(message).with_code(codes::BAD_OP)
+}
+
+fn keys(row: &Row) -> impl Iterator<Item = &str> {
+    row.keys().map(String::as_str)
+}
+
+fn refs<'a>(
+    args: &'a [(&'a str, SqlValue)],
+) -> impl Iterator<Item = (&'a str, &'a SqlValue)> + Clone {
+    args.iter().map(|(c, v)| (*c, v))
+}
+
+impl Arg for &SqlValue {
+    fn is_null(&self) -> bool {
+        matches!(self, SqlValue::Null)
+    }
+}
+
+/// Converts the JSON values of one part of an op (`values`, `key`, ...) to SQLite's.
+fn bind<'r>(part: &str, row: &'r Row) -> Result<Vec<(&'r str, SqlValue)>, ApplyError> {
+    row.iter()
+        .map(|(column, value)| Ok((column.as_str(), to_sql(part, column, value)?)))
+        .collect()
+}
+
+fn to_sql(part: &str, column: &str, value: &Value) -> Result<SqlValue, ApplyError> {
+    Ok(match value {
+        Value::Null => SqlValue::Null,
+        Value::Bool(b) => SqlValue::Integer(i64::from(*b)),
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                SqlValue::Integer(i)
+            } else if n.is_u64() {
+                return Err(ApplyError::permanent(format!(
+                    "{part}: value {n} of column {column:?} is beyond SQLite's 64-bit integer \
+                     range"
+                ))
+                .with_code(codes::BAD_VALUE));
+            } else {
+                match n.as_f64() {
+                    Some(f) => SqlValue::Real(f),
+                    None => {
+                        return Err(ApplyError::permanent(format!(
+                            "{part}: value {n} of column {column:?} is not a representable number"
+                        ))
+                        .with_code(codes::BAD_VALUE));
+                    }
+                }
+            }
+        }
+        Value::String(s) => SqlValue::Text(s.clone()),
+        Value::Array(_) | Value::Object(_) => SqlValue::Text(value.to_string()),
+    })
+}
+
+fn to_json(value: &SqlValue) -> Value {
+    match value {
+        SqlValue::Null => Value::Null,
+        SqlValue::Integer(i) => Value::from(*i),
+        SqlValue::Real(f) => serde_json::Number::from_f64(*f).map_or(Value::Null, Value::Number),
+        SqlValue::Text(s) => Value::String(s.clone()),
+        SqlValue::Blob(b) => serde_json::json!({ "$blob": hex::encode(b) }),
+    }
+}
+
+fn owned(value: ValueRef<'_>) -> SqlValue {
+    match value {
+        ValueRef::Null => SqlValue::Null,
+        ValueRef::Integer(i) => SqlValue::Integer(i),
+        ValueRef::Real(f) => SqlValue::Real(f),
+        ValueRef::Text(t) => SqlValue::Text(String::from_utf8_lossy(t).into_owned()),
+        ValueRef::Blob(b) => SqlValue::Blob(b.to_vec()),
+    }
+}
+
+fn execute(conn: &Connection, stmt: &Statement<&SqlValue>) -> Result<u64, ApplyError> {
+    let mut prepared = conn.prepare_cached(&stmt.sql).map_err(db_error)?;
+    let rows = prepared
+        .execute(params_from_iter(stmt.params.iter()))
+        .map_err(db_error)?;
+    Ok(rows as u64)
+}
+
+fn query(conn: &Connection, stmt: &Statement<&SqlValue>) -> Result<Vec<Vec<SqlValue>>, ApplyError> {
+    query_rows(conn, stmt).map_err(|e| db_error(e).context("reading rows"))
+}
+
+fn query_rows(
+    conn: &Connection,
+    stmt: &Statement<&SqlValue>,
+) -> rusqlite::Result<Vec<Vec<SqlValue>>> {
+    let mut prepared = conn.prepare_cached(&stmt.sql)?;
+    let width = prepared.column_count();
+    let rows = prepared.query_map(params_from_iter(stmt.params.iter()), |row| {
+        (0..width).map(|i| row.get_ref(i).map(owned)).collect()
+    })?;
+    rows.collect()
+}
+
+/// Classifies an SQLite error: lock contention and I/O trouble are transient;
+/// everything else (constraints, types, SQL errors) is permanent.
+fn db_error(e: rusqlite::Error) -> ApplyError {
+    match e {
+        rusqlite::Error::SqliteFailure(err, message) => {
+            let kind = match err.code {
+                ffi::ErrorCode::DatabaseBusy
+                | ffi::ErrorCode::DatabaseLocked
+                | ffi::ErrorCode::SystemIoFailure
+                | ffi::ErrorCode::DiskFull
+                | ffi::ErrorCode::OutOfMemory
+                | ffi::ErrorCode::FileLockingProtocolFailed
+                | ffi::ErrorCode::SchemaChanged
+                | ffi::ErrorCode::OperationInterrupted => ErrorKind::Transient,
+                _ => ErrorKind::Permanent,
+            };
+            let message = message.unwrap_or_else(|| err.to_string());
+            ApplyError::new(kind, message).with_code(code_name(err.extended_code))
+        }
+        other => ApplyError::permanent(other.to_string()),
+    }
+}
+
+macro_rules! code_names {
+    ($code:expr; $($name:ident),* $(,)?) => {
+        match $code {
+            $(ffi::$name => Some(stringify!($name)),)*
+            _ => None,
+        }
+    };
+}
+
+/// The name of an SQLite (extended) result code, e.g. `SQLITE_CONSTRAINT_UNIQUE`.
+fn code_name(code: i32) -> String {
+    let extended = code_names!(code;
+        SQLITE_CONSTRAINT_CHECK, SQLITE_CONSTRAINT_COMMITHOOK, SQLITE_CONSTRAINT_FOREIGNKEY,
+        SQLITE_CONSTRAINT_FUNCTION, SQLITE_CONSTRAINT_NOTNULL, SQLITE_CONSTRAINT_PRIMARYKEY,
+        SQLITE_CONSTRAINT_TRIGGER, SQLITE_CONSTRAINT_UNIQUE, SQLITE_CONSTRAINT_VTAB,
+        SQLITE_CONSTRAINT_ROWID, SQLITE_CONSTRAINT_PINNED, SQLITE_CONSTRAINT_DATATYPE,
+        SQLITE_BUSY_RECOVERY, SQLITE_BUSY_SNAPSHOT, SQLITE_BUSY_TIMEOUT,
+        SQLITE_LOCKED_SHAREDCACHE, SQLITE_LOCKED_VTAB,
+        SQLITE_IOERR_READ, SQLITE_IOERR_SHORT_READ, SQLITE_IOERR_WRITE, SQLITE_IOERR_FSYNC,
+        SQLITE_IOERR_DIR_FSYNC, SQLITE_IOERR_TRUNCATE, SQLITE_IOERR_FSTAT, SQLITE_IOERR_LOCK,
+        SQLITE_IOERR_NOMEM, SQLITE_IOERR_SHMLOCK, SQLITE_IOERR_CORRUPTFS,
+        SQLITE_READONLY_RECOVERY, SQLITE_READONLY_CANTLOCK, SQLITE_READONLY_ROLLBACK,
+        SQLITE_READONLY_DBMOVED, SQLITE_READONLY_DIRECTORY,
+        SQLITE_CANTOPEN_ISDIR, SQLITE_CANTOPEN_FULLPATH, SQLITE_CANTOPEN_NOTEMPDIR,
+        SQLITE_CORRUPT_INDEX, SQLITE_ABORT_ROLLBACK, SQLITE_ERROR_RETRY,
+    );
+    let primary = code_names!(code & 0xff;
+        SQLITE_ERROR, SQLITE_INTERNAL, SQLITE_PERM, SQLITE_ABORT, SQLITE_BUSY, SQLITE_LOCKED,
+        SQLITE_NOMEM, SQLITE_READONLY, SQLITE_INTERRUPT, SQLITE_IOERR, SQLITE_CORRUPT,
+        SQLITE_NOTFOUND, SQLITE_FULL, SQLITE_CANTOPEN, SQLITE_PROTOCOL, SQLITE_SCHEMA,
+        SQLITE_TOOBIG, SQLITE_CONSTRAINT, SQLITE_MISMATCH, SQLITE_MISUSE, SQLITE_NOLFS,
+        SQLITE_AUTH, SQLITE_RANGE, SQLITE_NOTADB,
+    );
+    match (extended, primary) {
+        (Some(name), _) => name.to_owned(),
+        (None, Some(name)) if code == code & 0xff => name.to_owned(),
+        // An extended code this table does not list: keep the number.
+        (None, Some(name)) => format!("{name}({code})"),
+        (None, None) => format!("SQLITE({code})"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn code_names_cover_extended_and_primary_codes() {
+        assert_eq!(
+            code_name(ffi::SQLITE_CONSTRAINT_UNIQUE),
+            "SQLITE_CONSTRAINT_UNIQUE"
+        );
+        assert_eq!(code_name(ffi::SQLITE_BUSY), "SQLITE_BUSY");
+        assert_eq!(
+            code_name(ffi::SQLITE_IOERR_SHMMAP),
+            format!("SQLITE_IOERR({})", ffi::SQLITE_IOERR_SHMMAP)
+        );
+        assert_eq!(code_name(0xff), "SQLITE(255)");
+    }
+
+    #[test]
+    fn json_values_convert_both_ways() {
+        let v = |j: Value| to_sql("values", "c", &j);
+        assert_eq!(v(Value::Null).unwrap(), SqlValue::Null);
+        assert_eq!(v(Value::Bool(true)).unwrap(), SqlValue::Integer(1));
+        assert_eq!(v(serde_json::json!(-3)).unwrap(), SqlValue::Integer(-3));
+        assert_eq!(v(serde_json::json!(1.5)).unwrap(), SqlValue::Real(1.5));
+        assert_eq!(
+            v(serde_json::json!({"a": [1]})).unwrap(),
+            SqlValue::Text(r#"{"a":[1]}"#.to_owned())
+        );
+        let err = v(serde_json::json!(u64::MAX)).unwrap_err();
+        assert!(err.message.contains("\"c\""), "{err}");
+        assert_eq!(err.code.as_deref(), Some(codes::BAD_VALUE));
+
+        assert_eq!(
+            to_json(&SqlValue::Blob(vec![0xde, 0xad])),
+            serde_json::json!({"$blob": "dead"})
+        );
+        assert_eq!(to_json(&SqlValue::Real(2.5)), serde_json::json!(2.5));
+    }
+
+    #[test]
+    fn busy_is_transient_and_constraints_are_permanent() {
+        let busy = rusqlite::Error::SqliteFailure(ffi::Error::new(ffi::SQLITE_BUSY), None);
+        assert_eq!(db_error(busy).kind, ErrorKind::Transient);
+        let unique = rusqlite::Error::SqliteFailure(
+            ffi::Error::new(ffi::SQLITE_CONSTRAINT_UNIQUE),
+            Some("UNIQUE constraint failed: t.a".to_owned()),
+        );
+        let err = db_error(unique);
+        assert_eq!(err.kind, ErrorKind::Permanent);
+        assert_eq!(err.code.as_deref(), Some("SQLITE_CONSTRAINT_UNIQUE"));
+        assert_eq!(err.message, "UNIQUE constraint failed: t.a");
+    }
+}
