@@ -226,12 +226,7 @@ impl Pipeline {
     }
 
     fn apply_one(&self, row: &IntentRow) -> Result<Value, ApplyError> {
-        let permanent = |message: String| ApplyError {
-            kind: ErrorKind::Permanent,
-            op: None,
-            code: None,
-            message,
-        };
+        let permanent = ApplyError::permanent;
         let target = self
             .targets
             .get(&row.target)

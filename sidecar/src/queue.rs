@@ -101,6 +101,7 @@ const MIGRATIONS: &[&str] = &[
         outcome_pending INTEGER NOT NULL DEFAULT 1
     );
     CREATE INDEX refused_outcome ON refused (outcome_pending) WHERE outcome_pending = 1;
+    CREATE INDEX refused_by_file ON refused (file, digest);
 
     CREATE TABLE runs (
         run TEXT PRIMARY KEY,
@@ -840,7 +841,20 @@ impl Writer<'_> {
 
     /// Keeps a refused file's bytes and problems, and records the refusal in its run's
     /// log (or [`UNATTRIBUTED_RUN`] when no run could be read).
+    ///
+    /// A refusal of the same file name with the same bytes is the same submission
+    /// seen again (say, a crash came between the commit and the removal of the
+    /// file): it is not recorded twice, only announced again.
     pub fn refuse(&mut self, refusal: &Refusal) -> Result<(), QueueError> {
+        let seen = self
+            .tx
+            .prepare_cached(
+                "UPDATE refused SET outcome_pending = 1 WHERE file = ?1 AND digest = ?2 AND kind = ?3",
+            )?
+            .execute(params![refusal.file, refusal.digest, refusal.kind])?;
+        if seen > 0 {
+            return Ok(());
+        }
         let problems = serde_json::to_string(&refusal.problems)?;
         self.tx
             .prepare_cached(
@@ -1205,5 +1219,145 @@ impl Writer<'_> {
             .prepare_cached("UPDATE runs SET sealed_seq = ?2, sealed_at = ?3 WHERE run = ?1")?
             .execute(params![run, head_seq, self.now])?;
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn arrival(id: &str, run: &str, body: &str) -> Arrival {
+        let text = format!(
+            r#"{{"version":1,"id":"{id}","run":"{run}","ops":[{{"op":"insert","table":"t","values":{{"a":"{body}"}}}}],"reason":"r","provenance":{{"agent":"a"}}}}"#
+        );
+        Arrival {
+            file: format!("{id}.json"),
+            digest: seal::digest(text.as_bytes()),
+            envelope: b"{}".to_vec(),
+            keyid: "k".into(),
+            intent: serde_json::from_str(&text).unwrap(),
+            bytes: text.into_bytes(),
+        }
+    }
+
+    fn decision(verdict: Verdict) -> Decision {
+        serde_json::from_value(json!({
+            "verdict": match verdict { Verdict::Allow => "allow", Verdict::Deny => "deny", Verdict::Review { .. } => "review" },
+            "approvals": match verdict { Verdict::Review { approvals } => approvals, _ => 1 },
+            "reasons": ["because"],
+            "policy": "sha256:00",
+            "decision_id": null,
+        }))
+        .unwrap()
+    }
+
+    fn decide(q: &mut Queue, id: &str, verdict: Verdict) -> State {
+        let d = decision(verdict);
+        q.write(|w| {
+            w.record_decision(
+                id,
+                DecisionOutcome::Decided {
+                    decision: &d,
+                    review_deadline: i64::MAX,
+                },
+            )
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn admission_is_idempotent_and_refuses_conflicts() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut q = Queue::open(dir.path()).unwrap();
+        let a = arrival("i1", "r", "x");
+        assert_eq!(q.write(|w| w.admit(&a)).unwrap(), Admission::Queued);
+        assert_eq!(q.write(|w| w.admit(&a)).unwrap(), Admission::Duplicate);
+        let other = arrival("i1", "r", "y");
+        assert!(matches!(
+            q.write(|w| w.admit(&other)).unwrap(),
+            Admission::Conflict { .. }
+        ));
+        assert_eq!(q.list(None, None, 10).unwrap().len(), 1);
+        assert_eq!(q.pending_refusal_outcomes(10).unwrap().len(), 1);
+        // A failed transaction leaves nothing behind.
+        let b = arrival("i2", "r", "x");
+        let err = q.write(|w| {
+            w.admit(&b)?;
+            Err::<(), _>(QueueError::Refused("abort".into()))
+        });
+        assert!(err.is_err());
+        assert!(q.intent("i2").unwrap().is_none());
+    }
+
+    #[test]
+    fn a_run_applies_in_order_and_waits_for_reviews() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut q = Queue::open(dir.path()).unwrap();
+        for (id, run) in [("a1", "A"), ("a2", "A"), ("b1", "B")] {
+            q.write(|w| w.admit(&arrival(id, run, id))).unwrap();
+        }
+        // Nothing applies before a decision.
+        assert!(q.apply_heads(i64::MAX, 10).unwrap().is_empty());
+        decide(&mut q, "a2", Verdict::Allow);
+        assert!(q.apply_heads(i64::MAX, 10).unwrap().is_empty(), "a1 holds back a2");
+        assert_eq!(
+            decide(&mut q, "a1", Verdict::Review { approvals: 2 }),
+            State::AwaitingReview
+        );
+        decide(&mut q, "b1", Verdict::Allow);
+        let heads: Vec<String> = q.apply_heads(i64::MAX, 10).unwrap().into_iter().map(|r| r.id).collect();
+        assert_eq!(heads, vec!["b1"]);
+
+        // Two distinct approvers, bound to the digest.
+        let digest = q.intent("a1").unwrap().unwrap().digest;
+        assert!(q.write(|w| w.approve("a1", "alice", Some("sha256:bad"), None)).is_err());
+        let first = q.write(|w| w.approve("a1", "alice", Some(&digest), None)).unwrap();
+        assert_eq!((first.state, first.approvals, first.needed), (State::AwaitingReview, 1, 2));
+        assert!(q.write(|w| w.approve("a1", "alice", None, None)).is_err(), "same reviewer twice");
+        let second = q.write(|w| w.approve("a1", "bob", None, None)).unwrap();
+        assert_eq!(second.state, State::Approved);
+        let heads: Vec<String> = q.apply_heads(i64::MAX, 10).unwrap().into_iter().map(|r| r.id).collect();
+        assert_eq!(heads, vec!["a1", "b1"]);
+        q.write(|w| w.record_applied("a1", json!({}))).unwrap();
+        let heads: Vec<String> = q.apply_heads(i64::MAX, 10).unwrap().into_iter().map(|r| r.id).collect();
+        assert_eq!(heads, vec!["a2", "b1"]);
+        // Applied is final for the lifecycle: applying again is illegal.
+        assert!(q.write(|w| w.record_applied("a1", json!({}))).is_err());
+    }
+
+    #[test]
+    fn records_chain_and_checkpoints_seal_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let sealer = Arc::new(Sealer::generate().unwrap());
+        let mut q = Queue::open(dir.path())
+            .unwrap()
+            .with_sealer(sealer.clone(), CheckpointPolicy::default());
+        q.write(|w| w.admit(&arrival("i1", "R", "x"))).unwrap();
+        decide(&mut q, "i1", Verdict::Deny);
+        let records = q.records("R").unwrap();
+        assert_eq!(records.len(), 2);
+        let second: Value = serde_json::from_slice(&records[1].body).unwrap();
+        assert_eq!(second["prev"], json!(records[0].digest));
+        assert_eq!(second["seq"], 2);
+        assert_eq!(records[1].digest, seal::digest(&records[1].body));
+        let lines = q.export_lines(Some("R")).unwrap();
+        // intent, received, checkpoint, decided, checkpoint
+        let kinds: Vec<String> = lines
+            .iter()
+            .map(|l| serde_json::from_slice::<Value>(l).unwrap()["type"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(kinds, ["intent", "record", "checkpoint", "record", "checkpoint"]);
+        let last: Value = serde_json::from_slice(&lines[4]).unwrap();
+        let envelope = seal::Envelope::from_json(&serde_json::to_vec(&last["envelope"]).unwrap()).unwrap();
+        let payload = sealer.verifier().verify_as(&envelope, seal::CHECKPOINT_PAYLOAD_TYPE).unwrap();
+        let payload: Value = serde_json::from_slice(payload).unwrap();
+        assert_eq!(payload["head"], json!(records[1].digest));
+
+        // Without the key (the CLI), records wait unsealed until the daemon seals them.
+        let mut unkeyed = Queue::open(dir.path()).unwrap();
+        unkeyed.write(|w| w.admit(&arrival("i2", "R", "y"))).unwrap();
+        assert_eq!(unkeyed.seal_due(true).unwrap(), 0);
+        assert_eq!(q.seal_due(false).unwrap(), 1);
+        assert_eq!(q.seal_due(true).unwrap(), 0);
     }
 }

@@ -336,6 +336,11 @@ pub fn public_key_path(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// Creates a key pair at `path` and `path.pub`, crash-safely: the public key is
+/// written first (replacing any stale one), then the private key is written to a
+/// temporary file, flushed, and hard-linked into place, which fails if `path`
+/// already exists. A crash at any moment leaves either no private key (the next
+/// attempt starts over) or a complete one; never a truncated key file.
 fn create(path: &Path) -> Result<Sealer, SealError> {
     let sealer = Sealer::generate()?;
     let private_pem = sealer.private_pem()?;
@@ -344,29 +349,11 @@ fn create(path: &Path) -> Result<Sealer, SealError> {
         path: path.to_owned(),
         source,
     };
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(|e| match e.kind() {
-            ErrorKind::AlreadyExists => SealError::KeyExists {
-                path: path.to_owned(),
-            },
-            _ => write_error(e),
-        })?;
-    if let Err(e) = file
-        .write_all(private_pem.as_bytes())
-        .and_then(|()| file.sync_all())
-    {
-        drop(file);
-        // We created this file a moment ago; a half-written key must not block the
-        // next attempt. Failing to remove it leaves a bad PEM that `load` reports.
-        let _ = std::fs::remove_file(path);
-        return Err(write_error(e));
+    if path.symlink_metadata().is_ok() {
+        return Err(SealError::KeyExists {
+            path: path.to_owned(),
+        });
     }
-    drop(file);
-
     let public_path = public_key_path(path);
     write_public(&public_path, sealer.verifier.to_pem().as_bytes()).map_err(|source| {
         SealError::Write {
@@ -375,6 +362,31 @@ fn create(path: &Path) -> Result<Sealer, SealError> {
             source,
         }
     })?;
+
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp_name);
+    let _ = std::fs::remove_file(&tmp);
+    let written = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut file| {
+            file.write_all(private_pem.as_bytes())?;
+            file.sync_all()
+        });
+    let linked = written.and_then(|()| std::fs::hard_link(&tmp, path));
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::AlreadyExists => {
+            return Err(SealError::KeyExists {
+                path: path.to_owned(),
+            });
+        }
+        Err(e) => return Err(write_error(e)),
+    }
     sync_parent(path).map_err(write_error)?;
     Ok(sealer)
 }
