@@ -1,1 +1,75 @@
-//! Placeholder; filled in by its own change.
+//! The decide stage: asks a policy whether an intent may be applied.
+//!
+//! Three parts, two of them pure:
+//! - [`input`] builds the policy input document v1 from an intent and its context;
+//! - [`result`] turns the policy's result document v1 into a [`Verdict`] and reasons;
+//! - [`embedded`] evaluates Rego in-process with `regorus` ([`EmbeddedPolicy`]).
+//!
+//! The policy is evaluated at `data.airlock.authz`, the whole package document, so
+//! the same policy runs unchanged in OPA (`POST /v1/data/airlock/authz`). Policy
+//! authors' documentation is `examples/policies/README.md`.
+//!
+//! Fail closed (DESIGN invariant 4): every [`PolicyError`] means "no decision"; the
+//! caller keeps the intent queued and tries again later. Only a well-formed answer
+//! becomes a [`Decision`], and an undefined answer is a deny.
+
+mod embedded;
+mod input;
+mod result;
+
+use serde::{Deserialize, Serialize};
+
+pub use self::embedded::{EmbeddedPolicy, PolicySource, RULE, RegoTest, run_rego_tests};
+pub use self::input::{INPUT_VERSION, InputContext, build_input};
+pub use self::result::{DENY_REASON, REVIEW_REASON, Ruling, UNDEFINED_REASON, read_result};
+pub use crate::lifecycle::Verdict;
+
+/// The policy's answer for one intent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    /// Allow, deny, or review with the number of approvals needed.
+    pub verdict: Verdict,
+    /// Why, in the policy's words; never empty for deny and review.
+    pub reasons: Vec<String>,
+    /// Which policy decided: `sha256:<hex>` over the policy's files (see
+    /// [`EmbeddedPolicy::identity`]), so a decision can be traced to exact sources.
+    pub policy: String,
+    /// The decision id a remote engine (OPA's decision log) gave, if any.
+    pub decision_id: Option<String>,
+}
+
+impl Decision {
+    /// Reads a policy's result document (`None` when undefined) into a decision by
+    /// the policy `policy`. Malformed documents are errors: see [`read_result`].
+    pub fn from_result(
+        document: Option<serde_json::Value>,
+        policy: &str,
+        decision_id: Option<String>,
+    ) -> Result<Self, PolicyError> {
+        let Ruling { verdict, reasons } = read_result(document)?;
+        Ok(Self {
+            verdict,
+            reasons,
+            policy: policy.to_owned(),
+            decision_id,
+        })
+    }
+}
+
+/// Why a policy could not be loaded or could not decide. Every variant means the
+/// intent stays queued.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    /// A policy file or directory could not be read.
+    #[error("cannot load policy from {path}: {message}")]
+    Load { path: String, message: String },
+    /// A policy file does not parse or compile; `message` has the line and column.
+    #[error("policy file {file} does not compile: {message}")]
+    Compile { file: String, message: String },
+    /// The policy failed while evaluating (a runtime error in Rego).
+    #[error("policy evaluation failed: {0}")]
+    Eval(String),
+    /// The policy answered, but not with a result document v1.
+    #[error("policy answer is malformed: {0}")]
+    Malformed(String),
+}
