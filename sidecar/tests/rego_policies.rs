@@ -1,5 +1,6 @@
 //! The shipped Rego policies and the embedded engine, end to end: real regorus,
 //! real policy files on disk, intents built from the real intent types.
+#![allow(clippy::unwrap_used)] // Test helpers: a panic is a failed test.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -180,15 +181,16 @@ fn compile_error_after_parsing_names_the_file() {
     // Parses, but `x` is unsafe: caught when the policy is compiled at load time.
     let dir = policy_dir(&[
         ("a.rego", "package airlock.authz\n\nallow := true\n"),
+        // Sorts after a.rego and its name ends in "a.rego": must not be confused.
         (
-            "c.rego",
+            "data.rego",
             "package airlock.authz\n\nreview if {\n  x > 1\n}\n",
         ),
     ]);
     match load(dir.path()) {
         Err(PolicyError::Compile { file, message }) => {
-            assert_eq!(file, "c.rego", "{message}");
-            assert!(message.contains("c.rego:4:"), "{message}");
+            assert_eq!(file, "data.rego", "{message}");
+            assert!(message.contains("data.rego:4:"), "{message}");
         }
         other => panic!("expected a compile error, got {other:?}"),
     }
