@@ -24,10 +24,13 @@ pub use self::input::{INPUT_VERSION, InputContext, build_input};
 pub use self::result::{DENY_REASON, REVIEW_REASON, Ruling, UNDEFINED_REASON, read_result};
 pub use crate::lifecycle::Verdict;
 
-/// The policy's answer for one intent.
+/// The policy's answer for one intent. On the wire the verdict is flattened in:
+/// `{"verdict": "review", "approvals": 1, "reasons": [...], "policy": "sha256:…",
+/// "decision_id": null}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Decision {
     /// Allow, deny, or review with the number of approvals needed.
+    #[serde(flatten)]
     pub verdict: Verdict,
     /// Why, in the policy's words; never empty for deny and review.
     pub reasons: Vec<String>,
@@ -72,4 +75,39 @@ pub enum PolicyError {
     /// The policy answered, but not with a result document v1.
     #[error("policy answer is malformed: {0}")]
     Malformed(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn decision_wire_form_round_trips() {
+        let decision = Decision::from_result(
+            Some(json!({"review": true, "approvals": 2, "reasons": ["delete"]})),
+            "sha256:ab",
+            Some("d-1".to_owned()),
+        )
+        .unwrap();
+        let wire = serde_json::to_value(&decision).unwrap();
+        assert_eq!(
+            wire,
+            json!({"verdict": "review", "approvals": 2, "reasons": ["delete"],
+                   "policy": "sha256:ab", "decision_id": "d-1"})
+        );
+        assert_eq!(serde_json::from_value::<Decision>(wire).unwrap(), decision);
+
+        let allow = Decision::from_result(Some(json!({"allow": true})), "sha256:ab", None).unwrap();
+        let wire = serde_json::to_value(&allow).unwrap();
+        assert_eq!(wire["verdict"], "allow");
+        assert_eq!(serde_json::from_value::<Decision>(wire).unwrap(), allow);
+    }
+
+    #[test]
+    fn malformed_results_are_errors() {
+        let err = Decision::from_result(Some(json!({"allow": "yes"})), "sha256:ab", None);
+        assert!(matches!(err, Err(PolicyError::Malformed(_))));
+    }
 }
