@@ -1,55 +1,113 @@
-//! Placeholder; filled in by its own change.
+//! The decide stage: asks a policy whether an intent may be applied.
+//!
+//! Three parts, two of them pure:
+//! - [`input`] builds the policy input document v1 from an intent and its context;
+//! - [`result`] turns the policy's result document v1 into a [`Verdict`] and reasons;
+//! - [`embedded`] evaluates Rego in-process with `regorus` ([`EmbeddedPolicy`]).
+//!
+//! The policy is evaluated at `data.airlock.authz`, the whole package document, so
+//! the same policy runs unchanged in OPA (`POST /v1/data/airlock/authz`). Policy
+//! authors' documentation is `examples/policies/README.md`.
+//!
+//! Fail closed (DESIGN invariant 4): every [`PolicyError`] means "no decision"; the
+//! caller keeps the intent queued and tries again later. Only a well-formed answer
+//! becomes a [`Decision`], and an undefined answer is a deny.
+
+mod embedded;
+mod input;
+mod result;
+
 use serde::{Deserialize, Serialize};
 
-use crate::lifecycle::Verdict;
+pub use self::embedded::{EmbeddedPolicy, PolicySource, RULE, RegoTest, run_rego_tests};
+pub use self::input::{INPUT_VERSION, InputContext, build_input};
+pub use self::result::{DENY_REASON, REVIEW_REASON, Ruling, UNDEFINED_REASON, read_result};
+pub use crate::lifecycle::Verdict;
 
-/// The policy's answer for one intent.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// The policy's answer for one intent. On the wire the verdict is flattened in:
+/// `{"verdict": "review", "approvals": 1, "reasons": [...], "policy": "sha256:…",
+/// "decision_id": null}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Decision {
+    /// Allow, deny, or review with the number of approvals needed.
+    #[serde(flatten)]
     pub verdict: Verdict,
+    /// Why, in the policy's words; never empty for deny and review.
     pub reasons: Vec<String>,
+    /// Which policy decided: `sha256:<hex>` over the policy's files (see
+    /// [`EmbeddedPolicy::identity`]), so a decision can be traced to exact sources.
     pub policy: String,
+    /// The decision id a remote engine (OPA's decision log) gave, if any.
     pub decision_id: Option<String>,
 }
 
-pub mod input {
-    use std::collections::BTreeMap;
-    pub struct InputContext<'a> {
-        pub intent: &'a airlock_intent::Intent,
-        pub run_counts: &'a BTreeMap<String, u64>,
-        pub digest: &'a str,
-        pub keyid: Option<&'a str>,
-        pub file: &'a str,
-        pub target: &'a str,
-    }
-    pub fn build(ctx: &InputContext<'_>) -> serde_json::Value {
-        serde_json::json!({"intent": ctx.intent})
+impl Decision {
+    /// Reads a policy's result document (`None` when undefined) into a decision by
+    /// the policy `policy`. Malformed documents are errors: see [`read_result`].
+    pub fn from_result(
+        document: Option<serde_json::Value>,
+        policy: &str,
+        decision_id: Option<String>,
+    ) -> Result<Self, PolicyError> {
+        let Ruling { verdict, reasons } = read_result(document)?;
+        Ok(Self {
+            verdict,
+            reasons,
+            policy: policy.to_owned(),
+            decision_id,
+        })
     }
 }
 
+/// Why a policy could not be loaded or could not decide. Every variant means the
+/// intent stays queued.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
-    #[error("{0}")]
+    /// A policy file or directory could not be read.
+    #[error("cannot load policy from {path}: {message}")]
+    Load { path: String, message: String },
+    /// A policy file does not parse or compile; `message` has the line and column.
+    #[error("policy file {file} does not compile: {message}")]
+    Compile { file: String, message: String },
+    /// The policy failed while evaluating (a runtime error in Rego).
+    #[error("policy evaluation failed: {0}")]
     Eval(String),
+    /// The policy answered, but not with a result document v1.
+    #[error("policy answer is malformed: {0}")]
+    Malformed(String),
 }
 
-#[derive(Debug)]
-pub enum PolicySource {
-    Default,
-    Path(std::path::PathBuf),
-}
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
 
-#[derive(Debug)]
-pub struct EmbeddedPolicy;
+    use super::*;
 
-impl EmbeddedPolicy {
-    pub fn load(_source: PolicySource) -> Result<Self, PolicyError> {
-        Ok(Self)
+    #[test]
+    fn decision_wire_form_round_trips() {
+        let decision = Decision::from_result(
+            Some(json!({"review": true, "approvals": 2, "reasons": ["delete"]})),
+            "sha256:ab",
+            Some("d-1".to_owned()),
+        )
+        .unwrap();
+        let wire = serde_json::to_value(&decision).unwrap();
+        assert_eq!(
+            wire,
+            json!({"verdict": "review", "approvals": 2, "reasons": ["delete"],
+                   "policy": "sha256:ab", "decision_id": "d-1"})
+        );
+        assert_eq!(serde_json::from_value::<Decision>(wire).unwrap(), decision);
+
+        let allow = Decision::from_result(Some(json!({"allow": true})), "sha256:ab", None).unwrap();
+        let wire = serde_json::to_value(&allow).unwrap();
+        assert_eq!(wire["verdict"], "allow");
+        assert_eq!(serde_json::from_value::<Decision>(wire).unwrap(), allow);
     }
-    pub fn identity(&self) -> &str {
-        "placeholder"
-    }
-    pub fn evaluate(&self, _input: &serde_json::Value) -> Result<Decision, PolicyError> {
-        Err(PolicyError::Eval("placeholder".into()))
+
+    #[test]
+    fn malformed_results_are_errors() {
+        let err = Decision::from_result(Some(json!({"allow": "yes"})), "sha256:ab", None);
+        assert!(matches!(err, Err(PolicyError::Malformed(_))));
     }
 }

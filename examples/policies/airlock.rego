@@ -1,0 +1,99 @@
+# Airlock's default policy: what an agent may write without a human.
+#
+# Airlock evaluates the whole document of this package (`data.airlock.authz`, the
+# same path OPA serves at /v1/data/airlock/authz) once per intent, with the policy
+# input document v1 as `input` (see README.md). It reads four keys and ignores the
+# rest, so helper rules may live here freely:
+#
+#   allow     (bool)      apply without review
+#   review    (bool)      hold for human approval; never true together with allow
+#   reasons   ([string])  why; shown to approvers and returned to the agent
+#   approvals (int >= 1)  distinct approvers a review needs
+#
+# Neither allow nor review means deny. Precedence here: deny > review > allow.
+# A malformed answer (say `allow := "yes"`) keeps the intent queued: Airlock fails
+# closed, it never guesses.
+package airlock.authz
+
+# Tables no agent may write, listed in data.json under airlock.deny_tables.
+# An entry matches a table as the agent wrote it ("public.audit_log") or its
+# unqualified name ("audit_log" also matches "archive.audit_log").
+default deny_tables := []
+
+deny_tables := data.airlock.deny_tables
+
+# Intents with more ops than this go to review (override in data.json with
+# airlock.max_ops).
+default max_ops := 20
+
+max_ops := data.airlock.max_ops
+
+# Op kinds that need no human on their own.
+writable_kinds := {"insert", "update", "upsert"}
+
+# Every op kind this policy knows about; anything else is denied, so a future op
+# kind is never allowed by accident.
+known_kinds := writable_kinds | {"delete"}
+
+default allow := false
+
+default review := false
+
+# One human approval is enough for what this policy sends to review.
+approvals := 1
+
+# --- deny ---------------------------------------------------------------------
+
+deny if count(deny_reasons) > 0
+
+deny_reasons contains msg if {
+	some op in input.ops
+	denied_table(op)
+	msg := sprintf("table %s is listed in data.airlock.deny_tables: agents may not write it", [op.table])
+}
+
+deny_reasons contains msg if {
+	some op in input.ops
+	not op.kind in known_kinds
+	msg := sprintf("op %d has kind %q, which this policy does not know", [op.index, op.kind])
+}
+
+denied_table(op) if op.table in deny_tables
+
+denied_table(op) if op.name in deny_tables
+
+# --- review -------------------------------------------------------------------
+
+review if {
+	not deny
+	count(review_reasons) > 0
+}
+
+review_reasons contains msg if {
+	some op in input.ops
+	op.kind == "delete"
+	msg := sprintf("deletes from %s need human review", [op.table])
+}
+
+review_reasons contains msg if {
+	count(input.ops) > max_ops
+	msg := sprintf("intent has %d ops, more than %d; large intents need human review", [count(input.ops), max_ops])
+}
+
+# --- allow --------------------------------------------------------------------
+
+allow if {
+	not deny
+	not review
+	every op in input.ops {
+		op.kind in writable_kinds
+	}
+}
+
+# --- reasons ------------------------------------------------------------------
+
+# Only the reasons for the verdict given: a denied intent is not also told it
+# would have needed review.
+reasons := deny_reasons if deny
+
+reasons := review_reasons if review

@@ -1,0 +1,88 @@
+# Tests for airlock.rego. Run with `opa test examples/policies` or through Airlock
+# (`cargo test -p airlock --test rego_policies`). Every rule named test_* must be true.
+package airlock.authz_test
+
+import data.airlock.authz
+
+# One entry of input.ops for an unqualified table.
+op(index, kind, table) := {
+	"index": index,
+	"kind": kind,
+	"table": table,
+	"schema": null,
+	"name": table,
+	"columns": [],
+}
+
+# An input document with just the ops (the default policy reads nothing else).
+with_ops(ops) := {"version": 1, "ops": ops}
+
+inserts(n) := with_ops([op(i, "insert", "customers") | some i in numbers.range(0, n - 1)])
+
+test_insert_is_allowed if {
+	authz.allow with input as with_ops([op(0, "insert", "customers")])
+	not authz.review with input as with_ops([op(0, "insert", "customers")])
+}
+
+test_update_and_upsert_are_allowed if {
+	authz.allow with input as with_ops([op(0, "update", "customers"), op(1, "upsert", "tags")])
+}
+
+test_delete_needs_one_review if {
+	x := with_ops([op(0, "insert", "orders"), op(1, "delete", "orders")])
+	authz.review with input as x
+	not authz.allow with input as x
+	authz.approvals == 1
+	authz.reasons == {"deletes from orders need human review"} with input as x
+}
+
+test_deny_table_is_denied_with_its_name if {
+	x := with_ops([op(0, "insert", "customers"), op(1, "insert", "audit_log")])
+	authz.deny with input as x
+	not authz.allow with input as x
+	not authz.review with input as x
+	reasons := authz.reasons with input as x
+	some reason in reasons
+	contains(reason, "audit_log")
+}
+
+test_deny_table_matches_qualified_names if {
+	x := with_ops([{
+		"index": 0, "kind": "update", "table": "archive.audit_log",
+		"schema": "archive", "name": "audit_log", "columns": ["note"],
+	}])
+	authz.deny with input as x
+	not authz.allow with input as x
+}
+
+test_deny_beats_review if {
+	x := with_ops([op(0, "delete", "audit_log")])
+	authz.deny with input as x
+	not authz.review with input as x
+	count(authz.reasons) == 1 with input as x
+}
+
+test_deny_tables_come_from_data if {
+	x := with_ops([op(0, "insert", "customers")])
+	authz.deny with input as x with data.airlock.deny_tables as ["customers"]
+	authz.allow with input as x with data.airlock.deny_tables as []
+}
+
+test_twenty_ops_are_allowed if {
+	authz.allow with input as inserts(20)
+}
+
+test_more_than_twenty_ops_need_review if {
+	authz.review with input as inserts(21)
+	not authz.allow with input as inserts(21)
+	reasons := authz.reasons with input as inserts(21)
+	some reason in reasons
+	contains(reason, "21 ops")
+}
+
+test_unknown_op_kind_is_denied if {
+	x := with_ops([op(0, "truncate", "customers")])
+	authz.deny with input as x
+	not authz.allow with input as x
+	not authz.review with input as x
+}

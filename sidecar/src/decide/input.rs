@@ -1,0 +1,310 @@
+//! The policy input document, version 1: what a policy sees about one intent. Pure.
+//!
+//! ```json
+//! {
+//!   "version": 1,
+//!   "intent": { ...the intent exactly as the types serialise it... },
+//!   "run": {"id": "run-7", "counts": {"applied": 3, "awaiting_review": 1}},
+//!   "envelope": {"digest": "sha256:…", "keyid": "…"},
+//!   "file": "0001-add-customer.json",
+//!   "target": "default",
+//!   "ops": [{"index": 0, "kind": "insert", "table": "crm.customers",
+//!            "schema": "crm", "name": "customers", "columns": ["id", "name"]}]
+//! }
+//! ```
+//!
+//! `ops` is a flattened view of `intent.ops` so policies need not know each op's
+//! shape: `schema` is null for an unqualified table, `columns` are the columns the op
+//! writes (empty for a delete). `examples/policies/README.md` documents every field
+//! for policy authors; changing the shape means a new `version`.
+//!
+//! This runs once per intent on the hot path, so the document is built directly as a
+//! [`serde_json::Value`], never through a string. The intent's fields are
+//! destructured exhaustively, so adding a field to the intent types fails to compile
+//! here until the policy input says what to do with it.
+
+use std::collections::BTreeMap;
+
+use airlock_intent::{Intent, Op, Provenance};
+use serde_json::{Map, Value};
+
+/// The version of the input document built by [`build_input`].
+pub const INPUT_VERSION: u64 = 1;
+
+/// Everything the input document is built from.
+#[derive(Clone, Copy, Debug)]
+pub struct InputContext<'a> {
+    /// The intent being decided.
+    pub intent: &'a Intent,
+    /// How many intents of this run are in each state, by state name.
+    pub run_counts: &'a BTreeMap<String, u64>,
+    /// `sha256:<hex>` of the exact bytes the agent wrote.
+    pub digest: &'a str,
+    /// The key id of the envelope's signature, if it has one.
+    pub keyid: Option<&'a str>,
+    /// The name of the file the intent arrived in.
+    pub file: &'a str,
+    /// The target database the intent will be applied to.
+    pub target: &'a str,
+}
+
+/// Builds the input document, version 1, for one intent.
+pub fn build_input(ctx: &InputContext<'_>) -> Value {
+    let intent = ctx.intent;
+    let counts: Map<String, Value> = ctx
+        .run_counts
+        .iter()
+        .map(|(state, n)| (state.clone(), Value::from(*n)))
+        .collect();
+    let ops: Vec<Value> = intent
+        .ops
+        .iter()
+        .enumerate()
+        .map(|(index, op)| op_summary(index, op))
+        .collect();
+
+    let mut run = Map::with_capacity(2);
+    run.insert("id".into(), intent.run.as_str().into());
+    run.insert("counts".into(), Value::Object(counts));
+
+    let mut envelope = Map::with_capacity(2);
+    envelope.insert("digest".into(), ctx.digest.into());
+    envelope.insert("keyid".into(), ctx.keyid.map_or(Value::Null, Value::from));
+
+    let mut doc = Map::with_capacity(7);
+    doc.insert("version".into(), INPUT_VERSION.into());
+    doc.insert("intent".into(), intent_json(intent));
+    doc.insert("run".into(), Value::Object(run));
+    doc.insert("envelope".into(), Value::Object(envelope));
+    doc.insert("file".into(), ctx.file.into());
+    doc.insert("target".into(), ctx.target.into());
+    doc.insert("ops".into(), Value::Array(ops));
+    Value::Object(doc)
+}
+
+/// One entry of the flattened `ops` view.
+fn op_summary(index: usize, op: &Op) -> Value {
+    let table = op.table();
+    let columns: Vec<Value> = op.columns_written().into_iter().map(Value::from).collect();
+    let mut summary = Map::with_capacity(6);
+    summary.insert("index".into(), index.into());
+    summary.insert("kind".into(), op.kind().as_str().into());
+    summary.insert("table".into(), table.as_str().into());
+    summary.insert(
+        "schema".into(),
+        table.schema().map_or(Value::Null, Value::from),
+    );
+    summary.insert("name".into(), table.name().into());
+    summary.insert("columns".into(), Value::Array(columns));
+    Value::Object(summary)
+}
+
+/// The intent as JSON, identical to what its `Serialize` impl produces (a test holds
+/// the two together).
+fn intent_json(intent: &Intent) -> Value {
+    let Intent {
+        version,
+        id,
+        run,
+        target,
+        ops,
+        reason,
+        provenance,
+    } = intent;
+    let mut doc = Map::with_capacity(7);
+    doc.insert("version".into(), (*version).into());
+    doc.insert("id".into(), id.as_str().into());
+    doc.insert("run".into(), run.as_str().into());
+    doc.insert("target".into(), target.as_str().into());
+    doc.insert(
+        "ops".into(),
+        Value::Array(ops.iter().map(op_json).collect()),
+    );
+    doc.insert("reason".into(), reason.as_str().into());
+    doc.insert("provenance".into(), provenance_json(provenance));
+    Value::Object(doc)
+}
+
+fn op_json(op: &Op) -> Value {
+    let mut doc = Map::with_capacity(5);
+    doc.insert("op".into(), op.kind().as_str().into());
+    match op {
+        Op::Insert { table, values } => {
+            doc.insert("table".into(), table.as_str().into());
+            doc.insert("values".into(), Value::Object(values.clone()));
+        }
+        Op::Update {
+            table,
+            key,
+            set,
+            expect,
+        } => {
+            doc.insert("table".into(), table.as_str().into());
+            doc.insert("key".into(), Value::Object(key.clone()));
+            doc.insert("set".into(), Value::Object(set.clone()));
+            if let Some(expect) = expect {
+                doc.insert("expect".into(), Value::Object(expect.clone()));
+            }
+        }
+        Op::Delete { table, key, expect } => {
+            doc.insert("table".into(), table.as_str().into());
+            doc.insert("key".into(), Value::Object(key.clone()));
+            if let Some(expect) = expect {
+                doc.insert("expect".into(), Value::Object(expect.clone()));
+            }
+        }
+        Op::Upsert { table, values, on } => {
+            doc.insert("table".into(), table.as_str().into());
+            doc.insert("values".into(), Value::Object(values.clone()));
+            let on = on.iter().map(|c| Value::from(c.as_str())).collect();
+            doc.insert("on".into(), Value::Array(on));
+        }
+    }
+    Value::Object(doc)
+}
+
+fn provenance_json(provenance: &Provenance) -> Value {
+    let Provenance {
+        agent,
+        model,
+        model_parameters,
+        prompt_digest,
+        tool_call_id,
+        traceparent,
+    } = provenance;
+    let mut doc = Map::with_capacity(6);
+    doc.insert("agent".into(), agent.as_str().into());
+    let optional = [
+        ("model", model),
+        ("prompt_digest", prompt_digest),
+        ("tool_call_id", tool_call_id),
+        ("traceparent", traceparent),
+    ];
+    for (key, value) in optional {
+        if let Some(value) = value {
+            doc.insert(key.into(), value.as_str().into());
+        }
+    }
+    if let Some(parameters) = model_parameters {
+        doc.insert("model_parameters".into(), Value::Object(parameters.clone()));
+    }
+    Value::Object(doc)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn intent(value: Value) -> Intent {
+        serde_json::from_value(value).unwrap()
+    }
+
+    fn every_field() -> Intent {
+        intent(json!({
+            "version": 1,
+            "id": "i-1",
+            "run": "run-7",
+            "target": "crm",
+            "ops": [
+                {"op": "insert", "table": "crm.customers", "values": {"id": 1, "name": "Ada"}},
+                {"op": "update", "table": "customers", "key": {"id": 1},
+                 "set": {"name": "Ada L", "tier": 2}, "expect": {"name": "Ada"}},
+                {"op": "update", "table": "customers", "key": {"id": 2}, "set": {"x": null}},
+                {"op": "delete", "table": "orders", "key": {"id": 9}, "expect": {"state": "open"}},
+                {"op": "delete", "table": "orders", "key": {"id": 10}},
+                {"op": "upsert", "table": "public.tags", "values": {"k": "a", "v": [1, 2]},
+                 "on": ["k"]}
+            ],
+            "reason": "customer asked",
+            "provenance": {
+                "agent": "support-bot",
+                "model": "m-1",
+                "model_parameters": {"temperature": 0.2},
+                "prompt_digest": "sha256:00",
+                "tool_call_id": "call_1",
+                "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+            }
+        }))
+    }
+
+    fn build(intent: &Intent, counts: &BTreeMap<String, u64>, keyid: Option<&str>) -> Value {
+        build_input(&InputContext {
+            intent,
+            run_counts: counts,
+            digest: "sha256:abcd",
+            keyid,
+            file: "0001.json",
+            target: "crm",
+        })
+    }
+
+    #[test]
+    fn intent_matches_its_serde_form() {
+        let full = every_field();
+        let minimal = intent(json!({
+            "version": 1, "id": "i-2", "run": "r", "ops": [],
+            "reason": "", "provenance": {"agent": "a"}
+        }));
+        for intent in [full, minimal] {
+            let doc = build(&intent, &BTreeMap::new(), None);
+            assert_eq!(doc["intent"], serde_json::to_value(&intent).unwrap());
+        }
+    }
+
+    #[test]
+    fn document_shape() {
+        let intent = every_field();
+        let counts = BTreeMap::from([("applied".to_owned(), 3), ("queued".to_owned(), 1)]);
+        let doc = build(&intent, &counts, Some("key-1"));
+        assert_eq!(doc["version"], 1);
+        assert_eq!(
+            doc["run"],
+            json!({"id": "run-7", "counts": {"applied": 3, "queued": 1}})
+        );
+        assert_eq!(
+            doc["envelope"],
+            json!({"digest": "sha256:abcd", "keyid": "key-1"})
+        );
+        assert_eq!(doc["file"], "0001.json");
+        assert_eq!(doc["target"], "crm");
+        assert_eq!(
+            doc["ops"],
+            json!([
+                {"index": 0, "kind": "insert", "table": "crm.customers", "schema": "crm",
+                 "name": "customers", "columns": ["id", "name"]},
+                {"index": 1, "kind": "update", "table": "customers", "schema": null,
+                 "name": "customers", "columns": ["name", "tier"]},
+                {"index": 2, "kind": "update", "table": "customers", "schema": null,
+                 "name": "customers", "columns": ["x"]},
+                {"index": 3, "kind": "delete", "table": "orders", "schema": null,
+                 "name": "orders", "columns": []},
+                {"index": 4, "kind": "delete", "table": "orders", "schema": null,
+                 "name": "orders", "columns": []},
+                {"index": 5, "kind": "upsert", "table": "public.tags", "schema": "public",
+                 "name": "tags", "columns": ["k", "v"]}
+            ])
+        );
+        let mut keys: Vec<&str> = doc
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "envelope", "file", "intent", "ops", "run", "target", "version"
+            ]
+        );
+    }
+
+    #[test]
+    fn missing_keyid_is_null() {
+        let doc = build(&every_field(), &BTreeMap::new(), None);
+        assert_eq!(doc["envelope"]["keyid"], Value::Null);
+        assert_eq!(doc["run"]["counts"], json!({}));
+    }
+}
