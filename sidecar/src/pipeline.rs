@@ -24,7 +24,7 @@ use tracing::{info, warn};
 use crate::apply::{ApplyError, ApplyMeta, ErrorKind, Target};
 use crate::config::Config;
 use crate::decide::EmbeddedPolicy;
-use crate::decide::input::{InputContext, build};
+use crate::decide::{InputContext, build_input};
 use crate::lifecycle::State;
 use crate::outcome::{Outcome, Outcomes};
 use crate::queue::{DecisionOutcome, IntentRow, Queue, QueueError, now_ms};
@@ -145,7 +145,7 @@ impl Pipeline {
                 counts.insert(row.run.clone(), self.queue.run_counts(&row.run)?);
             }
             let run_counts = counts.get(&row.run).cloned().unwrap_or_default();
-            let input = build(&InputContext {
+            let input = build_input(&InputContext {
                 intent: &intent,
                 run_counts: &run_counts,
                 digest: &row.digest,
