@@ -114,7 +114,9 @@ impl TableName {
 
     /// The unqualified table name.
     pub fn name(&self) -> &str {
-        self.0.split_once('.').map_or(self.0.as_str(), |(_, name)| name)
+        self.0
+            .split_once('.')
+            .map_or(self.0.as_str(), |(_, name)| name)
     }
 }
 
@@ -129,12 +131,17 @@ impl Default for TargetName {
 #[serde(deny_unknown_fields)]
 pub struct Intent {
     /// Format version; always 1 for this type.
+    #[serde(deserialize_with = "wire::version")]
     pub version: u32,
     pub id: IntentId,
     pub run: RunId,
     #[serde(default)]
     pub target: TargetName,
+    /// 1 to [`MAX_OPS`] ops, applied in order in one transaction.
+    #[serde(deserialize_with = "wire::ops")]
     pub ops: Vec<Op>,
+    /// Why, for the approvers: at least one character that is not whitespace.
+    #[serde(deserialize_with = "wire::non_blank")]
     pub reason: String,
     pub provenance: Provenance,
 }
@@ -144,27 +151,45 @@ pub struct Intent {
 #[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Op {
     /// Insert one row.
-    Insert { table: TableName, values: Row },
+    Insert {
+        table: TableName,
+        #[serde(deserialize_with = "wire::row")]
+        values: Row,
+    },
     /// Set columns of the row(s) matching `key`; with `expect`, only if those
     /// columns currently hold the expected values (compare-and-set).
     Update {
         table: TableName,
+        #[serde(deserialize_with = "wire::row")]
         key: Row,
+        #[serde(deserialize_with = "wire::row")]
         set: Row,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(
+            default,
+            deserialize_with = "wire::some_row",
+            skip_serializing_if = "Option::is_none"
+        )]
         expect: Option<Row>,
     },
     /// Delete the row(s) matching `key`; with `expect`, only if they hold those values.
     Delete {
         table: TableName,
+        #[serde(deserialize_with = "wire::row")]
         key: Row,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(
+            default,
+            deserialize_with = "wire::some_row",
+            skip_serializing_if = "Option::is_none"
+        )]
         expect: Option<Row>,
     },
     /// Insert one row, or update it when it conflicts on the `on` columns.
     Upsert {
         table: TableName,
+        #[serde(deserialize_with = "wire::row")]
         values: Row,
+        /// At least one column, none repeated.
+        #[serde(deserialize_with = "wire::conflict_columns")]
         on: Vec<Column>,
     },
 }
@@ -228,17 +253,168 @@ impl Op {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Provenance {
-    /// The agent's name.
+    /// The agent's name (not empty).
+    #[serde(deserialize_with = "wire::non_empty")]
     pub agent: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "wire::some",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub model: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "wire::some",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub model_parameters: Option<serde_json::Map<String, serde_json::Value>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "wire::some",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub prompt_digest: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "wire::some",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub tool_call_id: Option<String>,
     /// A W3C Trace Context `traceparent`, to join the agent's trace.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "wire::traceparent",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub traceparent: Option<String>,
+}
+
+/// The most ops one intent may carry on the wire. A sidecar may enforce a lower
+/// maximum (see `Limits::max_ops`); this is the ceiling the schema publishes.
+pub const MAX_OPS: usize = 1000;
+
+/// Whether `s` has a character that is not whitespace. `char::is_whitespace` is the
+/// Unicode `White_Space` property, which is exactly the class the schema's `nonBlank`
+/// pattern excludes.
+pub(crate) fn is_non_blank(s: &str) -> bool {
+    s.chars().any(|c| !c.is_whitespace())
+}
+
+/// `00-<32 hex>-<16 hex>-<2 hex>`, lowercase: the shape of a W3C `traceparent`.
+pub(crate) fn is_traceparent(s: &str) -> bool {
+    let b = s.as_bytes();
+    let hex = |r: std::ops::Range<usize>| {
+        b[r].iter()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+    };
+    b.len() == 55
+        && b[2] == b'-'
+        && b[35] == b'-'
+        && b[52] == b'-'
+        && hex(0..2)
+        && hex(3..35)
+        && hex(36..52)
+        && hex(53..55)
+}
+
+/// Field checks that make deserialisation accept exactly what `intent.schema.json`
+/// accepts, so that a document read without the [`Validator`](crate::Validator)
+/// (a stored payload, a test) still obeys the published contract. In particular an
+/// explicit `null` is rejected where the schema wants a value, rather than read as
+/// "absent".
+mod wire {
+    use serde::de::{Deserialize, Deserializer, Error};
+
+    use super::{Column, MAX_OPS, Op, Row, is_identifier, is_non_blank, is_traceparent};
+
+    /// The format version: the number 1 (JSON Schema's `const` also accepts `1.0`).
+    pub(super) fn version<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+        let n = serde_json::Number::deserialize(d)?;
+        if n.as_u64() == Some(1) || n.as_f64() == Some(1.0) {
+            Ok(1)
+        } else {
+            Err(D::Error::custom(format!(
+                "unsupported intent version {n}, expected 1"
+            )))
+        }
+    }
+
+    pub(super) fn ops<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Op>, D::Error> {
+        let ops = Vec::<Op>::deserialize(d)?;
+        match ops.len() {
+            0 => Err(D::Error::custom("ops must contain at least one op")),
+            n if n > MAX_OPS => Err(D::Error::custom(format!(
+                "ops has {n} ops, more than the maximum of {MAX_OPS}"
+            ))),
+            _ => Ok(ops),
+        }
+    }
+
+    pub(super) fn non_blank<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        let s = String::deserialize(d)?;
+        if is_non_blank(&s) {
+            Ok(s)
+        } else {
+            Err(D::Error::custom("must not be blank"))
+        }
+    }
+
+    pub(super) fn non_empty<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.is_empty() {
+            Err(D::Error::custom("must not be empty"))
+        } else {
+            Ok(s)
+        }
+    }
+
+    pub(super) fn row<'de, D: Deserializer<'de>>(d: D) -> Result<Row, D::Error> {
+        let row = Row::deserialize(d)?;
+        if row.is_empty() {
+            return Err(D::Error::custom("a row must name at least one column"));
+        }
+        if let Some(bad) = row.keys().find(|k| !is_identifier(k)) {
+            return Err(D::Error::custom(format!(
+                "{bad:?} is not a valid column name"
+            )));
+        }
+        Ok(row)
+    }
+
+    pub(super) fn some_row<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Row>, D::Error> {
+        row(d).map(Some)
+    }
+
+    /// A present optional field must hold a value: `null` is not "absent".
+    pub(super) fn some<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: Deserialize<'de>,
+    {
+        T::deserialize(d).map(Some)
+    }
+
+    pub(super) fn traceparent<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+        let s = String::deserialize(d)?;
+        if is_traceparent(&s) {
+            Ok(Some(s))
+        } else {
+            Err(D::Error::custom(format!("{s:?} is not a W3C traceparent")))
+        }
+    }
+
+    pub(super) fn conflict_columns<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Vec<Column>, D::Error> {
+        let on = Vec::<Column>::deserialize(d)?;
+        if on.is_empty() {
+            return Err(D::Error::custom("on must name at least one column"));
+        }
+        for (i, c) in on.iter().enumerate() {
+            if on[..i].contains(c) {
+                return Err(D::Error::custom(format!("on repeats column {c}")));
+            }
+        }
+        Ok(on)
+    }
 }
