@@ -26,3 +26,4 @@ pub mod review;
 pub mod seal;
 pub mod submit;
 pub mod telemetry;
+pub mod verify;
