@@ -103,6 +103,24 @@ enum Command {
         #[command(flatten)]
         state: StateArgs,
     },
+    /// Verify run logs with only the public key: signatures, hash chains, sequence,
+    /// payload digests and lifecycle. Exit status 1 on any failure.
+    Verify {
+        /// The sidecar's public key (PEM, SubjectPublicKeyInfo).
+        #[arg(long)]
+        public_key: PathBuf,
+        /// An exported run log (JSON Lines) to verify.
+        #[arg(conflicts_with = "state", required_unless_present = "state")]
+        file: Option<PathBuf>,
+        /// Verify the live log in this state directory instead (records after the
+        /// last checkpoint are warnings, not failures).
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// A run head published elsewhere, RUN:SEQ:sha256:HEX, that the log must
+        /// contain (catches a log cut back to an earlier checkpoint). Repeatable.
+        #[arg(long = "expect-head")]
+        expect_head: Vec<String>,
+    },
     /// Write one run's log as JSON Lines (records, checkpoints, intent envelopes).
     Export {
         /// The run to export.
@@ -271,6 +289,41 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Schema => {
             print!("{}", airlock_intent::SCHEMA);
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify {
+            public_key,
+            file,
+            state,
+            expect_head,
+        } => {
+            use airlock::verify::{ExpectedHead, Mode, Options};
+            let key = airlock::seal::Verifier::load(&public_key)?;
+            let expected_heads = expect_head
+                .iter()
+                .map(|h| h.parse::<ExpectedHead>())
+                .collect::<Result<Vec<_>, _>>()?;
+            let report = match (file, state) {
+                (Some(file), _) => {
+                    let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+                    let options = Options { mode: Mode::Export, expected_heads };
+                    airlock::verify::verify_export(&bytes, &key, &options)
+                }
+                (None, Some(state)) => {
+                    let queue = open_queue(StateArgs { config: None, state: Some(state) })?;
+                    let lines = queue.export_lines(None)?;
+                    let options = Options { mode: Mode::Live, expected_heads };
+                    airlock::verify::verify(lines.iter().map(Vec::as_slice), &key, &options)
+                }
+                (None, None) => anyhow::bail!("give an exported FILE or --state DIR"),
+            };
+            println!("{report}");
+            for warning in report.all_warnings() {
+                eprintln!("warning: {warning}");
+            }
+            for failure in report.all_failures() {
+                eprintln!("failure: {failure}");
+            }
+            Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Keygen { out } => {
             let verifier = airlock::seal::keygen(&out)?;
