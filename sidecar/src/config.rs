@@ -262,7 +262,9 @@ impl Config {
             ));
         }
         if self.apply.max_rows == 0 {
-            return Err(ConfigError::Invalid("apply.max_rows must be at least 1".into()));
+            return Err(ConfigError::Invalid(
+                "apply.max_rows must be at least 1".into(),
+            ));
         }
         Ok(())
     }

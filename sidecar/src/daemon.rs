@@ -72,7 +72,8 @@ impl Resources {
     /// runs, with a message naming what is wrong.
     pub fn open(config: Config) -> Result<Self, StartError> {
         for dir in [config.intents.clone(), config.results_dir()] {
-            std::fs::create_dir_all(&dir).map_err(|source| StartError::Dir { path: dir, source })?;
+            std::fs::create_dir_all(&dir)
+                .map_err(|source| StartError::Dir { path: dir, source })?;
         }
         // The default SQLite target lives in the state directory.
         Queue::open(&config.state)?;
@@ -181,7 +182,10 @@ pub async fn run(
     );
 
     shutdown.await;
-    info!(message = "stopping: no new intents are taken", grace_ms = config.shutdown.grace_ms);
+    info!(
+        message = "stopping: no new intents are taken",
+        grace_ms = config.shutdown.grace_ms
+    );
     drop(watcher);
     let grace = Duration::from_millis(config.shutdown.grace_ms);
     let deadline = tokio::time::Instant::now() + grace;

@@ -14,12 +14,30 @@ use crate::{review, submit};
 
 /// The example intents, in the order the demo submits them.
 pub const EXAMPLES: &[(&str, &str)] = &[
-    ("01-add-customer.json", include_str!("../../examples/intents/01-add-customer.json")),
-    ("02-place-order.json", include_str!("../../examples/intents/02-place-order.json")),
-    ("03-upgrade-tier.json", include_str!("../../examples/intents/03-upgrade-tier.json")),
-    ("04-cancel-order.json", include_str!("../../examples/intents/04-cancel-order.json")),
-    ("05-erase-audit-log.json", include_str!("../../examples/intents/05-erase-audit-log.json")),
-    ("06-injection-attempt.json", include_str!("../../examples/intents/06-injection-attempt.json")),
+    (
+        "01-add-customer.json",
+        include_str!("../../examples/intents/01-add-customer.json"),
+    ),
+    (
+        "02-place-order.json",
+        include_str!("../../examples/intents/02-place-order.json"),
+    ),
+    (
+        "03-upgrade-tier.json",
+        include_str!("../../examples/intents/03-upgrade-tier.json"),
+    ),
+    (
+        "04-cancel-order.json",
+        include_str!("../../examples/intents/04-cancel-order.json"),
+    ),
+    (
+        "05-erase-audit-log.json",
+        include_str!("../../examples/intents/05-erase-audit-log.json"),
+    ),
+    (
+        "06-injection-attempt.json",
+        include_str!("../../examples/intents/06-injection-attempt.json"),
+    ),
 ];
 
 /// The demo target's tables.
@@ -34,7 +52,10 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
         None => std::env::temp_dir().join(format!("airlock-demo-{}", std::process::id())),
     };
     if dir.exists() && std::fs::read_dir(&dir)?.next().is_some() {
-        bail!("{} is not empty; give the demo a new directory", dir.display());
+        bail!(
+            "{} is not empty; give the demo a new directory",
+            dir.display()
+        );
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let target = dir.join("target.db");
@@ -45,7 +66,10 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
     let config = Config {
         intents: dir.join("intents"),
         state: dir.join("state"),
-        targets: BTreeMap::from([("default".to_owned(), format!("sqlite://{}", target.display()))]),
+        targets: BTreeMap::from([(
+            "default".to_owned(),
+            format!("sqlite://{}", target.display()),
+        )]),
         ..Config::default()
     };
     let results = config.results_dir();
@@ -84,20 +108,18 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
             .values()
             .filter(|o| o["state"] == "awaiting_review")
             .collect();
-        if !approved {
-            if let Some(outcome) = waiting.first() {
-                let id = outcome["id"].as_str().unwrap_or_default().to_owned();
-                let digest = outcome["digest"].as_str().map(str::to_owned);
-                println!(
-                    "\n  {id} waits for a human. Approving it as {REVIEWER}, as this would:\n    airlock approve {id} --state {} --as {REVIEWER}\n",
-                    config.state.display()
-                );
-                review::approve(&mut queue, &id, REVIEWER, digest.as_deref(), Some("demo"))?;
-                approved = true;
-            }
+        if !approved && let Some(outcome) = waiting.first() {
+            let id = outcome["id"].as_str().unwrap_or_default().to_owned();
+            let digest = outcome["digest"].as_str().map(str::to_owned);
+            println!(
+                "\n  {id} waits for a human. Approving it as {REVIEWER}, as this would:\n    airlock approve {id} --state {} --as {REVIEWER}\n",
+                config.state.display()
+            );
+            review::approve(&mut queue, &id, REVIEWER, digest.as_deref(), Some("demo"))?;
+            approved = true;
         }
-        let done = outcomes.len() == EXAMPLES.len()
-            && outcomes.values().all(|o| o["final"] == true);
+        let done =
+            outcomes.len() == EXAMPLES.len() && outcomes.values().all(|o| o["final"] == true);
         if done {
             break;
         }
@@ -111,8 +133,14 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
     daemon.await.context("daemon task")??;
     print_tables(&target)?;
     println!("\nEverything above is on disk in {}:", dir.display());
-    println!("  cat {}/*.json                 # what the agent reads", results.display());
-    println!("  airlock status --state {}     # the queue", config.state.display());
+    println!(
+        "  cat {}/*.json                 # what the agent reads",
+        results.display()
+    );
+    println!(
+        "  airlock status --state {}     # the queue",
+        config.state.display()
+    );
     println!("Run Airlock for real with `airlock run` (see README.md).");
     Ok(())
 }
@@ -140,7 +168,10 @@ fn print_outcome(outcome: &serde_json::Value) {
         "denied" | "rejected" | "expired" | "failed" | "invalid" => "✘",
         _ => "…",
     };
-    let name = outcome["id"].as_str().or(outcome["file"].as_str()).unwrap_or("?");
+    let name = outcome["id"]
+        .as_str()
+        .or(outcome["file"].as_str())
+        .unwrap_or("?");
     println!("{mark} {name:<20} {state}");
     if let Some(reasons) = outcome["reasons"].as_array() {
         for reason in reasons.iter().filter_map(|r| r.as_str()) {
@@ -165,7 +196,9 @@ fn print_tables(target: &Path) -> Result<()> {
                     Ok(rusqlite::types::ValueRef::Null) => "NULL".to_owned(),
                     Ok(rusqlite::types::ValueRef::Integer(n)) => n.to_string(),
                     Ok(rusqlite::types::ValueRef::Real(f)) => f.to_string(),
-                    Ok(rusqlite::types::ValueRef::Text(t)) => String::from_utf8_lossy(t).into_owned(),
+                    Ok(rusqlite::types::ValueRef::Text(t)) => {
+                        String::from_utf8_lossy(t).into_owned()
+                    }
                     Ok(rusqlite::types::ValueRef::Blob(b)) => format!("<{} bytes>", b.len()),
                     Err(_) => "?".to_owned(),
                 })

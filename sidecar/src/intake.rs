@@ -91,7 +91,7 @@ struct Candidate {
 }
 
 enum Read2 {
-    Arrival(Arrival),
+    Arrival(Box<Arrival>),
     Refusal(Refusal),
 }
 
@@ -125,7 +125,13 @@ impl Intake {
         let mut report = ScanReport::default();
         let (mut candidates, refusals) = self.list()?;
         if !refusals.is_empty() {
-            self.commit(refusals.into_iter().map(|(r, path)| (Read2::Refusal(r), path)).collect(), &mut report)?;
+            self.commit(
+                refusals
+                    .into_iter()
+                    .map(|(r, path)| (Read2::Refusal(r), path))
+                    .collect(),
+                &mut report,
+            )?;
         }
         // Oldest first: queue order is the order the agent wrote its files.
         candidates.sort_by(|a, b| a.mtime.cmp(&b.mtime).then_with(|| a.name.cmp(&b.name)));
@@ -202,7 +208,9 @@ impl Intake {
                 Vec::new(),
                 String::new(),
                 0,
-                format!("{name} is {what}; intents must be regular files (write, then rename into place)"),
+                format!(
+                    "{name} is {what}; intents must be regular files (write, then rename into place)"
+                ),
             );
             refusals.push((refusal, removable.then_some(path)));
         }
@@ -253,14 +261,14 @@ impl Intake {
                 .seal(seal::INTENT_PAYLOAD_TYPE, bytes.clone())
                 .to_json()
             {
-                Ok(envelope) => Read2::Arrival(Arrival {
+                Ok(envelope) => Read2::Arrival(Box::new(Arrival {
                     file: name.to_owned(),
                     bytes,
                     digest,
                     envelope,
                     keyid: self.sealer.keyid().to_owned(),
                     intent,
-                }),
+                })),
                 Err(error) => Read2::Refusal(refusal(
                     name,
                     bytes,
@@ -322,12 +330,11 @@ impl Intake {
                 }
                 (Read2::Arrival(_), None) => report.refused += 1,
             }
-            if let Some(path) = path {
-                if let Err(error) = fs::remove_file(path) {
-                    if error.kind() != io::ErrorKind::NotFound {
-                        warn!(message = "cannot remove admitted file", path = %path.display(), %error);
-                    }
-                }
+            if let Some(path) = path
+                && let Err(error) = fs::remove_file(path)
+                && error.kind() != io::ErrorKind::NotFound
+            {
+                warn!(message = "cannot remove admitted file", path = %path.display(), %error);
             }
         }
         debug!(message = "batch committed", size = batch.len());
@@ -384,7 +391,10 @@ fn claim(dir: &Path, candidate: &Candidate) -> Option<PathBuf> {
 /// Reads a file that must be a regular file of at most `limit` bytes. The outer
 /// error is an I/O failure; the inner one a refusal message.
 fn read_regular(path: &Path, limit: usize) -> io::Result<Result<Vec<u8>, String>> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let before = fs::symlink_metadata(path)?;
     if !before.file_type().is_file() {
         return Ok(Err(format!("{name} is not a regular file")));
@@ -398,7 +408,8 @@ fn read_regular(path: &Path, limit: usize) -> io::Result<Result<Vec<u8>, String>
     let file = File::open(path)?;
     let opened = file.metadata()?;
     // The name may have been swapped between the check and the open.
-    if !opened.file_type().is_file() || opened.ino() != before.ino() || opened.dev() != before.dev() {
+    if !opened.file_type().is_file() || opened.ino() != before.ino() || opened.dev() != before.dev()
+    {
         return Ok(Err(format!("{name} changed while it was being read")));
     }
     let mut bytes = Vec::with_capacity(opened.len() as usize);

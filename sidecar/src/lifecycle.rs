@@ -163,7 +163,9 @@ pub enum Verdict {
     Allow,
     Deny,
     /// Human review, needing this many distinct approvers.
-    Review { approvals: u32 },
+    Review {
+        approvals: u32,
+    },
 }
 
 /// Something that happens to an intent.
@@ -220,7 +222,10 @@ mod tests {
         let allowed = State::Queued.next(&Event::Decided(Verdict::Allow)).unwrap();
         assert_eq!(allowed, State::Approved);
         let applying = allowed.next(&Event::ApplyStarted).unwrap();
-        assert_eq!(applying.next(&Event::ApplySucceeded).unwrap(), State::Applied);
+        assert_eq!(
+            applying.next(&Event::ApplySucceeded).unwrap(),
+            State::Applied
+        );
         assert_eq!(
             State::Queued
                 .next(&Event::Decided(Verdict::Review { approvals: 2 }))

@@ -215,7 +215,8 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                     std::io::stdin().read_to_end(&mut bytes)?;
                     ("intent.json".to_owned(), bytes)
                 } else {
-                    let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+                    let bytes = std::fs::read(&file)
+                        .with_context(|| format!("reading {}", file.display()))?;
                     (file.display().to_string(), bytes)
                 };
                 let path = airlock::submit::submit_bytes(&intents, &name, &bytes)
@@ -253,7 +254,8 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             state,
         } => {
             let mut queue = open_queue(state)?;
-            let state = airlock::review::reject(&mut queue, &id, &reviewer, digest.as_deref(), &reason)?;
+            let state =
+                airlock::review::reject(&mut queue, &id, &reviewer, digest.as_deref(), &reason)?;
             println!("{id}: {state}");
             Ok(ExitCode::SUCCESS)
         }
@@ -276,7 +278,10 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                     println!("{}", serde_json::to_string(&outcome)?);
                 }
             } else {
-                println!("{:<6} {:<28} {:<20} {:<16} target", "seq", "id", "run", "state");
+                println!(
+                    "{:<6} {:<28} {:<20} {:<16} target",
+                    "seq", "id", "run", "state"
+                );
                 for row in &rows {
                     println!(
                         "{:<6} {:<28} {:<20} {:<16} {}",
@@ -304,14 +309,24 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 .collect::<Result<Vec<_>, _>>()?;
             let report = match (file, state) {
                 (Some(file), _) => {
-                    let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
-                    let options = Options { mode: Mode::Export, expected_heads };
+                    let bytes = std::fs::read(&file)
+                        .with_context(|| format!("reading {}", file.display()))?;
+                    let options = Options {
+                        mode: Mode::Export,
+                        expected_heads,
+                    };
                     airlock::verify::verify_export(&bytes, &key, &options)
                 }
                 (None, Some(state)) => {
-                    let queue = open_queue(StateArgs { config: None, state: Some(state) })?;
+                    let queue = open_queue(StateArgs {
+                        config: None,
+                        state: Some(state),
+                    })?;
                     let lines = queue.export_lines(None)?;
-                    let options = Options { mode: Mode::Live, expected_heads };
+                    let options = Options {
+                        mode: Mode::Live,
+                        expected_heads,
+                    };
                     airlock::verify::verify(lines.iter().map(Vec::as_slice), &key, &options)
                 }
                 (None, None) => anyhow::bail!("give an exported FILE or --state DIR"),
@@ -323,12 +338,19 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             for failure in report.all_failures() {
                 eprintln!("failure: {failure}");
             }
-            Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Keygen { out } => {
             let verifier = airlock::seal::keygen(&out)?;
             println!("private key  {} (mode 0600)", out.display());
-            println!("public key   {}", airlock::seal::public_key_path(&out).display());
+            println!(
+                "public key   {}",
+                airlock::seal::public_key_path(&out).display()
+            );
             println!("keyid        {}", verifier.keyid());
             Ok(ExitCode::SUCCESS)
         }
@@ -356,7 +378,9 @@ fn dispatch(command: Command) -> Result<ExitCode> {
         Command::Export { run, out, state } => {
             let (mut queue, sealed) = open_queue_sealed(state)?;
             if !sealed {
-                anyhow::bail!("export needs the signing key to seal the run's head; use --config or the key in the state directory");
+                anyhow::bail!(
+                    "export needs the signing key to seal the run's head; use --config or the key in the state directory"
+                );
             }
             if !queue.runs()?.iter().any(|r| r.run == run) {
                 anyhow::bail!("no run named {run:?} (see `airlock runs`)");
@@ -371,7 +395,8 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 use std::io::Write;
                 std::io::stdout().write_all(&bytes)?;
             } else {
-                std::fs::write(&out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+                std::fs::write(&out, &bytes)
+                    .with_context(|| format!("writing {}", out.display()))?;
                 eprintln!("exported run {run} to {}", out.display());
             }
             Ok(ExitCode::SUCCESS)
@@ -450,7 +475,10 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 /// Completes on SIGTERM or SIGINT.
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut term), Ok(mut int)) => {
             tokio::select! {
                 _ = term.recv() => {}

@@ -92,7 +92,12 @@ impl Outcome {
             State::Expired => reasons.push("the review expired before enough approvals".into()),
             _ => {}
         }
-        if let Some(message) = row.error.as_ref().and_then(|e| e.get("message")).and_then(Value::as_str) {
+        if let Some(message) = row
+            .error
+            .as_ref()
+            .and_then(|e| e.get("message"))
+            .and_then(Value::as_str)
+        {
             reasons.push(message.to_owned());
         }
         let review = (row.approvals_needed > 0).then(|| ReviewStatus {
@@ -159,7 +164,11 @@ impl Outcome {
     /// The outcome file's name: `<id>.json`, or the submitted file's name when no
     /// valid id could be read.
     pub fn file_name(&self) -> String {
-        match self.id.as_deref().filter(|id| airlock_intent::IntentId::parse(id).is_ok()) {
+        match self
+            .id
+            .as_deref()
+            .filter(|id| airlock_intent::IntentId::parse(id).is_ok())
+        {
             Some(id) => format!("{id}.json"),
             None => self.file.clone(),
         }

@@ -308,12 +308,13 @@ fn error_json(error: &ApplyError, retry_at: Option<i64>) -> Value {
 /// Exponential backoff from 100 ms, capped, with ±25% jitter derived from the id and
 /// attempt (deterministic per intent, spread across intents).
 pub fn backoff_ms(attempts: u32, max_ms: u64, id: &str) -> i64 {
-    let base = 100u64.saturating_mul(1u64 << attempts.min(20)).min(max_ms.max(1));
-    let seed = id
-        .bytes()
-        .fold(u64::from(attempts).wrapping_mul(0x9e37_79b9_7f4a_7c15), |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-        });
+    let base = 100u64
+        .saturating_mul(1u64 << attempts.min(20))
+        .min(max_ms.max(1));
+    let seed = id.bytes().fold(
+        u64::from(attempts).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+        |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3),
+    );
     let jitter = (seed % 51) as i64 - 25; // -25..=25 percent
     let ms = base as i64 + base as i64 * jitter / 100;
     ms.max(1)

@@ -265,7 +265,9 @@ impl IntentRow {
 const INTENT_COLUMNS: &str = "seq, id, run, target, digest, payload, file, state, decision, \
      approvals_needed, review_deadline, error, attempts, not_before, received_at, updated_at";
 
-fn intent_row(row: &Row<'_>) -> rusqlite::Result<(IntentRow, String, Option<String>, Option<String>)> {
+fn intent_row(
+    row: &Row<'_>,
+) -> rusqlite::Result<(IntentRow, String, Option<String>, Option<String>)> {
     let state: String = row.get(7)?;
     let decision: Option<String> = row.get(8)?;
     let error: Option<String> = row.get(11)?;
@@ -387,10 +389,14 @@ impl Queue {
             source,
         };
         let mut conn = Connection::open(&path).map_err(open_err)?;
-        conn.busy_timeout(Duration::from_secs(10)).map_err(open_err)?;
-        conn.pragma_update(None, "journal_mode", "wal").map_err(open_err)?;
-        conn.pragma_update(None, "synchronous", "full").map_err(open_err)?;
-        conn.pragma_update(None, "foreign_keys", "on").map_err(open_err)?;
+        conn.busy_timeout(Duration::from_secs(10))
+            .map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "wal")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "full")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", "on")
+            .map_err(open_err)?;
         let tx = conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(open_err)?;
@@ -499,17 +505,17 @@ impl Queue {
                 .query_map([&run], |row| Ok((row.get(0)?, row.get(1)?)))?
                 .collect::<Result<_, _>>()?;
             for record in self.records(&run)? {
-                if record.event == "received" {
-                    if let Some(id) = &record.intent_id {
-                        let envelope: Vec<u8> = self
-                            .conn
-                            .prepare_cached("SELECT envelope FROM intents WHERE id = ?1")?
-                            .query_row([id], |row| row.get(0))?;
-                        let envelope: Value = serde_json::from_slice(&envelope)?;
-                        lines.push(serde_json::to_vec(
-                            &json!({"type": "intent", "id": id, "envelope": envelope}),
-                        )?);
-                    }
+                if record.event == "received"
+                    && let Some(id) = &record.intent_id
+                {
+                    let envelope: Vec<u8> = self
+                        .conn
+                        .prepare_cached("SELECT envelope FROM intents WHERE id = ?1")?
+                        .query_row([id], |row| row.get(0))?;
+                    let envelope: Value = serde_json::from_slice(&envelope)?;
+                    lines.push(serde_json::to_vec(
+                        &json!({"type": "intent", "id": id, "envelope": envelope}),
+                    )?);
                 }
                 let seq = record.seq;
                 lines.push(record.body);
@@ -586,7 +592,12 @@ impl Queue {
         let mut stmt = self
             .conn
             .prepare_cached("SELECT state, COUNT(*) FROM intents WHERE run = ?1 GROUP BY state")?;
-        let rows = stmt.query_map([run], |row| Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?.max(0) as u64)))?;
+        let rows = stmt.query_map([run], |row| {
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, i64>(1)?.max(0) as u64,
+            ))
+        })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -596,7 +607,9 @@ impl Queue {
             .conn
             .prepare("SELECT run, head_seq, head_digest FROM runs ORDER BY run")?;
         let heads = stmt
-            .query_map([], |row| Ok((row.get::<_, String>(0)?, row.get(1)?, row.get(2)?)))?
+            .query_map([], |row| {
+                Ok((row.get::<_, String>(0)?, row.get(1)?, row.get(2)?))
+            })?
             .collect::<Result<Vec<(String, i64, String)>, _>>()?;
         heads
             .into_iter()
@@ -638,7 +651,11 @@ impl Queue {
         self.select_records("WHERE intent_id = ?1 ORDER BY run, seq", [id])
     }
 
-    fn select_records(&self, clause: &str, params: impl rusqlite::Params) -> Result<Vec<Record>, QueueError> {
+    fn select_records(
+        &self,
+        clause: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<Record>, QueueError> {
         let sql = format!("SELECT run, seq, intent_id, event, body, digest FROM records {clause}");
         let mut stmt = self.conn.prepare_cached(&sql)?;
         let rows = stmt.query_map(params, |row| {
@@ -1050,13 +1067,22 @@ impl Writer<'_> {
     }
 
     /// Records a transient failure: the intent stays where it is until `retry_at`.
-    pub fn record_retry(&mut self, id: &str, error: Value, retry_at: i64) -> Result<(), QueueError> {
+    pub fn record_retry(
+        &mut self,
+        id: &str,
+        error: Value,
+        retry_at: i64,
+    ) -> Result<(), QueueError> {
         self.intent(id)?;
         self.set_retry(id, &error, retry_at)
     }
 
     /// Marks outcome files as written.
-    pub fn outcomes_written(&mut self, intents: &[i64], refusals: &[i64]) -> Result<(), QueueError> {
+    pub fn outcomes_written(
+        &mut self,
+        intents: &[i64],
+        refusals: &[i64],
+    ) -> Result<(), QueueError> {
         let mut stmt = self
             .tx
             .prepare_cached("UPDATE intents SET outcome_pending = 0 WHERE seq = ?1")?;
@@ -1084,13 +1110,13 @@ impl Writer<'_> {
                 row.state
             )));
         }
-        if let Some(digest) = digest {
-            if digest != row.digest {
-                return Err(QueueError::Refused(format!(
-                    "intent {id} has digest {}, not {digest}: the review names other bytes than the intent holds",
-                    row.digest
-                )));
-            }
+        if let Some(digest) = digest
+            && digest != row.digest
+        {
+            return Err(QueueError::Refused(format!(
+                "intent {id} has digest {}, not {digest}: the review names other bytes than the intent holds",
+                row.digest
+            )));
         }
         Ok(row)
     }
@@ -1126,7 +1152,12 @@ impl Writer<'_> {
                 "UPDATE intents SET error = ?2, attempts = attempts + 1, not_before = ?3, \
                  updated_at = ?4, outcome_pending = 1 WHERE id = ?1",
             )?
-            .execute(params![id, serde_json::to_string(error)?, retry_at, self.now])?;
+            .execute(params![
+                id,
+                serde_json::to_string(error)?,
+                retry_at,
+                self.now
+            ])?;
         Ok(())
     }
 
@@ -1187,7 +1218,9 @@ impl Writer<'_> {
             .prepare_cached(
                 "SELECT head_seq, head_digest, sealed_seq, sealed_at FROM runs WHERE run = ?1",
             )?
-            .query_row([run], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)))?;
+            .query_row([run], |row| {
+                Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+            })?;
         let unsealed = head_seq - sealed_seq;
         if unsealed <= 0 {
             return Ok(false);
@@ -1299,27 +1332,56 @@ mod tests {
         // Nothing applies before a decision.
         assert!(q.apply_heads(i64::MAX, 10).unwrap().is_empty());
         decide(&mut q, "a2", Verdict::Allow);
-        assert!(q.apply_heads(i64::MAX, 10).unwrap().is_empty(), "a1 holds back a2");
+        assert!(
+            q.apply_heads(i64::MAX, 10).unwrap().is_empty(),
+            "a1 holds back a2"
+        );
         assert_eq!(
             decide(&mut q, "a1", Verdict::Review { approvals: 2 }),
             State::AwaitingReview
         );
         decide(&mut q, "b1", Verdict::Allow);
-        let heads: Vec<String> = q.apply_heads(i64::MAX, 10).unwrap().into_iter().map(|r| r.id).collect();
+        let heads: Vec<String> = q
+            .apply_heads(i64::MAX, 10)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
         assert_eq!(heads, vec!["b1"]);
 
         // Two distinct approvers, bound to the digest.
         let digest = q.intent("a1").unwrap().unwrap().digest;
-        assert!(q.write(|w| w.approve("a1", "alice", Some("sha256:bad"), None)).is_err());
-        let first = q.write(|w| w.approve("a1", "alice", Some(&digest), None)).unwrap();
-        assert_eq!((first.state, first.approvals, first.needed), (State::AwaitingReview, 1, 2));
-        assert!(q.write(|w| w.approve("a1", "alice", None, None)).is_err(), "same reviewer twice");
+        assert!(
+            q.write(|w| w.approve("a1", "alice", Some("sha256:bad"), None))
+                .is_err()
+        );
+        let first = q
+            .write(|w| w.approve("a1", "alice", Some(&digest), None))
+            .unwrap();
+        assert_eq!(
+            (first.state, first.approvals, first.needed),
+            (State::AwaitingReview, 1, 2)
+        );
+        assert!(
+            q.write(|w| w.approve("a1", "alice", None, None)).is_err(),
+            "same reviewer twice"
+        );
         let second = q.write(|w| w.approve("a1", "bob", None, None)).unwrap();
         assert_eq!(second.state, State::Approved);
-        let heads: Vec<String> = q.apply_heads(i64::MAX, 10).unwrap().into_iter().map(|r| r.id).collect();
+        let heads: Vec<String> = q
+            .apply_heads(i64::MAX, 10)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
         assert_eq!(heads, vec!["a1", "b1"]);
         q.write(|w| w.record_applied("a1", json!({}))).unwrap();
-        let heads: Vec<String> = q.apply_heads(i64::MAX, 10).unwrap().into_iter().map(|r| r.id).collect();
+        let heads: Vec<String> = q
+            .apply_heads(i64::MAX, 10)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
         assert_eq!(heads, vec!["a2", "b1"]);
         // Applied is final for the lifecycle: applying again is illegal.
         assert!(q.write(|w| w.record_applied("a1", json!({}))).is_err());
@@ -1344,18 +1406,32 @@ mod tests {
         // intent, received, checkpoint, decided, checkpoint
         let kinds: Vec<String> = lines
             .iter()
-            .map(|l| serde_json::from_slice::<Value>(l).unwrap()["type"].as_str().unwrap().to_owned())
+            .map(|l| {
+                serde_json::from_slice::<Value>(l).unwrap()["type"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
             .collect();
-        assert_eq!(kinds, ["intent", "record", "checkpoint", "record", "checkpoint"]);
+        assert_eq!(
+            kinds,
+            ["intent", "record", "checkpoint", "record", "checkpoint"]
+        );
         let last: Value = serde_json::from_slice(&lines[4]).unwrap();
-        let envelope = seal::Envelope::from_json(&serde_json::to_vec(&last["envelope"]).unwrap()).unwrap();
-        let payload = sealer.verifier().verify_as(&envelope, seal::CHECKPOINT_PAYLOAD_TYPE).unwrap();
+        let envelope =
+            seal::Envelope::from_json(&serde_json::to_vec(&last["envelope"]).unwrap()).unwrap();
+        let payload = sealer
+            .verifier()
+            .verify_as(&envelope, seal::CHECKPOINT_PAYLOAD_TYPE)
+            .unwrap();
         let payload: Value = serde_json::from_slice(payload).unwrap();
         assert_eq!(payload["head"], json!(records[1].digest));
 
         // Without the key (the CLI), records wait unsealed until the daemon seals them.
         let mut unkeyed = Queue::open(dir.path()).unwrap();
-        unkeyed.write(|w| w.admit(&arrival("i2", "R", "y"))).unwrap();
+        unkeyed
+            .write(|w| w.admit(&arrival("i2", "R", "y")))
+            .unwrap();
         assert_eq!(unkeyed.seal_due(true).unwrap(), 0);
         assert_eq!(q.seal_due(false).unwrap(), 1);
         assert_eq!(q.seal_due(true).unwrap(), 0);

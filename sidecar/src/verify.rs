@@ -923,17 +923,17 @@ impl Verification<'_> {
                         ),
                     ));
                 }
-                if let Some(payload_run) = intent.get("run").and_then(Value::as_str) {
-                    if payload_run != record.run {
-                        findings.push((
-                            at,
-                            format!(
-                                "intent {id}: the signed payload belongs to run {payload_run:?}, \
-                                 but it was received in run {:?}",
-                                record.run
-                            ),
-                        ));
-                    }
+                if let Some(payload_run) = intent.get("run").and_then(Value::as_str)
+                    && payload_run != record.run
+                {
+                    findings.push((
+                        at,
+                        format!(
+                            "intent {id}: the signed payload belongs to run {payload_run:?}, \
+                             but it was received in run {:?}",
+                            record.run
+                        ),
+                    ));
                 }
             }
         }

@@ -1,5 +1,7 @@
 //! The command line as a newcomer meets it: `schema`, `demo`, `submit`, bad config.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
+
 mod support;
 
 use support::airlock;
@@ -9,7 +11,10 @@ fn schema_prints_the_published_schema() {
     let out = airlock().arg("schema").output().unwrap();
     assert!(out.status.success());
     let schema: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(schema["$schema"], "https://json-schema.org/draft/2020-12/schema");
+    assert_eq!(
+        schema["$schema"],
+        "https://json-schema.org/draft/2020-12/schema"
+    );
     assert_eq!(out.stdout, airlock_intent::SCHEMA.as_bytes());
 }
 
@@ -23,13 +28,23 @@ fn demo_shows_every_kind_of_outcome() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for state in ["applied", "awaiting_review", "denied", "invalid"] {
-        assert!(stdout.contains(state), "demo output lacks {state}:\n{stdout}");
+        assert!(
+            stdout.contains(state),
+            "demo output lacks {state}:\n{stdout}"
+        );
     }
     // The cancelled order was approved and applied; Ada is gold.
     assert!(stdout.contains("✔ cancel-order-100"), "{stdout}");
-    assert!(stdout.contains("1 | Ada Lovelace | ada@example.com | gold"), "{stdout}");
+    assert!(
+        stdout.contains("1 | Ada Lovelace | ada@example.com | gold"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -37,7 +52,12 @@ fn bad_configuration_exits_64_with_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("airlock.toml");
     std::fs::write(&config, "intents = \"x\"\n[limits]\nmax_opz = 3\n").unwrap();
-    let out = airlock().arg("run").arg("--config").arg(&config).output().unwrap();
+    let out = airlock()
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("max_opz"), "{stderr}");
@@ -70,6 +90,14 @@ fn submit_writes_atomically_under_the_id() {
         .unwrap();
     assert!(out.status.success());
     let written = dir.path().join("intents/order-7.json");
-    assert_eq!(std::fs::read(&written).unwrap(), std::fs::read(&source).unwrap());
-    assert_eq!(std::fs::read_dir(dir.path().join("intents")).unwrap().count(), 1);
+    assert_eq!(
+        std::fs::read(&written).unwrap(),
+        std::fs::read(&source).unwrap()
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("intents"))
+            .unwrap()
+            .count(),
+        1
+    );
 }

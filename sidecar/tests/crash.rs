@@ -6,6 +6,8 @@
 //!
 //! The seed is printed; rerun a failure with `AIRLOCK_CRASH_SEED=<seed>`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
+
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -33,8 +35,16 @@ impl Rng {
 /// What the workload should leave in `customers`, by id.
 type Expected = BTreeMap<i64, String>;
 
+/// The workload: files to submit (name, bytes), the rows they imply, and the names
+/// of the files that are invalid on purpose.
+struct Workload {
+    files: Vec<(String, Vec<u8>)>,
+    expected: Expected,
+    invalid: BTreeSet<String>,
+}
+
 /// Three runs of inserts, renames and (reviewed) deletes, plus some invalid files.
-fn workload() -> (Vec<(String, Vec<u8>)>, Expected, BTreeSet<String>) {
+fn workload() -> Workload {
     let mut files = Vec::new();
     let mut expected = Expected::new();
     let mut invalid = BTreeSet::new();
@@ -55,9 +65,9 @@ fn workload() -> (Vec<(String, Vec<u8>)>, Expected, BTreeSet<String>) {
                         json!({"op": "update", "table": "customers", "key": {"id": target}, "set": {"name": new_name}}),
                     )
                 }
-                // Delete the row inserted two before (goes to review).
+                // Delete the row inserted just before (goes to review).
                 9 => {
-                    let target = id - 2;
+                    let target = id - 1;
                     expected.remove(&target);
                     intent(
                         &name,
@@ -82,7 +92,11 @@ fn workload() -> (Vec<(String, Vec<u8>)>, Expected, BTreeSet<String>) {
             }
         }
     }
-    (files, expected, invalid)
+    Workload {
+        files,
+        expected,
+        invalid,
+    }
 }
 
 fn outcomes(sb: &Sandbox) -> BTreeMap<String, Value> {
@@ -95,7 +109,9 @@ fn outcomes(sb: &Sandbox) -> BTreeMap<String, Value> {
         if name.starts_with('.') {
             continue;
         }
-        if let Ok(value) = serde_json::from_slice::<Value>(&std::fs::read(entry.path()).unwrap_or_default()) {
+        if let Ok(value) =
+            serde_json::from_slice::<Value>(&std::fs::read(entry.path()).unwrap_or_default())
+        {
             all.insert(name.trim_end_matches(".json").to_owned(), value);
         }
     }
@@ -124,7 +140,11 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         });
     println!("crash test seed: {seed} (rerun with AIRLOCK_CRASH_SEED={seed})");
     let mut rng = Rng(seed);
-    let (files, expected, invalid) = workload();
+    let Workload {
+        files,
+        expected,
+        invalid,
+    } = workload();
     let mut sb = Sandbox::new();
     let mut next = 0;
     let kills = 24;
@@ -155,7 +175,11 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     // Every intent exactly once, in the state the workload implies.
     let all = outcomes(&sb);
     for (name, outcome) in &all {
-        let want = if invalid.contains(name) { "invalid" } else { "applied" };
+        let want = if invalid.contains(name) {
+            "invalid"
+        } else {
+            "applied"
+        };
         assert_eq!(outcome["state"], want, "{name}: {outcome:#}");
     }
     let status = sb.cli(&["status", "--json"]);
@@ -198,6 +222,10 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         .output()
         .unwrap();
     let report = String::from_utf8_lossy(&verify.stdout);
-    assert!(verify.status.success(), "{report}\n{}", String::from_utf8_lossy(&verify.stderr));
+    assert!(
+        verify.status.success(),
+        "{report}\n{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
     assert!(report.contains("crash-run-0"), "{report}");
 }

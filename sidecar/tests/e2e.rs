@@ -2,6 +2,8 @@
 //! policy and a SQLite target. Each test submits intent files as an agent would and
 //! checks the outcome files the agent reads and the rows in the target.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
+
 mod support;
 
 use serde_json::json;
@@ -17,7 +19,10 @@ fn valid_intent_is_applied_once() {
     assert_eq!(outcome["run"], "run-a");
     assert_eq!(outcome["decision"]["verdict"], "allow");
     assert!(outcome["digest"].as_str().unwrap().starts_with("sha256:"));
-    assert_eq!(sb.rows("SELECT id, name FROM customers"), vec![vec![json!(1), json!("Ada")]]);
+    assert_eq!(
+        sb.rows("SELECT id, name FROM customers"),
+        vec![vec![json!(1), json!("Ada")]]
+    );
     assert_eq!(
         sb.rows("SELECT intent_id, run FROM airlock_ledger"),
         vec![vec![json!("c-1"), json!("run-a")]]
@@ -52,7 +57,11 @@ fn invalid_files_get_outcomes_naming_the_problem() {
     sb.submit_json(&unknown_target);
     // A symbolic link is refused, and what it points to is left alone.
     let outside = sb.dir.path().join("outside.json");
-    std::fs::write(&outside, serde_json::to_vec(&insert_customer("linked", "run-a", 4, "l")).unwrap()).unwrap();
+    std::fs::write(
+        &outside,
+        serde_json::to_vec(&insert_customer("linked", "run-a", 4, "l")).unwrap(),
+    )
+    .unwrap();
     std::os::unix::fs::symlink(&outside, sb.intents().join("linked.json")).unwrap();
 
     let garbage = sb.outcome_in("garbage", "invalid");
@@ -76,10 +85,18 @@ fn invalid_files_get_outcomes_naming_the_problem() {
 
     let target = sb.outcome_in("elsewhere", "invalid");
     assert_eq!(target["problems"][0]["pointer"], "/target");
-    assert!(target["problems"][0]["message"].as_str().unwrap().contains("warehouse"));
+    assert!(
+        target["problems"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("warehouse")
+    );
 
     let linked = sb.outcome_in("linked", "invalid");
-    assert!(linked["reasons"].to_string().contains("symbolic link"), "{linked:#}");
+    assert!(
+        linked["reasons"].to_string().contains("symbolic link"),
+        "{linked:#}"
+    );
     assert!(outside.exists());
 
     assert!(sb.rows("SELECT * FROM customers").is_empty());
@@ -101,9 +118,20 @@ fn duplicates_are_no_ops_and_conflicts_are_refused() {
     sb.submit("conflict.json", &serde_json::to_vec(&conflicting).unwrap());
     let outcome = sb.outcome_in("dup-1", "invalid");
     assert_eq!(outcome["problems"][0]["pointer"], "/id");
-    assert!(outcome["problems"][0]["message"].as_str().unwrap().contains("already names a different intent"));
-    assert_eq!(sb.rows("SELECT id, name FROM customers"), vec![vec![json!(1), json!("Ada")]]);
-    assert_eq!(sb.rows("SELECT COUNT(*) FROM airlock_ledger"), vec![vec![json!(1)]]);
+    assert!(
+        outcome["problems"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("already names a different intent")
+    );
+    assert_eq!(
+        sb.rows("SELECT id, name FROM customers"),
+        vec![vec![json!(1), json!("Ada")]]
+    );
+    assert_eq!(
+        sb.rows("SELECT COUNT(*) FROM airlock_ledger"),
+        vec![vec![json!(1)]]
+    );
     // The original is still applied in the queue.
     let status = sb.cli(&["status", "--json"]);
     let text = String::from_utf8_lossy(&status.stdout);
@@ -113,7 +141,9 @@ fn duplicates_are_no_ops_and_conflicts_are_refused() {
 
 fn eventually_gone(sb: &Sandbox, name: &str) {
     let path = sb.intents().join(name);
-    support::eventually(&format!("{name} to be taken"), || (!support::path_exists(&path)).then_some(()));
+    support::eventually(&format!("{name} to be taken"), || {
+        (!support::path_exists(&path)).then_some(())
+    });
 }
 
 #[test]
@@ -127,8 +157,14 @@ fn denied_intent_never_writes() {
     ));
     let outcome = sb.outcome_in("erase-1", "denied");
     assert_eq!(outcome["final"], true);
-    assert!(outcome["reasons"].to_string().contains("audit_log"), "{outcome:#}");
-    assert_eq!(sb.rows("SELECT COUNT(*) FROM audit_log"), vec![vec![json!(1)]]);
+    assert!(
+        outcome["reasons"].to_string().contains("audit_log"),
+        "{outcome:#}"
+    );
+    assert_eq!(
+        sb.rows("SELECT COUNT(*) FROM audit_log"),
+        vec![vec![json!(1)]]
+    );
     assert!(sb.stop().success());
 }
 
@@ -153,7 +189,10 @@ fn reviewed_then_approved_applies_and_holds_back_its_run() {
     // ...while another run goes ahead.
     sb.submit_json(&insert_customer("c-3", "run-other", 3, "Edsger"));
     sb.outcome_in("c-3", "applied");
-    assert_eq!(sb.rows("SELECT id FROM customers ORDER BY id"), vec![vec![json!(1)], vec![json!(3)]]);
+    assert_eq!(
+        sb.rows("SELECT id FROM customers ORDER BY id"),
+        vec![vec![json!(1)], vec![json!(3)]]
+    );
 
     // An approval naming other bytes is refused.
     let wrong = sb.cli(&["approve", "del-1", "--as", "alice", "--digest", "sha256:00"]);
@@ -162,11 +201,18 @@ fn reviewed_then_approved_applies_and_holds_back_its_run() {
 
     let digest = waiting["digest"].as_str().unwrap();
     let ok = sb.cli(&["approve", "del-1", "--as", "alice", "--digest", digest]);
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     let applied = sb.outcome_in("del-1", "applied");
     assert_eq!(applied["review"]["approved_by"], json!(["alice"]));
     sb.outcome_in("c-2", "applied");
-    assert_eq!(sb.rows("SELECT id FROM customers ORDER BY id"), vec![vec![json!(2)], vec![json!(3)]]);
+    assert_eq!(
+        sb.rows("SELECT id FROM customers ORDER BY id"),
+        vec![vec![json!(2)], vec![json!(3)]]
+    );
     assert!(sb.stop().success());
 }
 
@@ -184,13 +230,31 @@ fn reviewed_then_rejected_never_writes() {
     sb.outcome_in("del-1", "awaiting_review");
     let no_reason = sb.cli(&["reject", "del-1", "--as", "bob", "--reason", " "]);
     assert!(!no_reason.status.success());
-    let ok = sb.cli(&["reject", "del-1", "--as", "bob", "--reason", "customers are never deleted"]);
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    let ok = sb.cli(&[
+        "reject",
+        "del-1",
+        "--as",
+        "bob",
+        "--reason",
+        "customers are never deleted",
+    ]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     let outcome = sb.outcome_in("del-1", "rejected");
     assert_eq!(outcome["final"], true);
-    assert!(outcome["reasons"].to_string().contains("customers are never deleted"));
+    assert!(
+        outcome["reasons"]
+            .to_string()
+            .contains("customers are never deleted")
+    );
     assert_eq!(outcome["review"]["rejected_by"], "bob");
-    assert_eq!(sb.rows("SELECT COUNT(*) FROM customers"), vec![vec![json!(1)]]);
+    assert_eq!(
+        sb.rows("SELECT COUNT(*) FROM customers"),
+        vec![vec![json!(1)]]
+    );
     // A decided intent cannot be decided again.
     let again = sb.cli(&["approve", "del-1", "--as", "carol"]);
     assert!(!again.status.success());
@@ -210,7 +274,13 @@ fn failed_apply_reports_the_database_error() {
     let outcome = sb.outcome_in("bad-order", "failed");
     assert_eq!(outcome["final"], true);
     assert_eq!(outcome["error"]["stage"], "apply");
-    assert!(outcome["error"]["message"].as_str().unwrap().contains("customer_id"), "{outcome:#}");
+    assert!(
+        outcome["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("customer_id"),
+        "{outcome:#}"
+    );
     assert!(sb.rows("SELECT * FROM orders").is_empty());
     assert!(sb.stop().success());
 }
@@ -230,7 +300,11 @@ fn files_present_before_start_are_taken_and_restart_keeps_state() {
     assert!(sb.stop().success());
     // Approve while Airlock is down; it applies after the restart.
     let ok = sb.cli(&["approve", "del-early", "--as", "alice"]);
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
     sb.start();
     sb.outcome_in("del-early", "applied");
     assert!(sb.rows("SELECT * FROM customers").is_empty());

@@ -2,6 +2,8 @@
 //! built with a real key, verified clean, then altered in every way DESIGN
 //! invariant 6 names; each alteration must be reported, naming the line.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
+
 use std::collections::BTreeMap;
 
 use airlock::seal::{self, CHECKPOINT_PAYLOAD_TYPE, Envelope, INTENT_PAYLOAD_TYPE, Sealer};

@@ -105,7 +105,9 @@ impl Sandbox {
     pub fn stop(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("not running");
         signal(&child, "TERM");
-        eventually("airlock to exit after SIGTERM", || child.try_wait().ok().flatten())
+        eventually("airlock to exit after SIGTERM", || {
+            child.try_wait().ok().flatten()
+        })
     }
 
     /// Kills the process outright (SIGKILL), as a crash would.
@@ -131,17 +133,23 @@ impl Sandbox {
     /// Submits an intent given as JSON, named `<id>.json`.
     pub fn submit_json(&self, intent: &Value) {
         let id = intent["id"].as_str().expect("id");
-        self.submit(&format!("{id}.json"), &serde_json::to_vec_pretty(intent).expect("json"));
+        self.submit(
+            &format!("{id}.json"),
+            &serde_json::to_vec_pretty(intent).expect("json"),
+        );
     }
 
     /// The outcome file `name` (without `.json`), once it satisfies `accept`.
     pub fn outcome_where(&self, name: &str, accept: impl Fn(&Value) -> bool) -> Value {
         let path = self.results().join(format!("{name}.json"));
-        eventually(&format!("outcome {name} (log:\n{})", self.log_tail()), || {
-            let bytes = std::fs::read(&path).ok()?;
-            let value: Value = serde_json::from_slice(&bytes).ok()?;
-            accept(&value).then_some(value)
-        })
+        eventually(
+            &format!("outcome {name} (log:\n{})", self.log_tail()),
+            || {
+                let bytes = std::fs::read(&path).ok()?;
+                let value: Value = serde_json::from_slice(&bytes).ok()?;
+                accept(&value).then_some(value)
+            },
+        )
     }
 
     /// The outcome once it is in `state`.
