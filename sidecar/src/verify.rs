@@ -290,15 +290,18 @@ fn plural(n: u64, word: &str) -> String {
 pub fn verify_export(export: &[u8], key: &Verifier, options: &Options) -> Report {
     let export = export.strip_suffix(b"\n").unwrap_or(export);
     if export.is_empty() {
-        return verify(std::iter::empty(), key, options);
+        return verify(std::iter::empty::<&[u8]>(), key, options);
     }
     verify(export.split(|&b| b == b'\n'), key, options)
 }
 
 /// Verifies the lines of an export (each without its `\n`; one trailing `\n` is
 /// ignored) under `key`. Line numbers in the report count from 1 in the order given.
-pub fn verify<'a>(
-    lines: impl IntoIterator<Item = &'a [u8]>,
+///
+/// Lines are consumed one at a time and only a digest and line number are kept per
+/// record, so a caller may stream a large export (e.g. from `BufRead::split`).
+pub fn verify(
+    lines: impl IntoIterator<Item = impl AsRef<[u8]>>,
     key: &Verifier,
     options: &Options,
 ) -> Report {
@@ -310,6 +313,7 @@ pub fn verify<'a>(
         failures: Vec::new(),
     };
     for (index, bytes) in lines.into_iter().enumerate() {
+        let bytes = bytes.as_ref();
         let bytes = bytes.strip_suffix(b"\n").unwrap_or(bytes);
         verification.line(index + 1, bytes);
     }

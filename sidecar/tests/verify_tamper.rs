@@ -1,6 +1,8 @@
 //! The auditor's verifier against tampered exports: a realistic two-run export is
 //! built with a real key, verified clean, then altered in every way DESIGN
 //! invariant 6 names; each alteration must be reported, naming the line.
+// The builder and helpers below are test code outside `#[test]` functions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
 
@@ -1026,4 +1028,43 @@ fn malformed_intent_and_checkpoint_lines_fail() {
         &["checkpoint envelope is not a DSSE envelope"],
     );
     assert!(report.runs.values().all(|run| run.ok()), "{report}");
+}
+
+/// The complete example of `docs/log-format.md` §3.4, as a test vector: the
+/// documentation's lines verify under the documented key and key id.
+#[test]
+fn documented_example_verifies() {
+    const PUBLIC_KEY: &str = "-----BEGIN PUBLIC KEY-----\n\
+        MCowBQYDK2VwAyEA6kpsY+KcUgq+9VB7Ey7F+ZVHdq6+vnuSQh7qaRRG0iw=\n\
+        -----END PUBLIC KEY-----\n";
+    const EXPORT: &str = r#"{"envelope":{"payload":"eyJpZCI6ICJhLTEiLCAicnVuIjogInJ1bi1hIiwgInRhcmdldCI6ICJtYWluIiwgIm9wcyI6IFt7Im9wIjogImluc2VydCIsICJ0YWJsZSI6ICJub3RlcyIsICJ2YWx1ZXMiOiB7ImJvZHkiOiAiaGkifX1dLCAicmVhc29uIjogImRlbW8ifQo=","payloadType":"application/vnd.airlock.intent.v1+json","signatures":[{"keyid":"sha256:324be2dea8bc44461b0233e51fa48902ed6b1cc671e7739af2551e0bfe68f54e","sig":"/QyaxkvBy+oUiz9EjZ2UXQAzFXr4qFqCSXqDyjUei6ycPZtgXjSydPsI0w1eaHd3ebqtDmOgKtZAt609J6zdAg=="}]},"id":"a-1","type":"intent"}
+{"at":1760000000007,"data":{"digest":"sha256:9ccb831f5401a19fa5eae6105fa457d29a5a7f3822778249c81c03c73987b2dd","file":"a-1.json","keyid":"sha256:324be2dea8bc44461b0233e51fa48902ed6b1cc671e7739af2551e0bfe68f54e","target":"main"},"event":"received","intent":"a-1","prev":null,"run":"run-a","seq":1,"type":"record"}
+{"at":1760000000014,"data":{"decision":{"decision_id":"d-a-1","policy":"sha256:00","reasons":["within limits"],"verdict":"allow"},"state":"approved"},"event":"decided","intent":"a-1","prev":"sha256:32c7eb66f5f798f1413b6ff2d52456e3908af1341db118ba45a8b6f746aa8eb6","run":"run-a","seq":2,"type":"record"}
+{"envelope":{"payload":"eyJhdCI6MTc2MDAwMDk5OTAwMCwiaGVhZCI6InNoYTI1NjowZTU3ZTQ2OWM0OGVkMTg0MjRiNDUyOGMxMzM5ZjFlMGE5ZDBkZTdjNDU2NGVkNDM4MzNmNmEyZTM2MDgwNTI5IiwicnVuIjoicnVuLWEiLCJzZXEiOjIsInR5cGUiOiJjaGVja3BvaW50In0=","payloadType":"application/vnd.airlock.checkpoint.v1+json","signatures":[{"keyid":"sha256:324be2dea8bc44461b0233e51fa48902ed6b1cc671e7739af2551e0bfe68f54e","sig":"QHLzQWP4+ZQSLLkpZbwSsAtYymu8px1/+Z/wOm7GoMUTnkJJmvQk6kWmMw/qNBOY3H5SK9oLCm1zRnHdRxJYAw=="}]},"type":"checkpoint"}
+"#;
+    let key = airlock::seal::Verifier::from_pem(PUBLIC_KEY).unwrap();
+    assert_eq!(
+        key.keyid(),
+        "sha256:324be2dea8bc44461b0233e51fa48902ed6b1cc671e7739af2551e0bfe68f54e"
+    );
+    assert_eq!(key, *Sealer::from_seed(&[7; 32]).verifier());
+    let head: ExpectedHead =
+        "run-a:2:sha256:0e57e469c48ed18424b4528c1339f1e0a9d0de7c4564ed43833f6a2e36080529"
+            .parse()
+            .unwrap();
+    let options = Options {
+        mode: Mode::Export,
+        expected_heads: vec![head],
+    };
+    let report = verify_export(EXPORT.as_bytes(), &key, &options);
+    assert!(report.ok(), "{report}");
+    assert_eq!(
+        report.to_string(),
+        "run-a: OK, 2 records, 1 intent, sealed through seq 2"
+    );
+    // And the documentation is what the verifier reads.
+    let doc = include_str!("../../docs/log-format.md");
+    for line in EXPORT.lines() {
+        assert!(doc.contains(line), "docs/log-format.md lacks {line}");
+    }
 }
