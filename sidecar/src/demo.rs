@@ -77,9 +77,14 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
     println!("  agent writes intents to  {}", config.intents.display());
     println!("  agent reads outcomes in  {}", results.display());
     println!("  target database          {}", target.display());
-    println!("  policy                   the built-in default (examples/policies/airlock.rego)\n");
+    println!("  policy                   the built-in default (examples/policies/airlock.rego)");
 
     let resources = Resources::open(config.clone())?;
+    println!(
+        "  signing key              {} (created; keyid {})\n",
+        config.key_path().display(),
+        resources.sealer.keyid()
+    );
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let daemon = tokio::spawn(daemon::run(resources, async {
         let _ = stop_rx.await;
@@ -139,6 +144,11 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
     );
     println!(
         "  airlock status --state {}     # the queue",
+        config.state.display()
+    );
+    println!(
+        "  airlock verify --public-key {}.pub --state {}   # the signed run log",
+        config.key_path().display(),
         config.state.display()
     );
     println!("Run Airlock for real with `airlock run` (see README.md).");

@@ -174,7 +174,12 @@ fn default_reviewer() -> String {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    airlock::telemetry::init_logging();
+    // The demo prints its own story; its logs would only interleave with it.
+    let default_log = match cli.command {
+        Command::Demo { .. } => "warn",
+        _ => "info",
+    };
+    airlock::telemetry::init_logging(default_log);
     match dispatch(cli.command) {
         Ok(code) => code,
         Err(error) => {
