@@ -48,7 +48,13 @@ deny if count(deny_reasons) > 0
 
 deny_reasons contains msg if {
 	some op in input.ops
-	denied_table(op)
+	op.table in deny_tables
+	msg := sprintf("table %s is listed in data.airlock.deny_tables: agents may not write it", [op.table])
+}
+
+deny_reasons contains msg if {
+	some op in input.ops
+	op.name in deny_tables
 	msg := sprintf("table %s is listed in data.airlock.deny_tables: agents may not write it", [op.table])
 }
 
@@ -57,10 +63,6 @@ deny_reasons contains msg if {
 	not op.kind in known_kinds
 	msg := sprintf("op %d has kind %q, which this policy does not know", [op.index, op.kind])
 }
-
-denied_table(op) if op.table in deny_tables
-
-denied_table(op) if op.name in deny_tables
 
 # --- review -------------------------------------------------------------------
 

@@ -44,7 +44,7 @@ const DATA_FILE: &str = "data.json";
 
 /// The wrapper that makes the package document evaluable as a rule.
 const ENTRY_FILE: &str = "<airlock entry point>";
-const ENTRY_MODULE: &str = "package __airlock_entry\n\ndecision := data.airlock.authz\n";
+const ENTRY_PACKAGE: &str = "__airlock_entry";
 const ENTRY_RULE: &str = "data.__airlock_entry.decision";
 
 /// Where a policy comes from.
@@ -92,7 +92,10 @@ impl EmbeddedPolicy {
         let identity = sources.identity();
         let mut engine = sources.engine()?;
         engine
-            .add_policy(ENTRY_FILE.to_owned(), ENTRY_MODULE.to_owned())
+            .add_policy(
+                ENTRY_FILE.to_owned(),
+                format!("package {ENTRY_PACKAGE}\n\ndecision := {RULE}\n"),
+            )
             .map_err(|err| compile_error(&sources, &err))?;
         let compiled = engine
             .compile_with_entrypoint(&ENTRY_RULE.into())
@@ -292,15 +295,19 @@ impl Sources {
 /// A compile error found after parsing (unsafe variables, unknown functions,
 /// recursion): regorus names the file in its message, so find which one.
 fn compile_error(sources: &Sources, err: &anyhow::Error) -> PolicyError {
-    let message = one_line(err);
+    // regorus writes the location as `--> file:line:col`.
+    let raw = format!("{err:#}");
     let file = sources
         .files
         .iter()
         .map(|(name, _)| name)
-        .find(|name| message.contains(&format!("{name}:")))
+        .find(|name| raw.contains(&format!("--> {name}:")))
         .cloned()
         .unwrap_or_else(|| sources.origin.clone());
-    PolicyError::Compile { file, message }
+    PolicyError::Compile {
+        file,
+        message: one_line(err),
+    }
 }
 
 /// regorus formats errors over several lines (location, source line, caret,
