@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use airlock::apply::{ApplyError, ApplyMeta, ErrorKind, SqliteTarget, Target, codes, open};
-use airlock_intent::Intent;
+use airlock_intent::{Intent, Op, TableName};
 use rusqlite::Connection;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -60,6 +60,21 @@ fn intent(id: &str, ops: Value) -> Intent {
         "provenance": {"agent": "test-agent"},
     }))
     .unwrap()
+}
+
+/// An intent built directly in Rust, bypassing the checks deserialisation makes, to
+/// show the target refuses what the types would never let through (defence in depth).
+fn unchecked(id: &str, op: Op) -> Intent {
+    let mut i = intent(
+        id,
+        json!([{"op": "insert", "table": "orders", "values": {"id": 1}}]),
+    );
+    i.ops = vec![op];
+    i
+}
+
+fn row(value: Value) -> serde_json::Map<String, Value> {
+    value.as_object().cloned().unwrap_or_default()
 }
 
 /// The digest of an intent's bytes, as the queue would compute it.
@@ -520,17 +535,30 @@ async fn unknown_tables_and_columns_are_named() {
 #[tokio::test]
 async fn malformed_ops_are_refused_before_writing() {
     let db = setup();
+    // The types refuse an empty key or set; the target refuses them too.
+    for (id, key, set) in [
+        ("i-empty-key", json!({}), json!({"status": "x"})),
+        ("i-empty-set", json!({"id": 7}), json!({})),
+    ] {
+        let wire = json!([{"op": "update", "table": "orders", "key": key, "set": set}]);
+        assert!(
+            serde_json::from_value::<Intent>(json!({
+                "version": 1, "id": id, "run": "r", "ops": wire,
+                "reason": "test", "provenance": {"agent": "a"}
+            }))
+            .is_err()
+        );
+        let op = Op::Update {
+            table: TableName::parse("orders").unwrap(),
+            key: row(key),
+            set: row(set),
+            expect: None,
+        };
+        let i = unchecked(id, op);
+        let err = apply_err(&db, &i, &meta(&i)).await;
+        assert_eq!(err.code.as_deref(), Some(codes::BAD_OP), "{id}: {err}");
+    }
     for (id, op, code) in [
-        (
-            "i-empty-key",
-            json!({"op": "update", "table": "orders", "key": {}, "set": {"status": "x"}}),
-            codes::BAD_OP,
-        ),
-        (
-            "i-empty-set",
-            json!({"op": "update", "table": "orders", "key": {"id": 7}, "set": {}}),
-            codes::BAD_OP,
-        ),
         (
             "i-on-missing",
             json!({"op": "upsert", "table": "customers", "values": {"name": "x"}, "on": ["email"]}),
@@ -571,11 +599,13 @@ async fn hostile_values_are_stored_verbatim_and_hostile_columns_refused() {
         rows(&db.path, "SELECT name FROM customers WHERE id = 3"),
         vec![json!([evil])]
     );
-    // A column name the schema would refuse, deserialised here without the schema.
-    let i = intent(
+    // A column name the types refuse, built here without them.
+    let i = unchecked(
         "i-evil-column",
-        json!([{"op": "insert", "table": "customers",
-                "values": {"name\") VALUES ('x'); DROP TABLE customers; --": "x"}}]),
+        Op::Insert {
+            table: TableName::parse("customers").unwrap(),
+            values: row(json!({"name\") VALUES ('x'); DROP TABLE customers; --": "x"})),
+        },
     );
     let err = apply_err(&db, &i, &meta(&i)).await;
     assert_eq!(err.code.as_deref(), Some(codes::UNKNOWN_COLUMN));

@@ -154,7 +154,10 @@ fn a_single_rego_file_loads() {
     let dir = policy_dir(&[("only.rego", "package airlock.authz\n\nallow := true\n")]);
     let policy = EmbeddedPolicy::load(PolicySource::Path(dir.path().join("only.rego"))).unwrap();
     assert_eq!(policy.files(), ["only.rego"]);
-    let decision = decide(&policy, &intent(json!([])));
+    let decision = decide(
+        &policy,
+        &intent(json!([{"op": "insert", "table": "t", "values": {"a": 1}}])),
+    );
     assert_eq!(decision.verdict, Verdict::Allow);
 }
 
@@ -201,7 +204,7 @@ fn a_malformed_answer_fails_closed() {
     let dir = policy_dir(&[("p.rego", "package airlock.authz\n\nallow := \"yes\"\n")]);
     let policy = load(dir.path()).unwrap();
     let input = build_input(&InputContext {
-        intent: &intent(json!([])),
+        intent: &intent(json!([{"op": "insert", "table": "t", "values": {"a": 1}}])),
         run_counts: &BTreeMap::new(),
         digest: "sha256:00",
         keyid: None,
@@ -218,7 +221,10 @@ fn a_malformed_answer_fails_closed() {
 fn an_undefined_package_is_a_deny() {
     let dir = policy_dir(&[("p.rego", "package something.else\n\nallow := true\n")]);
     let policy = load(dir.path()).unwrap();
-    let decision = decide(&policy, &intent(json!([])));
+    let decision = decide(
+        &policy,
+        &intent(json!([{"op": "insert", "table": "t", "values": {"a": 1}}])),
+    );
     assert_eq!(decision.verdict, Verdict::Deny);
     assert_eq!(decision.reasons, [UNDEFINED_REASON]);
 }

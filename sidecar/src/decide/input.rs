@@ -244,8 +244,9 @@ mod tests {
     fn intent_matches_its_serde_form() {
         let full = every_field();
         let minimal = intent(json!({
-            "version": 1, "id": "i-2", "run": "r", "ops": [],
-            "reason": "", "provenance": {"agent": "a"}
+            "version": 1, "id": "i-2", "run": "r",
+            "ops": [{"op": "delete", "table": "t", "key": {"id": 1}}],
+            "reason": "r", "provenance": {"agent": "a"}
         }));
         for intent in [full, minimal] {
             let doc = build(&intent, &BTreeMap::new(), None);
