@@ -3,7 +3,6 @@
 //! invariant 6 names; each alteration must be reported, naming the line.
 // The builder and helpers below are test code outside `#[test]` functions.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
-#![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
 
 use std::collections::BTreeMap;
 
