@@ -21,6 +21,8 @@ use serde_json::{Value, json};
 use tokio::runtime::Handle;
 use tracing::{info, warn};
 
+use airlock_intent::Intent;
+
 use crate::apply::{ApplyError, ApplyMeta, ErrorKind, Target};
 use crate::config::Config;
 use crate::decide::EmbeddedPolicy;
@@ -189,33 +191,60 @@ impl Pipeline {
         Ok(())
     }
 
+    /// Applies the head of every run that has an approved one, concurrently across
+    /// runs (each run has at most one head, so per-run order holds), then records
+    /// every result in one queue commit.
     fn apply(&mut self, report: &mut StepReport) -> Result<(), QueueError> {
         let heads = self.queue.apply_heads(now_ms(), BATCH)?;
         if heads.is_empty() {
             return Ok(());
         }
-        let mut results = Vec::with_capacity(heads.len());
-        for row in &heads {
-            results.push(self.apply_one(row));
-        }
+        let jobs: Vec<_> = heads.iter().map(|row| self.prepare(row)).collect();
+        let results = self.runtime.block_on(async move {
+            let handles: Vec<_> = jobs
+                .into_iter()
+                .map(|job| {
+                    job.map(|(target, intent, meta)| {
+                        tokio::spawn(async move { target.apply(&intent, &meta).await })
+                    })
+                })
+                .collect();
+            let mut results = Vec::with_capacity(handles.len());
+            for handle in handles {
+                results.push(match handle {
+                    Ok(handle) => handle.await.unwrap_or_else(|error| {
+                        // A bug in a target, not a verdict on the intent: retry later.
+                        Err(ApplyError::transient(format!("apply task failed: {error}")))
+                    }),
+                    Err(error) => Err(error),
+                });
+            }
+            results
+        });
         let now = now_ms();
         let max_backoff = self.max_backoff_ms;
         self.queue.write(|w| {
             for (row, result) in heads.iter().zip(results) {
                 match result {
-                    Ok(summary) => {
+                    Ok(applied) => {
+                        let summary = json!({
+                            "target": row.target,
+                            "already": applied.already,
+                            "ops": applied.ops,
+                            "undo": applied.ledger.undo,
+                        });
                         w.record_applied(&row.id, summary)?;
                         report.applied += 1;
-                        info!(message = "intent applied", id = %row.id, run = %row.run, target = %row.target);
+                        info!(message = "intent applied", id = %row.id, run = %row.run, target = %row.target, already = applied.already);
                     }
                     Err(error) if error.kind == ErrorKind::Permanent => {
-                        warn!(message = "intent failed", id = %row.id, run = %row.run, error = %error.message, code = ?error.code);
+                        warn!(message = "intent failed", id = %row.id, run = %row.run, error = %error, code = ?error.code);
                         w.record_failed(&row.id, error_json(&error, None))?;
                         report.failed += 1;
                     }
                     Err(error) => {
                         let retry_at = now + backoff_ms(row.attempts, max_backoff, &row.id);
-                        warn!(message = "transient apply error; will retry", id = %row.id, error = %error.message, attempts = row.attempts + 1);
+                        warn!(message = "transient apply error; will retry", id = %row.id, error = %error, attempts = row.attempts + 1);
                         w.record_retry(&row.id, error_json(&error, Some(retry_at)), retry_at)?;
                         report.retried += 1;
                     }
@@ -225,26 +254,20 @@ impl Pipeline {
         })
     }
 
-    fn apply_one(&self, row: &IntentRow) -> Result<Value, ApplyError> {
-        let permanent = ApplyError::permanent;
+    /// What applying one intent needs, or why it cannot be applied at all.
+    fn prepare(&self, row: &IntentRow) -> Result<(Arc<dyn Target>, Intent, ApplyMeta), ApplyError> {
         let target = self
             .targets
             .get(&row.target)
-            .ok_or_else(|| permanent(format!("unknown target {:?}", row.target)))?;
-        let intent = row.intent().map_err(|e| permanent(e.to_string()))?;
+            .ok_or_else(|| ApplyError::permanent(format!("unknown target {:?}", row.target)))?;
+        let intent = row
+            .intent()
+            .map_err(|e| ApplyError::permanent(e.to_string()))?;
         let meta = ApplyMeta {
             digest: row.digest.clone(),
             max_rows: self.max_rows,
         };
-        let applied = self.runtime.block_on(target.apply(&intent, &meta))?;
-        Ok(json!({
-            "target": row.target,
-            "already": applied.already,
-            "ops": applied.ops,
-            "ledger_digest": crate::seal::digest(
-                &serde_json::to_vec(&applied.ledger.undo).unwrap_or_default()
-            ),
-        }))
+        Ok((target.clone(), intent, meta))
     }
 
     fn write_outcomes(&mut self, report: &mut StepReport) -> Result<(), QueueError> {
