@@ -491,6 +491,10 @@ impl<'de> Visitor<'de> for StrictValue<'_> {
 // ---------------------------------------------------------------------------------
 // Schema errors, described for humans.
 
+/// What a column name must look like (the schema's `columnName`).
+const COLUMN_EXPECTED: &str =
+    "a letter or underscore followed by at most 62 letters, digits or underscores";
+
 /// The schema's patterns, each with the name of what it checks and what it expects.
 const PATTERNS: &[(&str, &str, &str)] = &[
     (
@@ -517,7 +521,7 @@ const PATTERNS: &[(&str, &str, &str)] = &[
     (
         "^[A-Za-z_][A-Za-z0-9_]{0,62}$",
         "a column name",
-        "a letter or underscore followed by at most 62 letters, digits or underscores",
+        COLUMN_EXPECTED,
     ),
     (
         "^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$",
@@ -611,7 +615,7 @@ fn describe(error: &jsonschema::ValidationError<'_>, document: &Value, out: &mut
                 format!(
                     "{} in {what} is not a valid column name: expected {}",
                     preview(name),
-                    PATTERNS[4].2
+                    COLUMN_EXPECTED
                 ),
             ));
             return;
