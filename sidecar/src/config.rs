@@ -309,11 +309,6 @@ impl Config {
                 "policy.path and policy.url are both set: choose the embedded policy or a remote one".into(),
             ));
         }
-        if policy.bearer_token_file.is_some() && policy.url.is_none() {
-            return Err(ConfigError::Invalid(
-                "policy.bearer_token_file is set but policy.url is not".into(),
-            ));
-        }
         if policy.timeout_ms == 0 || policy.connect_timeout_ms == 0 || policy.concurrency == 0 {
             return Err(ConfigError::Invalid(
                 "policy.timeout_ms, policy.connect_timeout_ms and policy.concurrency must be at least 1".into(),
@@ -476,10 +471,6 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("policy.preview"), "{err}");
-        let err = Config::load(None, env(&[("AIRLOCK_POLICY__BEARER_TOKEN_FILE", "/t")]))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("policy.url"), "{err}");
     }
 
     #[test]

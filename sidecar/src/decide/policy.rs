@@ -39,6 +39,14 @@ impl Policy {
                 reload,
             })?));
         }
+        if let Some(file) = &config.bearer_token_file {
+            return Err(PolicyError::Load {
+                path: file.display().to_string(),
+                message: "policy.bearer_token_file is set but policy.url is not: a token is \
+                          only sent to a remote policy"
+                    .to_owned(),
+            });
+        }
         let source = match &config.path {
             Some(path) => PolicySource::Path(path.clone()),
             None => PolicySource::Default,
