@@ -176,7 +176,7 @@ impl RemotePolicy {
                 url: uri.to_string(),
                 uri,
                 client,
-                permits: Semaphore::new(options.concurrency.max(1)),
+                permits: Semaphore::new(options.concurrency.clamp(1, Semaphore::MAX_PERMITS)),
                 timeout: options.timeout,
                 token,
             }),
