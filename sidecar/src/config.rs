@@ -28,9 +28,9 @@ pub struct Config {
     pub results: Option<PathBuf>,
     /// Airlock's private state (queue, keys); the agent must not see it.
     pub state: PathBuf,
-    /// A `.rego` file or a directory of them (with an optional `data.json`);
-    /// the default policy compiled into the binary when absent.
-    pub policy: Option<PathBuf>,
+    /// Which policy decides: embedded Rego (`path`, or the built-in policy) or a
+    /// remote Open Policy Agent (`url`).
+    pub policy: Policy,
     /// The Ed25519 signing key (PKCS#8 PEM, mode 0600), for example a Kubernetes
     /// Secret mount. When absent, `<state>/signing.key` is used, and created on first
     /// start.
@@ -49,6 +49,48 @@ pub struct Config {
     pub shutdown: Shutdown,
     /// The run logs.
     pub log: Log,
+}
+
+/// The policy that decides. With neither `path` nor `url`, the default policy
+/// compiled into the binary decides.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Policy {
+    /// A `.rego` file or a directory of them (with an optional `data.json`),
+    /// evaluated in-process and reloaded when its files change.
+    pub path: Option<PathBuf>,
+    /// An Open Policy Agent Data API URL, e.g.
+    /// `http://127.0.0.1:8181/v1/data/airlock/authz` (plain HTTP; no credentials in
+    /// the URL).
+    pub url: Option<String>,
+    /// A file holding a bearer token for `url` (e.g. a mounted Secret); re-read
+    /// every `reload_ms`.
+    pub bearer_token_file: Option<PathBuf>,
+    /// How long one remote decision may take, connection included, in ms.
+    pub timeout_ms: u64,
+    /// How long connecting to `url` may take, in ms.
+    pub connect_timeout_ms: u64,
+    /// Most remote decisions in flight at once.
+    pub concurrency: usize,
+    /// How often policy files (and the token file) are checked for changes, in ms.
+    pub reload_ms: u64,
+    /// Reserved: showing policies the rows each op would touch. Must be false.
+    pub preview: bool,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            path: None,
+            url: None,
+            bearer_token_file: None,
+            timeout_ms: 2_000,
+            connect_timeout_ms: 500,
+            concurrency: 16,
+            reload_ms: 1_000,
+            preview: false,
+        }
+    }
 }
 
 /// The run logs.
@@ -128,7 +170,7 @@ impl Default for Config {
                 "sqlite://./.airlock/target.db".to_owned(),
             )]),
             state,
-            policy: None,
+            policy: Policy::default(),
             key: None,
             limits: Limits::default(),
             intake: Intake::default(),
@@ -261,6 +303,22 @@ impl Config {
                 "limits must allow at least one op, depth 4 and one byte".into(),
             ));
         }
+        let policy = &self.policy;
+        if policy.path.is_some() && policy.url.is_some() {
+            return Err(ConfigError::Invalid(
+                "policy.path and policy.url are both set: choose the embedded policy or a remote one".into(),
+            ));
+        }
+        if policy.timeout_ms == 0 || policy.connect_timeout_ms == 0 || policy.concurrency == 0 {
+            return Err(ConfigError::Invalid(
+                "policy.timeout_ms, policy.connect_timeout_ms and policy.concurrency must be at least 1".into(),
+            ));
+        }
+        if policy.preview {
+            return Err(ConfigError::Invalid(
+                "policy.preview is not available yet: leave it false".into(),
+            ));
+        }
         if self.apply.max_rows == 0 {
             return Err(ConfigError::Invalid(
                 "apply.max_rows must be at least 1".into(),
@@ -383,6 +441,36 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("intentz"), "{err}");
+    }
+
+    #[test]
+    fn policy_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("airlock.toml");
+        std::fs::write(
+            &path,
+            "[policy]\nurl = \"http://127.0.0.1:8181/v1/data/airlock/authz\"\ntimeout_ms = 50\n",
+        )
+        .unwrap();
+        let config =
+            Config::load(Some(&path), env(&[("AIRLOCK_POLICY__CONCURRENCY", "3")])).unwrap();
+        assert_eq!(
+            config.policy.url.as_deref(),
+            Some("http://127.0.0.1:8181/v1/data/airlock/authz")
+        );
+        assert_eq!(config.policy.timeout_ms, 50);
+        assert_eq!(config.policy.concurrency, 3);
+        assert_eq!(config.policy.reload_ms, 1_000);
+        assert!(config.policy.path.is_none());
+
+        let err = Config::load(Some(&path), env(&[("AIRLOCK_POLICY__PATH", "./policies")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("policy.path and policy.url"), "{err}");
+        let err = Config::load(None, env(&[("AIRLOCK_POLICY__PREVIEW", "true")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("policy.preview"), "{err}");
     }
 
     #[test]

@@ -24,7 +24,7 @@ use tracing::{error, info, warn};
 
 use crate::apply::{self, Target};
 use crate::config::Config;
-use crate::decide::{EmbeddedPolicy, PolicySource};
+use crate::decide::Policy;
 use crate::intake::Intake;
 use crate::outcome::Outcomes;
 use crate::pipeline::Pipeline;
@@ -62,7 +62,7 @@ enum Message {
 #[derive(Debug)]
 pub struct Resources {
     pub config: Config,
-    pub policy: Arc<EmbeddedPolicy>,
+    pub policy: Arc<Policy>,
     pub targets: BTreeMap<String, Arc<dyn Target>>,
     pub sealer: Arc<Sealer>,
 }
@@ -85,11 +85,8 @@ impl Resources {
             })?;
             targets.insert(name.clone(), target);
         }
-        let source = match &config.policy {
-            Some(path) => PolicySource::Path(path.clone()),
-            None => PolicySource::Default,
-        };
-        let policy = EmbeddedPolicy::load(source).map_err(|e| StartError::Policy(e.to_string()))?;
+        let policy =
+            Policy::from_config(&config.policy).map_err(|e| StartError::Policy(e.to_string()))?;
         let sealer = load_key(&config)?;
         Ok(Self {
             config,

@@ -121,6 +121,9 @@ enum Command {
         #[arg(long = "expect-head")]
         expect_head: Vec<String>,
     },
+    /// Policy authors' tools.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Write one run's log as JSON Lines (records, checkpoints, intent envelopes).
     Export {
         /// The run to export.
@@ -132,6 +135,48 @@ enum Command {
         #[command(flatten)]
         state: StateArgs,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// Print the policy input document for an intent file and the configured policy's
+    /// decision on it. Exit status 1 if the intent is invalid or the policy cannot
+    /// decide.
+    Eval {
+        /// The intent file.
+        intent: PathBuf,
+        /// Configuration file (TOML), for its [policy] section.
+        #[arg(long, env = "AIRLOCK_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        policy: PolicyArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+struct PolicyArgs {
+    /// A .rego file or a directory of policies (instead of the configured policy).
+    #[arg(long, conflicts_with = "policy_url")]
+    policy: Option<PathBuf>,
+    /// An Open Policy Agent Data API URL, e.g.
+    /// http://127.0.0.1:8181/v1/data/airlock/authz (instead of the configured policy).
+    #[arg(long)]
+    policy_url: Option<String>,
+}
+
+impl PolicyArgs {
+    /// Flags beat the configuration: either one replaces whatever it said.
+    fn apply(self, config: &mut Config) {
+        if let Some(path) = self.policy {
+            config.policy.path = Some(path);
+            config.policy.url = None;
+            config.policy.bearer_token_file = None;
+        }
+        if let Some(url) = self.policy_url {
+            config.policy.url = Some(url);
+            config.policy.path = None;
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -151,9 +196,8 @@ struct RunArgs {
     /// The default target database URL (sqlite://PATH).
     #[arg(long)]
     target: Option<String>,
-    /// A .rego file or a directory of policies.
-    #[arg(long)]
-    policy: Option<PathBuf>,
+    #[command(flatten)]
+    policy: PolicyArgs,
 }
 
 #[derive(Debug, Args)]
@@ -380,6 +424,11 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Policy(PolicyCommand::Eval {
+            intent,
+            config,
+            policy,
+        }) => policy_eval(&intent, config.as_deref(), policy),
         Command::Export { run, out, state } => {
             let (mut queue, sealed) = open_queue_sealed(state)?;
             if !sealed {
@@ -409,6 +458,43 @@ fn dispatch(command: Command) -> Result<ExitCode> {
     }
 }
 
+/// `airlock policy eval`: validates the intent, then prints
+/// `{"input": ..., "decision": ...}`.
+fn policy_eval(
+    intent: &std::path::Path,
+    config: Option<&std::path::Path>,
+    flags: PolicyArgs,
+) -> Result<ExitCode> {
+    let mut config = Config::load(config, std::env::vars())?;
+    flags.apply(&mut config);
+    config.check()?;
+    let bytes = std::fs::read(intent).with_context(|| format!("reading {}", intent.display()))?;
+    let file = intent
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_else(|| intent.display().to_string());
+    let policy = airlock::decide::Policy::from_config(&config.policy)?;
+    let validator = airlock_intent::Validator::new(config.intent_limits());
+    let runtime = runtime()?;
+    let trial =
+        match airlock::decide::try_intent(&bytes, &file, &validator, &policy, runtime.handle()) {
+            Ok(trial) => trial,
+            Err(airlock::decide::TrialError::Invalid(invalid)) => {
+                eprintln!("airlock: {} is not a valid intent:", intent.display());
+                for problem in &invalid.problems {
+                    eprintln!("  {problem}");
+                }
+                return Ok(ExitCode::FAILURE);
+            }
+        };
+    let decision = trial
+        .decision
+        .with_context(|| format!("policy {} could not decide", policy.identity()))?;
+    let shown = serde_json::json!({"input": trial.input, "decision": decision});
+    println!("{}", serde_json::to_string_pretty(&shown)?);
+    Ok(ExitCode::SUCCESS)
+}
+
 fn load_run_config(args: RunArgs) -> Result<Config> {
     let mut config = Config::load(args.config.as_deref(), std::env::vars())?;
     if let Some(intents) = args.intents {
@@ -430,9 +516,7 @@ fn load_run_config(args: RunArgs) -> Result<Config> {
     if let Some(target) = args.target {
         config.targets.insert("default".into(), target);
     }
-    if let Some(policy) = args.policy {
-        config.policy = Some(policy);
-    }
+    args.policy.apply(&mut config);
     config.check()?;
     Ok(config)
 }

@@ -25,8 +25,7 @@ use airlock_intent::Intent;
 
 use crate::apply::{ApplyError, ApplyMeta, ErrorKind, Target};
 use crate::config::Config;
-use crate::decide::EmbeddedPolicy;
-use crate::decide::{InputContext, build_input};
+use crate::decide::{InputContext, Policy, build_input};
 use crate::lifecycle::State;
 use crate::outcome::{Outcome, Outcomes};
 use crate::queue::{DecisionOutcome, IntentRow, Queue, QueueError, now_ms};
@@ -38,7 +37,7 @@ const BATCH: usize = 256;
 #[derive(Debug)]
 pub struct Pipeline {
     queue: Queue,
-    policy: Arc<EmbeddedPolicy>,
+    policy: Arc<Policy>,
     targets: BTreeMap<String, Arc<dyn Target>>,
     outcomes: Outcomes,
     runtime: Handle,
@@ -70,7 +69,7 @@ impl Pipeline {
     pub fn new(
         config: &Config,
         queue: Queue,
-        policy: Arc<EmbeddedPolicy>,
+        policy: Arc<Policy>,
         targets: BTreeMap<String, Arc<dyn Target>>,
         outcomes: Outcomes,
         runtime: Handle,
@@ -134,12 +133,15 @@ impl Pipeline {
     }
 
     fn decide(&mut self, report: &mut StepReport) -> Result<(), QueueError> {
+        // Changed policy files are picked up (and broken ones reported) even while
+        // nothing waits for a decision.
+        self.policy.refresh();
         let now = now_ms();
         let due = self.queue.due_for_decision(now, BATCH)?;
         if due.is_empty() {
             return Ok(());
         }
-        let mut answers = Vec::with_capacity(due.len());
+        let mut inputs = Vec::with_capacity(due.len());
         let mut counts: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
         for row in &due {
             let intent = row.intent()?;
@@ -155,8 +157,16 @@ impl Pipeline {
                 file: &row.file,
                 target: &row.target,
             });
-            answers.push(self.policy.evaluate(&input).map_err(|e| e.to_string()));
+            inputs.push(input);
         }
+        // A remote policy answers the batch concurrently; any error is no decision.
+        let answers: Vec<Result<_, String>> = self
+            .policy
+            .evaluate_all(&self.runtime, inputs)
+            .into_iter()
+            .map(|answer| answer.map_err(|e| e.to_string()))
+            .collect();
+        let now = now_ms();
         let deadline = now + i64::try_from(self.review_ttl.as_millis()).unwrap_or(i64::MAX / 2);
         let max_backoff = self.max_backoff_ms;
         self.queue.write(|w| {

@@ -1,6 +1,8 @@
 //! The shipped Rego policies and the embedded engine, end to end: real regorus,
 //! real policy files on disk, intents built from the real intent types.
-#![allow(clippy::unwrap_used)] // Test helpers: a panic is a failed test.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // Test helpers: a panic is a failed test.
+
+mod support;
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -269,4 +271,132 @@ fn bad_data_and_empty_directories_fail_to_load() {
     assert!(matches!(load(dir.path()), Err(PolicyError::Load { .. })));
     let missing = dir.path().join("nope");
     assert!(matches!(load(&missing), Err(PolicyError::Load { .. })));
+}
+
+/// The input document's published JSON Schema, with the intent schema it refers to.
+fn input_schema_validator() -> jsonschema::Validator {
+    let intent_schema: serde_json::Value = serde_json::from_str(airlock_intent::SCHEMA).unwrap();
+    let input_schema: serde_json::Value =
+        serde_json::from_slice(&fs::read(examples().join("input.schema.json")).unwrap()).unwrap();
+    let registry = jsonschema::Registry::new()
+        .add("https://airlock.dev/schemas/intent/v1.json", intent_schema)
+        .unwrap()
+        .prepare()
+        .unwrap();
+    jsonschema::draft202012::options()
+        .should_validate_formats(false)
+        .with_registry(&registry)
+        .build(&input_schema)
+        .unwrap()
+}
+
+#[test]
+fn built_input_documents_match_the_published_schema() {
+    let validator = input_schema_validator();
+    let full: Intent = serde_json::from_value(json!({
+        "version": 1,
+        "id": "every-field",
+        "run": "run-7",
+        "target": "crm",
+        "ops": [
+            {"op": "insert", "table": "crm.customers", "values": {"id": 1, "name": "Ada"}},
+            {"op": "update", "table": "customers", "key": {"id": 1},
+             "set": {"name": "Ada L"}, "expect": {"name": "Ada"}},
+            {"op": "delete", "table": "orders", "key": {"id": 9}, "expect": {"state": "open"}},
+            {"op": "upsert", "table": "public.tags", "values": {"k": "a", "v": [1, 2]}, "on": ["k"]}
+        ],
+        "reason": "customer asked",
+        "provenance": {
+            "agent": "support-bot", "model": "m-1", "model_parameters": {"temperature": 0.2},
+            "prompt_digest": "sha256:00", "tool_call_id": "call_1",
+            "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+        }
+    }))
+    .unwrap();
+    let minimal = intent(json!([{"op": "delete", "table": "t", "key": {"id": 1}}]));
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let every_state: BTreeMap<String, u64> = airlock::lifecycle::State::ALL
+        .iter()
+        .map(|state| (state.as_str().to_owned(), 1))
+        .collect();
+    for (intent, counts, keyid) in [
+        (&full, every_state, Some("sha256:key")),
+        (&minimal, BTreeMap::new(), None),
+    ] {
+        let input = build_input(&InputContext {
+            intent,
+            run_counts: &counts,
+            digest: &digest,
+            keyid,
+            file: "f.json",
+            target: intent.target.as_str(),
+        });
+        let problems: Vec<String> = validator
+            .iter_errors(&input)
+            .map(|e| format!("{}: {e}", e.instance_path()))
+            .collect();
+        assert!(problems.is_empty(), "{problems:#?}\n{input:#}");
+    }
+
+    // The schema can fail: a document with an unknown op kind, an extra key or an
+    // unknown state does not match it.
+    let base = build_input(&InputContext {
+        intent: &minimal,
+        run_counts: &BTreeMap::new(),
+        digest: &digest,
+        keyid: None,
+        file: "f.json",
+        target: "default",
+    });
+    let mut bad_kind = base.clone();
+    bad_kind["ops"][0]["kind"] = json!("truncate");
+    let mut extra = base.clone();
+    extra["preview"] = json!([]);
+    let mut bad_state = base.clone();
+    bad_state["run"]["counts"] = json!({"pending": 1});
+    let mut bad_digest = base;
+    bad_digest["envelope"]["digest"] = json!("md5:00");
+    for bad in [bad_kind, extra, bad_state, bad_digest] {
+        assert!(!validator.is_valid(&bad), "{bad:#}");
+    }
+}
+
+#[test]
+fn the_daemon_follows_policy_edits_and_keeps_the_last_good_policy() {
+    let policy = tempfile::tempdir().unwrap();
+    let file = policy.path().join("policy.rego");
+    fs::write(&file, "package airlock.authz\n\nallow := true\n").unwrap();
+    let mut sandbox = support::Sandbox::new();
+    sandbox.extra_args = vec!["--policy".into(), policy.path().display().to_string()];
+    sandbox.env = vec![("AIRLOCK_POLICY__RELOAD_MS".into(), "50".into())];
+    sandbox.start();
+    sandbox.submit_json(&support::insert_customer("c-1", "run-1", 1, "Ada"));
+    let first = sandbox.outcome_in("c-1", "applied");
+    let allowing = first["decision"]["policy"].as_str().unwrap().to_owned();
+
+    // An edit that denies everything is picked up without a restart.
+    fs::write(
+        &file,
+        "package airlock.authz\n\nallow := false\n\nreasons := [\"frozen\"]\n",
+    )
+    .unwrap();
+    support::eventually("the policy reload in the log", || {
+        sandbox.log().contains("policy reloaded").then_some(())
+    });
+    sandbox.submit_json(&support::insert_customer("c-2", "run-2", 2, "Bo"));
+    let denied = sandbox.outcome_in("c-2", "denied");
+    let denying = denied["decision"]["policy"].as_str().unwrap().to_owned();
+    assert_ne!(denying, allowing);
+    assert_eq!(denied["decision"]["reasons"], json!(["frozen"]));
+
+    // A broken edit is reported, and the last good policy keeps deciding.
+    fs::write(&file, "package airlock.authz\n\nallow if {\n").unwrap();
+    support::eventually("the compile error in the log", || {
+        let log = sandbox.log();
+        (log.contains("do not load") && log.contains("policy.rego")).then_some(())
+    });
+    sandbox.submit_json(&support::insert_customer("c-3", "run-3", 3, "Cy"));
+    let still = sandbox.outcome_in("c-3", "denied");
+    assert_eq!(still["decision"]["policy"], denying.as_str());
+    assert_eq!(sandbox.stop().code(), Some(0));
 }

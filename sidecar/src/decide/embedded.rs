@@ -1,11 +1,12 @@
 //! Rego evaluated in-process with `regorus`: the embedded policy engine.
 //!
 //! A policy is a set of `.rego` files (Rego v1 syntax) plus an optional `data.json`,
-//! loaded once: parsed and compiled at [`EmbeddedPolicy::load`], so syntax and
-//! compile errors surface at start-up, naming the file and line, and each evaluation
-//! only pays for running the rules. The compiled policy is immutable and shared, so
+//! parsed and compiled at [`EmbeddedPolicy::load`], so syntax and compile errors
+//! surface at start-up, naming the file and line, and each evaluation only pays for
+//! running the rules. The compiled policy is immutable and shared, so
 //! [`EmbeddedPolicy::evaluate`] takes `&self` and runs on any number of threads at
-//! once without a lock.
+//! once without a lock. Reloading when the files change is [`super::ReloadingPolicy`]'s
+//! job: it compiles a new `EmbeddedPolicy` and swaps it in.
 //!
 //! What is evaluated is the document of package `airlock.authz` (see [`RULE`]).
 //! regorus evaluates rules, not packages, so a one-line wrapper module
@@ -69,7 +70,7 @@ pub struct EmbeddedPolicy {
 
 /// The source files of a policy, sorted by name: `.rego` modules and data documents.
 #[derive(Debug)]
-struct Sources {
+pub(super) struct Sources {
     /// Where they came from, for messages.
     origin: String,
     /// (file name, contents), sorted by name.
@@ -79,16 +80,11 @@ struct Sources {
 impl EmbeddedPolicy {
     /// Reads, parses and compiles a policy.
     pub fn load(source: PolicySource) -> Result<Self, PolicyError> {
-        let sources = match source {
-            PolicySource::Default => Sources {
-                origin: "the default policy".to_owned(),
-                files: DEFAULT_FILES
-                    .iter()
-                    .map(|(name, text)| ((*name).to_owned(), (*text).to_owned()))
-                    .collect(),
-            },
-            PolicySource::Path(path) => Sources::read(&path, false)?,
-        };
+        Self::compile(Sources::of(&source)?)
+    }
+
+    /// Parses and compiles policy sources already read.
+    pub(super) fn compile(sources: Sources) -> Result<Self, PolicyError> {
         let identity = sources.identity();
         let mut engine = sources.engine()?;
         engine
@@ -196,6 +192,20 @@ pub fn run_rego_tests(dir: &Path) -> Result<Vec<RegoTest>, PolicyError> {
 }
 
 impl Sources {
+    /// The files of a policy source (tests excluded).
+    pub(super) fn of(source: &PolicySource) -> Result<Self, PolicyError> {
+        match source {
+            PolicySource::Default => Ok(Self {
+                origin: "the default policy".to_owned(),
+                files: DEFAULT_FILES
+                    .iter()
+                    .map(|(name, text)| ((*name).to_owned(), (*text).to_owned()))
+                    .collect(),
+            }),
+            PolicySource::Path(path) => Self::read(path, false),
+        }
+    }
+
     /// Reads a `.rego` file, or a policy directory (with its `*_test.rego` files only
     /// when `with_tests`).
     fn read(path: &Path, with_tests: bool) -> Result<Self, PolicyError> {
@@ -244,7 +254,7 @@ impl Sources {
 
     /// `sha256:<hex>` over every (name, contents), each length-prefixed so no two
     /// different file sets hash the same bytes.
-    fn identity(&self) -> String {
+    pub(super) fn identity(&self) -> String {
         let mut hasher = Sha256::new();
         for (name, text) in &self.files {
             for part in [name.as_bytes(), text.as_bytes()] {

@@ -1,13 +1,17 @@
 //! The decide stage: asks a policy whether an intent may be applied.
 //!
-//! Three parts, two of them pure:
+//! The parts, the first two pure:
 //! - [`input`] builds the policy input document v1 from an intent and its context;
 //! - [`result`] turns the policy's result document v1 into a [`Verdict`] and reasons;
-//! - [`embedded`] evaluates Rego in-process with `regorus` ([`EmbeddedPolicy`]).
+//! - [`embedded`] evaluates Rego in-process with `regorus` ([`EmbeddedPolicy`]), and
+//!   [`reload`] swaps in a new one when the files change ([`ReloadingPolicy`]);
+//! - [`remote`] asks an Open Policy Agent over its REST Data API ([`RemotePolicy`]);
+//! - [`policy`] is what the pipeline calls, whichever engine answers ([`Policy`]).
 //!
 //! The policy is evaluated at `data.airlock.authz`, the whole package document, so
 //! the same policy runs unchanged in OPA (`POST /v1/data/airlock/authz`). Policy
-//! authors' documentation is `examples/policies/README.md`.
+//! authors' documentation is `examples/policies/README.md`, and the input document's
+//! JSON Schema is `examples/policies/input.schema.json`.
 //!
 //! Fail closed (DESIGN invariant 4): every [`PolicyError`] means "no decision"; the
 //! caller keeps the intent queued and tries again later. Only a well-formed answer
@@ -15,12 +19,18 @@
 
 mod embedded;
 mod input;
+mod policy;
+mod reload;
+mod remote;
 mod result;
 
 use serde::{Deserialize, Serialize};
 
 pub use self::embedded::{EmbeddedPolicy, PolicySource, RULE, RegoTest, run_rego_tests};
 pub use self::input::{INPUT_VERSION, InputContext, build_input};
+pub use self::policy::{Policy, Trial, TrialError, try_intent};
+pub use self::reload::{Reload, ReloadingPolicy};
+pub use self::remote::{MAX_ANSWER_BYTES, RemoteOptions, RemotePolicy};
 pub use self::result::{DENY_REASON, REVIEW_REASON, Ruling, UNDEFINED_REASON, read_result};
 pub use crate::lifecycle::Verdict;
 
@@ -34,8 +44,9 @@ pub struct Decision {
     pub verdict: Verdict,
     /// Why, in the policy's words; never empty for deny and review.
     pub reasons: Vec<String>,
-    /// Which policy decided: `sha256:<hex>` over the policy's files (see
-    /// [`EmbeddedPolicy::identity`]), so a decision can be traced to exact sources.
+    /// Which policy decided: for embedded Rego, `sha256:<hex>` over the policy's files
+    /// (see [`EmbeddedPolicy::identity`]), so a decision can be traced to exact
+    /// sources; for a remote OPA, the URL asked.
     pub policy: String,
     /// The decision id a remote engine (OPA's decision log) gave, if any.
     pub decision_id: Option<String>,
@@ -75,6 +86,10 @@ pub enum PolicyError {
     /// The policy answered, but not with a result document v1.
     #[error("policy answer is malformed: {0}")]
     Malformed(String),
+    /// A remote policy could not be asked or did not answer with a decision:
+    /// unreachable, too slow, a status other than 2xx, or a body that is not JSON.
+    #[error("policy server {url} is unavailable: {message}")]
+    Unavailable { url: String, message: String },
 }
 
 #[cfg(test)]
