@@ -373,7 +373,7 @@ fn ledger_entry(row: &tokio_postgres::Row) -> Result<LedgerEntry, ApplyError> {
 /// again outside the (aborted) transaction to name the column.
 struct Failure<'i> {
     error: ApplyError,
-    diagnose: Option<Diagnosis<'i>>,
+    diagnose: Option<Box<Diagnosis<'i>>>,
 }
 
 impl From<ApplyError> for Failure<'_> {
@@ -746,10 +746,12 @@ impl<'i> Step<'_, '_> {
             .collect();
         self.tx.query_typed(sql, &typed).await.map_err(|e| {
             let error = pg_error(&e);
-            let diagnose = (is_conversion(&error) && !parts.is_empty()).then(|| Diagnosis {
-                table,
-                types: self.info.types.clone(),
-                parts: parts.to_vec(),
+            let diagnose = (is_conversion(&error) && !parts.is_empty()).then(|| {
+                Box::new(Diagnosis {
+                    table,
+                    types: self.info.types.clone(),
+                    parts: parts.to_vec(),
+                })
             });
             Failure { error, diagnose }
         })
