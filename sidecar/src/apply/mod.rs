@@ -3,7 +3,7 @@
 //! One intent is one target transaction: its ops run in order, the before- and
 //! after-images of every row they touch are captured as [`UndoImage`]s, and a
 //! [`LedgerEntry`] (intent id, run, digest, undo images) is written to the target's
-//! `airlock_ledger` table *in the same transaction*. The ledger is what makes apply
+//! ledger table *in the same transaction*. The ledger is what makes apply
 //! exactly-once (invariant 2): applying an intent whose id the ledger already holds
 //! writes nothing and answers [`Applied::already`]. Any error rolls the whole
 //! transaction back, so an intent is either entirely applied (ledger row included)

@@ -226,7 +226,8 @@ impl PostgresTarget {
     /// Notes that the ledger seems gone (dropped behind Airlock's back), so the
     /// next apply recreates it, and says so.
     fn ledger_missing(&self, e: ApplyError) -> ApplyError {
-        if matches!(e.code.as_deref(), Some("42P01" | "3F000")) {
+        // Errors of an op (a table dropped mid-intent) are the op's, not the ledger's.
+        if e.op.is_none() && matches!(e.code.as_deref(), Some("42P01" | "3F000")) {
             self.ledger_ready.store(false, Ordering::Release);
             let mut e = e.context("the ledger table is missing; the next attempt recreates it");
             e.kind = ErrorKind::Transient;

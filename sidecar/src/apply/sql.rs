@@ -26,8 +26,9 @@ use airlock_intent::TableName;
 pub enum Dialect {
     /// SQLite 3.35 or newer (for `ON CONFLICT ... DO UPDATE` and `pragma_table_list`).
     Sqlite,
-    /// PostgreSQL 11 or newer (for `to_regclass(text)`, `hashtextextended` and
-    /// `json_populate_record` into array and composite columns).
+    /// PostgreSQL 11 or newer (`to_regclass(text)`, `INSERT ... AS` with `ON
+    /// CONFLICT`, `json_populate_record` into array and composite columns); tested
+    /// on 15.
     Postgres,
 }
 
