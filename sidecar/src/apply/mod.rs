@@ -3,20 +3,23 @@
 //! One intent is one target transaction: its ops run in order, the before- and
 //! after-images of every row they touch are captured as [`UndoImage`]s, and a
 //! [`LedgerEntry`] (intent id, run, digest, undo images) is written to the target's
-//! `airlock_ledger` table *in the same transaction*. The ledger is what makes apply
+//! ledger table *in the same transaction*. The ledger is what makes apply
 //! exactly-once (invariant 2): applying an intent whose id the ledger already holds
 //! writes nothing and answers [`Applied::already`]. Any error rolls the whole
 //! transaction back, so an intent is either entirely applied (ledger row included)
 //! or not at all.
 //!
-//! Layout: [`sql`] builds SQL text for a [`sql::Dialect`] and knows nothing of any
-//! driver; each target module (today [`sqlite`]) runs it. Only these modules speak
-//! SQL. Differences in the statements Airlock generates (placeholders, null-safe
-//! comparison, ledger DDL) live in [`sql::Dialect`] alone; reading the catalogue
-//! (columns, primary key) and classifying driver errors are each target module's.
+//! Layout: [`sql`] builds SQL text and knows nothing of any driver; each target
+//! module ([`sqlite`], [`postgres`]) runs it. Only these modules speak SQL. The
+//! ledger's statements differ by [`sql::Dialect`]; op statements are the generic
+//! builders for SQLite and [`sql::pg`] for PostgreSQL (which lets the server convert
+//! JSON values to column types). Reading the catalogue (columns, primary key) and
+//! classifying driver errors are each target module's. The ledger is the table
+//! `airlock_ledger` in an SQLite target and `airlock.ledger` in a PostgreSQL one.
 //!
 //! Op indexes in errors and images count from 0, as in the JSON pointer `/ops/N`.
 
+pub mod postgres;
 pub mod sql;
 pub mod sqlite;
 
@@ -27,6 +30,7 @@ use airlock_intent::{Intent, Op};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+pub use postgres::PostgresTarget;
 pub use sqlite::SqliteTarget;
 
 /// Column name → JSON value: one row, or the columns identifying one row.
@@ -109,9 +113,11 @@ pub struct LedgerEntry {
 
 /// The state of one row before and after one op.
 ///
-/// Values are JSON: SQL integers and reals are numbers, text is a string, NULL is
-/// null, and a BLOB is the object `{"$blob": "<lowercase hex>"}` (objects never
-/// appear otherwise in images, so undo can turn it back into a BLOB).
+/// Values are JSON. SQLite: integers and reals are numbers, text is a string, NULL
+/// is null, and a BLOB is the object `{"$blob": "<lowercase hex>"}` (objects never
+/// appear otherwise in SQLite images, so undo can turn it back into a BLOB).
+/// PostgreSQL: the row's `row_to_json` (bytea as a `"\x…"` string), which the
+/// target's own value conversion reads back into the same row.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct UndoImage {
     /// Index of the op in the intent's `ops`, from 0.
@@ -119,7 +125,8 @@ pub struct UndoImage {
     /// The table as the intent named it.
     pub table: String,
     /// Primary-key columns → values identifying the row as the op left it (for a
-    /// delete, as it was). A table without a primary key is keyed by `rowid`.
+    /// delete, as it was). A table without a primary key is keyed by `rowid`
+    /// (SQLite) or `ctid` (PostgreSQL).
     pub key: Image,
     /// The row before the op; `None` for an inserted row.
     pub before: Option<Image>,
@@ -248,13 +255,19 @@ impl ApplyError {
 
 /// Opens the target called `name` at `url`.
 ///
-/// Supported: `sqlite://<path>`, where the path is relative (`sqlite://target.db`,
-/// `sqlite://./.airlock/target.db`) or absolute (`sqlite:///abs/path.db`). The file
-/// and its parent directory are created if missing. Opening does blocking I/O; call
-/// it at start-up (or inside `spawn_blocking`).
+/// Supported:
+/// - `sqlite://<path>`, where the path is relative (`sqlite://target.db`,
+///   `sqlite://./.airlock/target.db`) or absolute (`sqlite:///abs/path.db`). The file
+///   and its parent directory are created if missing. Opening does blocking I/O; call
+///   it at start-up (or inside `spawn_blocking`).
+/// - `postgres://…` or `postgresql://…` (libpq's URL form, plus `pool_size=N`; see
+///   [`PostgresTarget::open`]). Nothing is connected yet, so a database that is down
+///   does not stop start-up: its connection errors are transient apply errors. Needs
+///   a tokio runtime when applying, not when opening.
 ///
 /// Errors never repeat the URL itself, which for server databases holds credentials.
 pub fn open(name: &str, url: &str) -> Result<Arc<dyn Target>, ApplyError> {
+    const SUPPORTED: &str = "supported: sqlite://<path>, postgres://user@host/db";
     if let Some(path) = url.strip_prefix("sqlite://") {
         if path.is_empty() {
             return Err(ApplyError::permanent(format!(
@@ -268,21 +281,41 @@ pub fn open(name: &str, url: &str) -> Result<Arc<dyn Target>, ApplyError> {
     let scheme = url.split_once("://").map(|(scheme, _)| scheme);
     let message = match scheme {
         Some(s) if s.eq_ignore_ascii_case("postgres") || s.eq_ignore_ascii_case("postgresql") => {
-            format!(
-                "target {name:?}: PostgreSQL targets ({s}://) are not supported yet; \
-                 supported: sqlite://<path>"
-            )
+            return Ok(Arc::new(PostgresTarget::open(name, url)?));
         }
-        Some(s) => format!(
-            "target {name:?}: unsupported URL scheme {s:?}; supported: sqlite://<path> \
-             (PostgreSQL comes later)"
-        ),
-        None => format!(
-            "target {name:?}: the URL has no scheme (expected <scheme>://...); \
-             supported: sqlite://<path>"
-        ),
+        Some(s) => format!("target {name:?}: unsupported URL scheme {s:?}; {SUPPORTED}"),
+        None => {
+            format!("target {name:?}: the URL has no scheme (expected <scheme>://...); {SUPPORTED}")
+        }
     };
     Err(ApplyError::permanent(message).with_code(codes::UNSUPPORTED_URL))
+}
+
+/// Fails unless every name is one of `columns` (the columns of `table`), naming the
+/// part of the op, the column, and the table's columns; hints at a case mismatch.
+pub(crate) fn check_columns<'n>(
+    columns: &[String],
+    table: &airlock_intent::TableName,
+    part: &str,
+    names: impl IntoIterator<Item = &'n str>,
+) -> Result<(), ApplyError> {
+    for name in names {
+        if columns.iter().any(|c| c == name) {
+            continue;
+        }
+        let hint = columns
+            .iter()
+            .find(|c| c.eq_ignore_ascii_case(name))
+            .map(|c| format!(" (did you mean {c:?}? column names are case-sensitive)"))
+            .unwrap_or_default();
+        return Err(ApplyError::permanent(format!(
+            "{part} names column {name:?}, which table {table} does not have{hint}; its \
+             columns are {}",
+            show(&columns)
+        ))
+        .with_code(codes::UNKNOWN_COLUMN));
+    }
+    Ok(())
 }
 
 /// Renders JSON for an error message, cut short so hostile values cannot flood logs.
@@ -330,9 +363,14 @@ mod tests {
 
     #[test]
     fn open_refuses_other_schemes_without_echoing_the_url() {
-        let err = open("main", "postgres://user:secret@db/x").unwrap_err();
-        assert!(err.message.contains("PostgreSQL"), "{err}");
+        // PostgreSQL opens lazily: nothing listens at db, and nothing is connected.
+        let target = open("main", "postgres://user:secret@db/x").unwrap();
+        assert_eq!(target.name(), "main");
+        assert!(!format!("{target:?}").contains("secret"));
+        let err = open("main", "postgres://user:secret@db/x?pool_size=none").unwrap_err();
+        assert!(err.message.contains("pool_size"), "{err}");
         assert!(!err.message.contains("secret"), "{err}");
+        assert_eq!(err.code.as_deref(), Some(codes::UNSUPPORTED_URL));
         let err = open("main", "mysql://h/db").unwrap_err();
         assert!(err.message.contains("\"mysql\""), "{err}");
         assert!(err.message.contains("sqlite://"), "{err}");

@@ -2,12 +2,20 @@
 //!
 //! Every identifier is double-quoted (a `"` inside is doubled), so even a name the
 //! schema would have refused cannot escape its quotes. Every value is a bound
-//! parameter, never spliced into the text. The parameter type `P` is the driver's
-//! own value type; this module only needs to know whether a value is NULL, because
-//! a NULL in a key or `expect` must compare null-safely to match a NULL column.
+//! parameter, never spliced into the text.
 //!
-//! All differences between the SQL of the supported databases are methods of
-//! [`Dialect`].
+//! Two families of statements live here:
+//! - The generic builders ([`insert`], [`update`], ...) bind one parameter per value;
+//!   the parameter type `P` is the driver's own value type, and this module only
+//!   needs to know whether a value is NULL, because a NULL in a key or `expect` must
+//!   compare null-safely to match a NULL column. The SQLite target uses them.
+//! - [`pg`] builds PostgreSQL statements that bind each *part* of an op (`values`,
+//!   `key`, `set`, `expect`) as one JSON parameter and let the server convert it to
+//!   the table's row type with `json_populate_record`, so every value reaches its
+//!   column with the column's own type (see the module's docs for why).
+//!
+//! The ledger's statements, the one place where both targets run the same SQL with
+//! small differences, are methods of [`Dialect`].
 
 use std::fmt::Write as _;
 
@@ -18,14 +26,23 @@ use airlock_intent::TableName;
 pub enum Dialect {
     /// SQLite 3.35 or newer (for `ON CONFLICT ... DO UPDATE` and `pragma_table_list`).
     Sqlite,
-    /// PostgreSQL 9.5 or newer.
+    /// PostgreSQL 11 or newer (`to_regclass(text)`, `INSERT ... AS` with `ON
+    /// CONFLICT`, `json_populate_record` into array and composite columns); tested
+    /// on 15.
     Postgres,
 }
 
-/// Name of the ledger table in every target.
+/// Name of the ledger table in an SQLite target.
 pub const LEDGER_TABLE: &str = "airlock_ledger";
-/// Name of the table recording the version of Airlock's tables in the target.
+/// Name of the table recording the version of Airlock's tables in an SQLite target.
 pub const SCHEMA_TABLE: &str = "airlock_schema";
+/// The schema holding Airlock's own tables in a PostgreSQL target. Intents may not
+/// write it.
+pub const PG_SCHEMA: &str = "airlock";
+/// The ledger table in a PostgreSQL target.
+pub const PG_LEDGER_TABLE: &str = "airlock.ledger";
+/// The table recording the version of Airlock's tables in a PostgreSQL target.
+pub const PG_VERSION_TABLE: &str = "airlock.schema_version";
 /// Version of the ledger table this code reads and writes. Bump it, and add a
 /// migration, whenever the ledger's columns change.
 pub const LEDGER_VERSION: i64 = 1;
@@ -47,38 +64,102 @@ impl Dialect {
         }
     }
 
+    /// The ledger table, as SQL text (already safe to splice).
+    pub fn ledger_table(self) -> &'static str {
+        match self {
+            Self::Sqlite => LEDGER_TABLE,
+            Self::Postgres => PG_LEDGER_TABLE,
+        }
+    }
+
+    /// The table recording the version of Airlock's tables, as SQL text.
+    pub fn version_table(self) -> &'static str {
+        match self {
+            Self::Sqlite => SCHEMA_TABLE,
+            Self::Postgres => PG_VERSION_TABLE,
+        }
+    }
+
     /// Statements creating the ledger and the version table if missing, and
     /// recording [`LEDGER_VERSION`] if no version is recorded yet. Run them in one
-    /// transaction, then check [`Dialect::ledger_version`].
+    /// transaction, then check [`Dialect::ledger_version`]. (The PostgreSQL target
+    /// migrates step by step under a lock instead: [`Dialect::version_ddl`], then
+    /// [`Dialect::migrations`] past the recorded version, then
+    /// [`Dialect::set_ledger_version`]; the result is the same.)
     pub fn ledger_ddl(self) -> Vec<String> {
-        let (int64, undo) = match self {
-            Self::Sqlite => ("INTEGER", "TEXT"),
-            Self::Postgres => ("BIGINT", "JSONB"),
+        let mut statements = self.version_ddl();
+        statements.extend(self.migrations().into_iter().flat_map(|(_, step)| step));
+        statements.push(format!(
+            "INSERT INTO {} (component, version) VALUES ('ledger', {LEDGER_VERSION}) \
+             ON CONFLICT (component) DO NOTHING",
+            self.version_table()
+        ));
+        statements
+    }
+
+    /// Statements creating Airlock's schema (PostgreSQL) and its version table if
+    /// missing.
+    pub fn version_ddl(self) -> Vec<String> {
+        let int64 = self.int64();
+        let mut statements = Vec::new();
+        if self == Self::Postgres {
+            statements.push(format!("CREATE SCHEMA IF NOT EXISTS {PG_SCHEMA}"));
+        }
+        statements.push(format!(
+            "CREATE TABLE IF NOT EXISTS {} (\
+             component TEXT PRIMARY KEY, version {int64} NOT NULL)",
+            self.version_table()
+        ));
+        statements
+    }
+
+    /// The ledger's migrations: (version, statements), in version order. Applying
+    /// every step whose version is above the recorded one brings a ledger to
+    /// [`LEDGER_VERSION`].
+    pub fn migrations(self) -> Vec<(i64, Vec<String>)> {
+        let undo = match self {
+            Self::Sqlite => "TEXT",
+            Self::Postgres => "JSONB",
         };
-        vec![
-            // Schema version 1. `undo` holds the JSON array of undo images.
-            format!(
-                "CREATE TABLE IF NOT EXISTS {LEDGER_TABLE} (\
+        vec![(
+            1,
+            // `undo` holds the JSON array of undo images.
+            vec![format!(
+                "CREATE TABLE IF NOT EXISTS {} (\
                  intent_id TEXT PRIMARY KEY, \
                  run TEXT NOT NULL, \
                  digest TEXT NOT NULL, \
-                 applied_at_ms {int64} NOT NULL, \
-                 undo {undo} NOT NULL)"
-            ),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {SCHEMA_TABLE} (\
-                 component TEXT PRIMARY KEY, version {int64} NOT NULL)"
-            ),
-            format!(
-                "INSERT INTO {SCHEMA_TABLE} (component, version) VALUES ('ledger', {LEDGER_VERSION}) \
-                 ON CONFLICT (component) DO NOTHING"
-            ),
-        ]
+                 applied_at_ms {} NOT NULL, \
+                 undo {undo} NOT NULL)",
+                self.ledger_table(),
+                self.int64()
+            )],
+        )]
+    }
+
+    /// Records the ledger version (parameter 1), replacing any recorded before.
+    pub fn set_ledger_version(self) -> String {
+        format!(
+            "INSERT INTO {} (component, version) VALUES ('ledger', {}) \
+             ON CONFLICT (component) DO UPDATE SET version = excluded.version",
+            self.version_table(),
+            self.placeholder(1)
+        )
+    }
+
+    fn int64(self) -> &'static str {
+        match self {
+            Self::Sqlite => "INTEGER",
+            Self::Postgres => "BIGINT",
+        }
     }
 
     /// Reads the recorded ledger version (one row, one integer column).
     pub fn ledger_version(self) -> String {
-        format!("SELECT version FROM {SCHEMA_TABLE} WHERE component = 'ledger'")
+        format!(
+            "SELECT version FROM {} WHERE component = 'ledger'",
+            self.version_table()
+        )
     }
 
     /// Reads one ledger row by intent id (parameter 1): intent_id, run, digest,
@@ -89,8 +170,9 @@ impl Dialect {
             Self::Postgres => "undo::text",
         };
         format!(
-            "SELECT intent_id, run, digest, applied_at_ms, {undo} FROM {LEDGER_TABLE} \
+            "SELECT intent_id, run, digest, applied_at_ms, {undo} FROM {} \
              WHERE intent_id = {}",
+            self.ledger_table(),
             self.placeholder(1)
         )
     }
@@ -100,11 +182,13 @@ impl Dialect {
     pub fn ledger_insert(self) -> String {
         let undo = match self {
             Self::Sqlite => self.placeholder(5),
-            Self::Postgres => format!("{}::jsonb", self.placeholder(5)),
+            // Bound as text (the driver's string type), converted by the server.
+            Self::Postgres => format!("{}::text::jsonb", self.placeholder(5)),
         };
         format!(
-            "INSERT INTO {LEDGER_TABLE} (intent_id, run, digest, applied_at_ms, undo) \
+            "INSERT INTO {} (intent_id, run, digest, applied_at_ms, undo) \
              VALUES ({}, {}, {}, {}, {undo})",
+            self.ledger_table(),
             self.placeholder(1),
             self.placeholder(2),
             self.placeholder(3),
@@ -118,6 +202,12 @@ impl Dialect {
 pub fn is_reserved_table(table: &TableName) -> bool {
     let name = table.name();
     name.eq_ignore_ascii_case(LEDGER_TABLE) || name.eq_ignore_ascii_case(SCHEMA_TABLE)
+}
+
+/// Whether a schema is the one Airlock keeps for itself in a PostgreSQL target
+/// (compared without regard to case, to refuse look-alikes too).
+pub fn is_reserved_schema(schema: &str) -> bool {
+    schema.eq_ignore_ascii_case(PG_SCHEMA)
 }
 
 /// What the SQL builder needs to know about a parameter value.
@@ -310,6 +400,266 @@ pub fn select<'c, P: Arg>(
     b.finish()
 }
 
+/// PostgreSQL statements that bind each part of an op as one JSON parameter.
+///
+/// **Why `json_populate_record`.** A part (`values`, `key`, `set`, `expect`) is sent
+/// as one text parameter holding its JSON object, and the statement converts it with
+/// `json_populate_record(NULL::<table>, $n::text::json)` into a record of the
+/// table's own row type. PostgreSQL then converts each JSON value with the column's
+/// input function and type modifier, exactly as it would a literal: integers,
+/// numeric, floating point, boolean, text, uuid, dates and timestamps, enums,
+/// domains, bytea (from its text form, e.g. `"\\x0102"`), json/jsonb (any JSON
+/// value, kept as is) and arrays (from JSON arrays, nested for more dimensions).
+/// Nothing in Airlock second-guesses a type, the catalog type is never spliced into
+/// SQL, and one parameter per part keeps statements few and short. Images are read
+/// back with `row_to_json`, the inverse mapping, so an image fed back as `values`
+/// restores the same row (what undo and replay need). The alternative, binding every
+/// value as text with a cast to `format_type(...)`, needs Airlock to render JSON
+/// arrays as PostgreSQL array literals and splices type names into SQL.
+///
+/// Statements alias the table `r`; key, expect, set and values records are `k`,
+/// `e`, `s` and `v`. Every statement that returns rows returns [`pg::ROW`]'s columns:
+/// the row as JSON text, its `tableoid` and its `ctid` (text), so a row read under
+/// `FOR UPDATE` can be written again by its physical address.
+pub mod pg {
+    use std::fmt::Write as _;
+
+    use airlock_intent::TableName;
+
+    use super::{PG_SCHEMA, quote_ident, quote_table};
+
+    /// What every row-returning statement returns: the row as JSON text, the
+    /// `tableoid` (int8) and the `ctid` (text) of the row.
+    pub const ROW: &str = "row_to_json(r.*)::text, r.tableoid::int8, r.ctid::text";
+
+    /// One table's catalog entry, by the quoted name in parameter 1 (resolved like
+    /// an SQL reference, through `search_path` when unqualified): schema, relkind,
+    /// column names and their types (`format_type`) in column order, and the
+    /// primary-key columns in key order. No row when there is no such relation.
+    pub const TABLE_INFO: &str = "\
+        SELECT n.nspname::text, c.relkind::text, \
+          array(SELECT a.attname::text FROM pg_attribute a \
+                WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+                ORDER BY a.attnum), \
+          array(SELECT format_type(a.atttypid, a.atttypmod) FROM pg_attribute a \
+                WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+                ORDER BY a.attnum), \
+          array(SELECT a.attname::text \
+                FROM pg_index i \
+                CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) \
+                JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum \
+                WHERE i.indrelid = c.oid AND i.indisprimary ORDER BY k.ord) \
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+        WHERE c.oid = to_regclass($1)";
+
+    /// Arbitrary but fixed first key of Airlock's advisory locks ("airl" in ASCII);
+    /// the two-key form keeps them apart from an application's one-key locks.
+    pub const LOCK_CLASS: i32 = 0x6169_726c;
+
+    /// Serialises applies of one intent id (parameter 1) until the transaction ends,
+    /// so a second apply of the same intent waits and then finds the first one's
+    /// ledger row instead of racing it.
+    pub const LOCK_INTENT: &str = "SELECT pg_advisory_xact_lock(1634300524, hashtext($1))";
+
+    /// Serialises ledger migrations across every Airlock using the database.
+    pub const LOCK_MIGRATION: &str = "SELECT pg_advisory_xact_lock(1634300524, 0)";
+
+    /// Whether Airlock's version table exists yet (one boolean).
+    pub fn version_table_exists() -> String {
+        format!("SELECT to_regclass('{PG_SCHEMA}.schema_version') IS NOT NULL")
+    }
+
+    /// How a column takes part in a comparison with a record's column.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Compare<'a> {
+        /// The column.
+        pub column: &'a str,
+        /// The JSON value is null: compare with `IS NULL`.
+        pub null: bool,
+        /// The column is of type `json`, which has no equality operator: compare
+        /// as `jsonb`.
+        pub json: bool,
+    }
+
+    fn record(table: &TableName, param: usize) -> String {
+        format!(
+            "json_populate_record(NULL::{}, ${param}::text::json)",
+            quote_table(table)
+        )
+    }
+
+    /// `r."c" = k."c"` (indexable), `r."c" IS NULL`, or the jsonb comparison.
+    fn equal(sql: &mut String, c: &Compare<'_>, alias: &str) {
+        let column = quote_ident(c.column);
+        if c.null {
+            let _ = write!(sql, "r.{column} IS NULL");
+        } else if c.json {
+            let _ = write!(sql, "r.{column}::jsonb = {alias}.{column}::jsonb");
+        } else {
+            let _ = write!(sql, "r.{column} = {alias}.{column}");
+        }
+    }
+
+    /// `FROM t AS r, json_populate_record(..$1) AS k[, ..$2 AS e] WHERE ...`.
+    fn from_where(table: &TableName, key: &[Compare<'_>], expect: &[Compare<'_>]) -> String {
+        let mut sql = format!(
+            " FROM {} AS r, {} AS k",
+            quote_table(table),
+            record(table, 1)
+        );
+        if !expect.is_empty() {
+            let _ = write!(sql, ", {} AS e", record(table, 2));
+        }
+        let filter = key
+            .iter()
+            .map(|c| (c, "k"))
+            .chain(expect.iter().map(|c| (c, "e")));
+        for (i, (c, alias)) in filter.enumerate() {
+            sql.push_str(if i == 0 { " WHERE " } else { " AND " });
+            equal(&mut sql, c, alias);
+        }
+        sql
+    }
+
+    /// Reads (and, with `lock`, locks `FOR UPDATE`) at most `limit` rows matching
+    /// the key record (parameter 1) and, when `expect` is not empty, the expect
+    /// record (parameter 2). Returns [`ROW`].
+    pub fn select_rows(
+        table: &TableName,
+        key: &[Compare<'_>],
+        expect: &[Compare<'_>],
+        limit: u64,
+        lock: bool,
+    ) -> String {
+        let mut sql = format!("SELECT {ROW}{}", from_where(table, key, expect));
+        // A number Airlock chose, not a value from the intent.
+        let _ = write!(sql, " LIMIT {}", limit.min(i64::MAX as u64));
+        if lock {
+            sql.push_str(" FOR UPDATE OF r");
+        }
+        sql
+    }
+
+    /// For a row matching the key record (parameter 1): the row as JSON text, then
+    /// for each `expect` column whether it holds (null-safe) against the expect
+    /// record (parameter 2). Explains a failed `expect`.
+    pub fn expect_holds(table: &TableName, key: &[Compare<'_>], expect: &[Compare<'_>]) -> String {
+        let mut sql = String::from("SELECT row_to_json(r.*)::text");
+        for c in expect {
+            let column = quote_ident(c.column);
+            if c.json {
+                let _ = write!(
+                    sql,
+                    ", r.{column}::jsonb IS NOT DISTINCT FROM e.{column}::jsonb"
+                );
+            } else {
+                let _ = write!(sql, ", r.{column} IS NOT DISTINCT FROM e.{column}");
+            }
+        }
+        let mut from = format!(
+            " FROM {} AS r, {} AS k, {} AS e",
+            quote_table(table),
+            record(table, 1),
+            record(table, 2)
+        );
+        for (i, c) in key.iter().enumerate() {
+            from.push_str(if i == 0 { " WHERE " } else { " AND " });
+            equal(&mut from, c, "k");
+        }
+        sql.push_str(&from);
+        sql.push_str(" LIMIT 1");
+        sql
+    }
+
+    fn column_list(columns: &[&str], prefix: &str) -> String {
+        columns
+            .iter()
+            .map(|c| format!("{prefix}{}", quote_ident(c)))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// `INSERT INTO t AS r ("a","b") SELECT v."a",v."b" FROM <values record $1>`,
+    /// or `DEFAULT VALUES` for no columns. Returns [`ROW`].
+    pub fn insert(table: &TableName, columns: &[&str]) -> String {
+        let mut sql = format!("INSERT INTO {} AS r", quote_table(table));
+        insert_values(&mut sql, table, columns);
+        let _ = write!(sql, " RETURNING {ROW}");
+        sql
+    }
+
+    fn insert_values(sql: &mut String, table: &TableName, columns: &[&str]) {
+        if columns.is_empty() {
+            sql.push_str(" DEFAULT VALUES");
+        } else {
+            let _ = write!(
+                sql,
+                " ({}) SELECT {} FROM {} AS v",
+                column_list(columns, ""),
+                column_list(columns, "v."),
+                record(table, 1)
+            );
+        }
+    }
+
+    /// The insert with `ON CONFLICT (on) DO UPDATE SET` every other column (or
+    /// `DO NOTHING` when there is none). Returns [`ROW`] and whether the row was
+    /// inserted (not updated): `xmax` is 0 only on a freshly inserted row version.
+    pub fn upsert(table: &TableName, columns: &[&str], on: &[&str]) -> String {
+        let mut sql = format!("INSERT INTO {} AS r", quote_table(table));
+        insert_values(&mut sql, table, columns);
+        let _ = write!(sql, " ON CONFLICT ({})", column_list(on, ""));
+        let updated: Vec<String> = columns
+            .iter()
+            .filter(|c| !on.contains(c))
+            .map(|c| format!("{0}=excluded.{0}", quote_ident(c)))
+            .collect();
+        if updated.is_empty() {
+            sql.push_str(" DO NOTHING");
+        } else {
+            let _ = write!(sql, " DO UPDATE SET {}", updated.join(","));
+        }
+        let _ = write!(sql, " RETURNING {ROW}, r.xmax::text = '0'");
+        sql
+    }
+
+    /// Sets `columns` from the set record (parameter 1) on the one row at
+    /// `tableoid` (parameter 2, text) and `ctid` (parameter 3, text). Returns [`ROW`].
+    pub fn update_row(table: &TableName, columns: &[&str]) -> String {
+        let set: Vec<String> = columns
+            .iter()
+            .map(|c| format!("{0}=s.{0}", quote_ident(c)))
+            .collect();
+        format!(
+            "UPDATE {} AS r SET {} FROM {} AS s \
+             WHERE r.tableoid = $2::text::oid AND r.ctid = $3::text::tid RETURNING {ROW}",
+            quote_table(table),
+            set.join(","),
+            record(table, 1)
+        )
+    }
+
+    /// Deletes the one row at `tableoid` (parameter 1) and `ctid` (parameter 2).
+    /// Returns [`ROW`].
+    pub fn delete_row(table: &TableName) -> String {
+        format!(
+            "DELETE FROM {} AS r WHERE r.tableoid = $1::text::oid AND r.ctid = $2::text::tid \
+             RETURNING {ROW}",
+            quote_table(table)
+        )
+    }
+
+    /// Converts one column of a record (parameter 1) to its type, to find which
+    /// value a failed statement could not convert.
+    pub fn convert(table: &TableName, column: &str) -> String {
+        format!(
+            "SELECT v.{} IS NULL FROM {} AS v",
+            quote_ident(column),
+            record(table, 1)
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::{Value, json};
@@ -493,9 +843,30 @@ mod tests {
     #[test]
     fn ledger_statements_use_the_dialect() {
         assert!(Dialect::Sqlite.ledger_select().ends_with("intent_id = ?1"));
-        assert!(Dialect::Postgres.ledger_insert().contains("$5::jsonb"));
         assert!(
-            Dialect::Sqlite.ledger_ddl()[0].contains("CREATE TABLE IF NOT EXISTS airlock_ledger")
+            Dialect::Postgres
+                .ledger_insert()
+                .contains("$5::text::jsonb")
+        );
+        assert!(
+            Dialect::Postgres
+                .ledger_insert()
+                .contains("INSERT INTO airlock.ledger")
+        );
+        let ddl = Dialect::Postgres.ledger_ddl();
+        assert_eq!(ddl[0], "CREATE SCHEMA IF NOT EXISTS airlock");
+        assert!(
+            ddl.iter().any(|s| s.contains("airlock.ledger (")),
+            "{ddl:?}"
+        );
+        assert!(pg::LOCK_INTENT.contains(&pg::LOCK_CLASS.to_string()));
+        assert!(pg::LOCK_MIGRATION.contains(&pg::LOCK_CLASS.to_string()));
+        assert!(is_reserved_schema("Airlock"));
+        assert!(
+            Dialect::Sqlite
+                .ledger_ddl()
+                .iter()
+                .any(|s| s.contains("CREATE TABLE IF NOT EXISTS airlock_ledger"))
         );
         assert!(is_reserved_table(&table("AIRLOCK_LEDGER")));
         assert!(is_reserved_table(&table("main.airlock_schema")));

@@ -445,24 +445,7 @@ impl TableInfo {
         part: &str,
         names: impl IntoIterator<Item = &'n str>,
     ) -> Result<(), ApplyError> {
-        for name in names {
-            if self.columns.iter().any(|c| c == name) {
-                continue;
-            }
-            let hint = self
-                .columns
-                .iter()
-                .find(|c| c.eq_ignore_ascii_case(name))
-                .map(|c| format!(" (did you mean {c:?}? column names are case-sensitive)"))
-                .unwrap_or_default();
-            return Err(ApplyError::permanent(format!(
-                "{part} names column {name:?}, which table {table} does not have{hint}; its \
-                 columns are {}",
-                show(&self.columns)
-            ))
-            .with_code(codes::UNKNOWN_COLUMN));
-        }
-        Ok(())
+        super::check_columns(&self.columns, table, part, names)
     }
 }
 
