@@ -23,7 +23,7 @@ use tracing::{info, warn};
 
 use airlock_intent::Intent;
 
-use crate::apply::{ApplyError, ApplyMeta, ErrorKind, Target};
+use crate::apply::{Applied, ApplyError, ApplyMeta, ErrorKind, Target};
 use crate::config::Config;
 use crate::decide::{InputContext, Policy, build_input};
 use crate::lifecycle::State;
@@ -32,6 +32,9 @@ use crate::queue::{DecisionOutcome, IntentRow, Queue, QueueError, now_ms};
 
 /// Most intents one stage takes in one step.
 const BATCH: usize = 256;
+
+/// Most intents of one run applied in one step.
+const CHAIN: usize = 64;
 
 /// The pipeline's resources.
 #[derive(Debug)]
@@ -201,36 +204,43 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Applies the head of every run that has an approved one, concurrently across
-    /// runs (each run has at most one head, so per-run order holds), then records
-    /// every result in one queue commit.
+    /// Applies, for every run, the approved intents at its front: runs concurrently,
+    /// each run's chain in queue order, each intent in its own target transaction. A
+    /// chain stops at its first error, so nothing overtakes an intent that has to be
+    /// retried. Every result is then recorded in one queue commit.
     fn apply(&mut self, report: &mut StepReport) -> Result<(), QueueError> {
-        let heads = self.queue.apply_heads(now_ms(), BATCH)?;
-        if heads.is_empty() {
+        let chains = self.queue.apply_chains(now_ms(), CHAIN, BATCH)?;
+        if chains.is_empty() {
             return Ok(());
         }
-        let jobs: Vec<_> = heads.iter().map(|row| self.prepare(row)).collect();
-        let results = self.runtime.block_on(async move {
+        let jobs: Vec<Vec<_>> = chains
+            .iter()
+            .map(|chain| chain.iter().map(|row| self.prepare(row)).collect())
+            .collect();
+        let chain_results = self.runtime.block_on(async move {
             let handles: Vec<_> = jobs
                 .into_iter()
-                .map(|job| {
-                    job.map(|(target, intent, meta)| {
-                        tokio::spawn(async move { target.apply(&intent, &meta).await })
-                    })
-                })
+                .map(|chain| tokio::spawn(apply_chain(chain)))
                 .collect();
             let mut results = Vec::with_capacity(handles.len());
             for handle in handles {
-                results.push(match handle {
-                    Ok(handle) => handle.await.unwrap_or_else(|error| {
-                        // A bug in a target, not a verdict on the intent: retry later.
-                        Err(ApplyError::transient(format!("apply task failed: {error}")))
-                    }),
-                    Err(error) => Err(error),
-                });
+                results.push(handle.await.unwrap_or_else(|error| {
+                    // A bug in a target, not a verdict on the intent: retry later.
+                    vec![Err(ApplyError::transient(format!(
+                        "apply task failed: {error}"
+                    )))]
+                }));
             }
             results
         });
+        let mut heads = Vec::new();
+        let mut results = Vec::new();
+        for (chain, chain_results) in chains.into_iter().zip(chain_results) {
+            for (row, result) in chain.into_iter().zip(chain_results) {
+                heads.push(row);
+                results.push(result);
+            }
+        }
         let now = now_ms();
         let max_backoff = self.max_backoff_ms;
         self.queue.write(|w| {
@@ -325,6 +335,26 @@ impl Pipeline {
             }
         }
     }
+}
+
+/// Applies one run's chain in order, stopping after the first error (its result is
+/// the last one returned; the intents after it are left for a later step).
+async fn apply_chain(
+    chain: Vec<Result<(Arc<dyn Target>, Intent, ApplyMeta), ApplyError>>,
+) -> Vec<Result<Applied, ApplyError>> {
+    let mut results = Vec::with_capacity(chain.len());
+    for job in chain {
+        let result = match job {
+            Ok((target, intent, meta)) => target.apply(&intent, &meta).await,
+            Err(error) => Err(error),
+        };
+        let failed = result.is_err();
+        results.push(result);
+        if failed {
+            break;
+        }
+    }
+    results
 }
 
 fn error_json(error: &ApplyError, retry_at: Option<i64>) -> Value {

@@ -547,12 +547,71 @@ impl Queue {
     /// blocks the run, when that intent is approved and not backing off. A run whose
     /// first blocking intent awaits review or a decision yields nothing (invariant 7).
     pub fn apply_heads(&self, now: i64, limit: usize) -> Result<Vec<IntentRow>, QueueError> {
-        self.select_intents(
-            "WHERE seq IN (SELECT MIN(seq) FROM intents \
-                 WHERE state IN ('queued', 'awaiting_review', 'approved', 'applying') GROUP BY run) \
-             AND state IN ('approved', 'applying') AND not_before <= ?1 ORDER BY seq LIMIT ?2",
-            params![now, limit as i64],
-        )
+        Ok(self
+            .apply_chains(now, 1, limit)?
+            .into_iter()
+            .flatten()
+            .collect())
+    }
+
+    /// For each run, the approved intents at its front, in queue order: its first
+    /// blocking intent and those right after it, up to the first that is not approved
+    /// (or is backing off), at most `per_run` of them and `total` in all. Applying a
+    /// chain in order keeps per-run order (invariant 7) while a deep queue moves many
+    /// intents per step.
+    pub fn apply_chains(
+        &self,
+        now: i64,
+        per_run: usize,
+        total: usize,
+    ) -> Result<Vec<Vec<IntentRow>>, QueueError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, run, state, not_before FROM intents \
+             WHERE state IN ('queued', 'awaiting_review', 'approved', 'applying') ORDER BY run, seq",
+        )?;
+        let mut rows = stmt.query([])?;
+        let mut chains: Vec<Vec<i64>> = Vec::new();
+        let mut current: Option<String> = None;
+        let mut open = false;
+        let mut taken = 0;
+        while let Some(row) = rows.next()? {
+            if taken >= total {
+                break;
+            }
+            let run: String = row.get(1)?;
+            if current.as_deref() != Some(run.as_str()) {
+                current = Some(run);
+                open = true;
+                chains.push(Vec::new());
+            }
+            let state: String = row.get(2)?;
+            let ready =
+                matches!(state.as_str(), "approved" | "applying") && row.get::<_, i64>(3)? <= now;
+            let chain = chains.last_mut().filter(|c| c.len() < per_run);
+            match chain {
+                Some(chain) if open && ready => {
+                    chain.push(row.get(0)?);
+                    taken += 1;
+                }
+                _ => open = false,
+            }
+        }
+        drop(rows);
+        chains
+            .into_iter()
+            .filter(|chain| !chain.is_empty())
+            .map(|chain| {
+                chain
+                    .into_iter()
+                    .map(|seq| {
+                        let mut found = self.select_intents("WHERE seq = ?1", params![seq])?;
+                        found.pop().ok_or_else(|| {
+                            QueueError::Corrupt(format!("intent seq {seq} vanished"))
+                        })
+                    })
+                    .collect()
+            })
+            .collect()
     }
 
     /// Reviews whose deadline has passed.
@@ -1385,6 +1444,48 @@ mod tests {
         assert_eq!(heads, vec!["a2", "b1"]);
         // Applied is final for the lifecycle: applying again is illegal.
         assert!(q.write(|w| w.record_applied("a1", json!({}))).is_err());
+    }
+
+    #[test]
+    fn chains_stop_at_the_first_intent_that_is_not_approved() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut q = Queue::open(dir.path()).unwrap();
+        for id in ["a1", "a2", "a3", "a4"] {
+            q.write(|w| w.admit(&arrival(id, "A", id))).unwrap();
+        }
+        q.write(|w| w.admit(&arrival("b1", "B", "b1"))).unwrap();
+        for id in ["a1", "a2", "a4", "b1"] {
+            decide(&mut q, id, Verdict::Allow);
+        }
+        decide(&mut q, "a3", Verdict::Review { approvals: 1 });
+        let ids = |chains: Vec<Vec<IntentRow>>| -> Vec<Vec<String>> {
+            chains
+                .into_iter()
+                .map(|c| c.into_iter().map(|r| r.id).collect())
+                .collect()
+        };
+        assert_eq!(
+            ids(q.apply_chains(i64::MAX, 10, 10).unwrap()),
+            vec![vec!["a1", "a2"], vec!["b1"]]
+        );
+        assert_eq!(
+            ids(q.apply_chains(i64::MAX, 1, 10).unwrap()),
+            vec![vec!["a1"], vec!["b1"]]
+        );
+        assert_eq!(
+            ids(q.apply_chains(i64::MAX, 10, 1).unwrap()),
+            vec![vec!["a1"]]
+        );
+        // A backing-off intent ends its chain until its retry time.
+        q.write(|w| w.record_retry("a2", json!({}), 1_000)).unwrap();
+        assert_eq!(
+            ids(q.apply_chains(999, 10, 10).unwrap()),
+            vec![vec!["a1"], vec!["b1"]]
+        );
+        assert_eq!(
+            ids(q.apply_chains(1_000, 10, 10).unwrap()),
+            vec![vec!["a1", "a2"], vec!["b1"]]
+        );
     }
 
     #[test]
