@@ -33,6 +33,9 @@ use crate::queue::{DecisionOutcome, IntentRow, Queue, QueueError, now_ms};
 /// Most intents one stage takes in one step.
 const BATCH: usize = 256;
 
+/// What applying one intent needs, or why it cannot be applied at all.
+type Job = Result<(Arc<dyn Target>, Intent, ApplyMeta), ApplyError>;
+
 /// Most intents of one run applied in one step.
 const CHAIN: usize = 64;
 
@@ -275,7 +278,7 @@ impl Pipeline {
     }
 
     /// What applying one intent needs, or why it cannot be applied at all.
-    fn prepare(&self, row: &IntentRow) -> Result<(Arc<dyn Target>, Intent, ApplyMeta), ApplyError> {
+    fn prepare(&self, row: &IntentRow) -> Job {
         let target = self
             .targets
             .get(&row.target)
@@ -339,9 +342,7 @@ impl Pipeline {
 
 /// Applies one run's chain in order, stopping after the first error (its result is
 /// the last one returned; the intents after it are left for a later step).
-async fn apply_chain(
-    chain: Vec<Result<(Arc<dyn Target>, Intent, ApplyMeta), ApplyError>>,
-) -> Vec<Result<Applied, ApplyError>> {
+async fn apply_chain(chain: Vec<Job>) -> Vec<Result<Applied, ApplyError>> {
     let mut results = Vec::with_capacity(chain.len());
     for job in chain {
         let result = match job {
