@@ -31,10 +31,14 @@ const TABLES: [&str; 2] = ["customers", "orders"];
 
 /// The database under test: the sandbox's SQLite target, or a fresh PostgreSQL
 /// database reached as target `pg`.
+#[allow(clippy::large_enum_variant)] // one per test
 enum Db {
     Sqlite(PathBuf),
     Pg {
         db: pg::TestDb,
+        /// A connection for set-up and checks (replaced after a snapshot, which
+        /// needs every connection to the database closed).
+        client: tokio_postgres::Client,
         runtime: tokio::runtime::Runtime,
     },
 }
@@ -46,7 +50,9 @@ impl Db {
                 .unwrap()
                 .execute_batch(sql)
                 .unwrap(),
-            Db::Pg { db, runtime } => runtime.block_on(db.client.batch_execute(sql)).unwrap(),
+            Db::Pg {
+                client, runtime, ..
+            } => runtime.block_on(client.batch_execute(sql)).unwrap(),
         }
     }
 
@@ -55,7 +61,9 @@ impl Db {
         let sql = format!("SELECT * FROM {table} ORDER BY id");
         match self {
             Db::Sqlite(path) => sqlite_rows(path, &sql),
-            Db::Pg { db, runtime } => runtime.block_on(db.rows(&sql)),
+            Db::Pg {
+                client, runtime, ..
+            } => runtime.block_on(pg_rows(client, &sql)),
         }
     }
 
@@ -69,6 +77,15 @@ impl Db {
             Db::Sqlite(_) => "default",
             Db::Pg { .. } => "pg",
         }
+    }
+}
+
+async fn pg_rows(client: &tokio_postgres::Client, sql: &str) -> Vec<Value> {
+    let wrapped = format!("SELECT coalesce(json_agg(x), '[]')::text FROM ({sql}) AS x");
+    let text: String = client.query_one(&wrapped, &[]).await.unwrap().get(0);
+    match serde_json::from_str(&text).unwrap() {
+        Value::Array(rows) => rows,
+        other => panic!("not an array: {other}"),
     }
 }
 
@@ -117,8 +134,13 @@ impl Fixture {
             Kind::Postgres => {
                 let runtime = tokio::runtime::Runtime::new().unwrap();
                 let db = runtime.block_on(pg::TestDb::create(PG_SCHEMA));
+                let client = runtime.block_on(pg::connect(&db.url));
                 sb.env.push(("AIRLOCK_TARGETS__PG".into(), db.url.clone()));
-                Db::Pg { db, runtime }
+                Db::Pg {
+                    db,
+                    client,
+                    runtime,
+                }
             }
         };
         db.exec(SEED);
@@ -251,14 +273,19 @@ fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// Runs `test` on SQLite, then on PostgreSQL. One scenario at a time: with
-/// several sidecars started at once on a loaded machine, some intents were not
-/// picked up within the deadline (see the report; not understood yet).
-fn both(test: fn(Kind)) {
+/// One scenario at a time: with several sidecars started at once on a loaded
+/// machine, some intents were not picked up within the deadline (not understood
+/// yet).
+fn serial() -> std::sync::MutexGuard<'static, ()> {
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _guard = ONE_AT_A_TIME
+    ONE_AT_A_TIME
         .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Runs `test` on SQLite, then on PostgreSQL.
+fn both(test: fn(Kind)) {
+    let _serial = serial();
     test(Kind::Sqlite);
     test(Kind::Postgres);
 }
@@ -392,4 +419,222 @@ fn a_single_intent_undoes_only_when_no_later_intent_wrote_its_rows(kind: Kind) {
 #[test]
 fn a_single_intent_undoes_only_when_no_later_intent_wrote_its_rows_on_both_targets() {
     both(a_single_intent_undoes_only_when_no_later_intent_wrote_its_rows);
+}
+
+/// A copy of a PostgreSQL database made with `CREATE DATABASE ... TEMPLATE`,
+/// dropped with this.
+struct PgSnapshot {
+    name: String,
+    url: String,
+}
+
+impl Fixture {
+    /// Copies the PostgreSQL database as it is now (no connection to it may stay
+    /// open meanwhile: the test's own is closed, then reopened).
+    fn pg_snapshot(&mut self) -> PgSnapshot {
+        let Db::Pg {
+            db,
+            client,
+            runtime,
+        } = &mut self.db
+        else {
+            panic!("not PostgreSQL");
+        };
+        let name = format!("{}_snap", db.name);
+        runtime.block_on(async {
+            let admin = pg::connect(&pg::server_url()).await;
+            pg::eventually("a template copy of the database", || {
+                let admin = &admin;
+                let (orig, name) = (&db.name, &name);
+                async move {
+                    admin
+                        .execute(
+                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                             WHERE datname = $1 AND pid <> pg_backend_pid()",
+                            &[orig],
+                        )
+                        .await
+                        .ok()?;
+                    admin
+                        .batch_execute(&format!("CREATE DATABASE \"{name}\" TEMPLATE \"{orig}\""))
+                        .await
+                        .ok()
+                }
+            })
+            .await;
+        });
+        *client = runtime.block_on(pg::connect(&db.url));
+        PgSnapshot {
+            url: pg::with_database(&db.url, &name),
+            name,
+        }
+    }
+
+    fn export(&self) -> PathBuf {
+        let file = self.sb.dir.path().join("r1.jsonl");
+        let out = self
+            .sb
+            .cli(&["export", "--run", "r1", "--out", file.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        file
+    }
+
+    fn public_key(&self) -> PathBuf {
+        self.sb.state().join("signing.key.pub")
+    }
+}
+
+impl Drop for PgSnapshot {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let admin = pg::connect(&pg::server_url()).await;
+                let _ = admin
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                    .await;
+            });
+        })
+        .join();
+    }
+}
+
+fn replay(args: &[&str]) -> Output {
+    airlock().arg("replay").args(args).output().unwrap()
+}
+
+#[test]
+fn postgres_replay_of_an_export_into_a_snapshot_gives_identical_tables() {
+    let _serial = serial();
+    let mut fx = Fixture::new(Kind::Postgres);
+    let snap = fx.pg_snapshot();
+    fx.run();
+    let file = fx.export();
+    let key = fx.public_key();
+    let args = [
+        "--run",
+        "r1",
+        "--target",
+        &snap.url,
+        "--check",
+        file.to_str().unwrap(),
+        "--public-key",
+        key.to_str().unwrap(),
+    ];
+    let out = replay(&args);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains("4 intent(s), 0 divergence(s)"),
+        "{}",
+        stdout(&out)
+    );
+    let Db::Pg { runtime, .. } = &fx.db else {
+        unreachable!()
+    };
+    let copy = runtime.block_on(pg::connect(&snap.url));
+    let copied: Vec<Vec<Value>> = TABLES
+        .iter()
+        .map(|t| runtime.block_on(pg_rows(&copy, &format!("SELECT * FROM {t} ORDER BY id"))))
+        .collect();
+    assert_eq!(copied, fx.db.snapshot());
+    assert_ne!(copied, fx.original);
+
+    // Exactly once: a second replay applies nothing.
+    let again = replay(&args);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert_eq!(stdout(&again).matches("already replayed").count(), 4);
+    let copied_again: Vec<Vec<Value>> = TABLES
+        .iter()
+        .map(|t| runtime.block_on(pg_rows(&copy, &format!("SELECT * FROM {t} ORDER BY id"))))
+        .collect();
+    assert_eq!(copied_again, copied);
+}
+
+/// A SQLite copy of the sandbox's target as it is now.
+fn sqlite_copy(fx: &Fixture) -> PathBuf {
+    let copy = fx.sb.dir.path().join("snap.db");
+    std::fs::copy(fx.sb.target(), &copy).unwrap();
+    copy
+}
+
+#[test]
+fn sqlite_replay_from_the_live_log_gives_identical_tables() {
+    let _serial = serial();
+    let mut fx = Fixture::new(Kind::Sqlite);
+    let copy = sqlite_copy(&fx);
+    fx.run();
+    let url = format!("sqlite://{}", copy.display());
+    let state = fx.sb.state();
+    let out = replay(&[
+        "--run",
+        "r1",
+        "--target",
+        &url,
+        "--check",
+        "--state",
+        state.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let copied: Vec<Vec<Value>> = TABLES
+        .iter()
+        .map(|t| sqlite_rows(&copy, &format!("SELECT * FROM {t} ORDER BY id")))
+        .collect();
+    assert_eq!(copied, fx.db.snapshot());
+}
+
+#[test]
+fn replay_reports_divergences_and_refuses_a_tampered_log() {
+    let _serial = serial();
+    let mut fx = Fixture::new(Kind::Sqlite);
+    let copy = sqlite_copy(&fx);
+    // The copy differs from what the run saw: Ada has another name.
+    rusqlite::Connection::open(&copy)
+        .unwrap()
+        .execute_batch("UPDATE customers SET name = 'Ada X' WHERE id = 1")
+        .unwrap();
+    fx.run();
+    let file = fx.export();
+    let key = fx.public_key();
+    let url = format!("sqlite://{}", copy.display());
+    let out = replay(&[
+        "--run",
+        "r1",
+        "--target",
+        &url,
+        "--check",
+        file.to_str().unwrap(),
+        "--public-key",
+        key.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success(), "a divergence passed the check");
+    let err = stderr(&out);
+    assert!(err.contains("intent i-upd op 0 table customers"), "{err}");
+    assert!(
+        err.contains(r#"column "name": expected "Ada", found "Ada X""#),
+        "{err}"
+    );
+    assert_eq!(err.matches("divergence:").count(), 1, "{err}");
+
+    // A tampered export is refused before anything is applied.
+    let other = fx.sb.dir.path().join("other.db");
+    let tampered = fx.sb.dir.path().join("tampered.jsonl");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains("\"gold\""));
+    std::fs::write(&tampered, text.replacen("\"gold\"", "\"bronze\"", 1)).unwrap();
+    let out = replay(&[
+        "--run",
+        "r1",
+        "--target",
+        &format!("sqlite://{}", other.display()),
+        tampered.to_str().unwrap(),
+        "--public-key",
+        key.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success(), "a tampered log was replayed");
+    assert!(stderr(&out).contains("does not verify"), "{}", stderr(&out));
+    assert!(stdout(&out).is_empty(), "{}", stdout(&out));
 }
