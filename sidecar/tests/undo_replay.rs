@@ -638,3 +638,142 @@ fn replay_reports_divergences_and_refuses_a_tampered_log() {
     assert!(stderr(&out).contains("does not verify"), "{}", stderr(&out));
     assert!(stdout(&out).is_empty(), "{}", stdout(&out));
 }
+
+#[test]
+fn undo_after_a_crash_between_target_and_queue_only_records() {
+    let _serial = serial();
+    let mut fx = Fixture::new(Kind::Sqlite);
+    fx.run();
+    // The target reverts and commits, then the process "dies" before the queue
+    // records anything.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let url = format!("sqlite://{}", fx.sb.target().display());
+    let target = airlock::apply::open("default", &url).unwrap();
+    let ids: Vec<String> = ["i-ups", "i-del", "i-upd", "i-ins"]
+        .map(String::from)
+        .into();
+    let report = runtime.block_on(target.undo(&ids, false)).unwrap();
+    assert!(report.committed, "{report:?}");
+    assert_eq!(report.undone, ids);
+    drop(target);
+    assert_eq!(fx.db.snapshot(), fx.original);
+    assert_eq!(fx.state_of("i-upd"), "applied");
+
+    let out = fx.undo(&[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out).matches("recorded now").count(),
+        4,
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(fx.db.snapshot(), fx.original);
+    let records = fx.records("undone");
+    assert_eq!(records.len(), 4);
+    assert!(
+        records
+            .iter()
+            .all(|r| r["data"]["recorded_after_target"] == true)
+    );
+    fx.verify();
+}
+
+/// The version-1 ledger, as an Airlock before undo created it.
+fn v1_ledger(schema: &str, ledger: &str, version: &str, undo_type: &str) -> String {
+    format!(
+        "CREATE TABLE {version} (component TEXT PRIMARY KEY, version BIGINT NOT NULL);
+         INSERT INTO {version} VALUES ('ledger', 1);
+         CREATE TABLE {ledger} (intent_id TEXT PRIMARY KEY, run TEXT NOT NULL, digest TEXT NOT NULL,
+             applied_at_ms BIGINT NOT NULL, undo {undo_type} NOT NULL);
+         {schema}"
+    )
+}
+
+fn one_insert(target: &str) -> (airlock_intent::Intent, airlock::apply::ApplyMeta) {
+    let mut value = intent(
+        "m-1",
+        "rm",
+        json!({"op": "insert", "table": "customers", "values": {"id": 9, "name": "Mig"}}),
+    );
+    value["target"] = json!(target);
+    let bytes = serde_json::to_vec(&value).unwrap();
+    (
+        serde_json::from_slice(&bytes).unwrap(),
+        airlock::apply::ApplyMeta::new(airlock::seal::digest(&bytes)),
+    )
+}
+
+#[test]
+fn a_version_1_ledger_migrates_and_undoes_on_both_targets() {
+    let _serial = serial();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    // SQLite.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.db");
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .execute_batch(&v1_ledger(
+            support::SCHEMA,
+            "airlock_ledger",
+            "airlock_schema",
+            "TEXT",
+        ))
+        .unwrap();
+    let url = format!("sqlite://{}", path.display());
+    let target = airlock::apply::open("default", &url).unwrap();
+    let (intent, meta) = one_insert("default");
+    runtime.block_on(target.apply(&intent, &meta)).unwrap();
+    drop(target);
+    // Reopening runs no migration twice.
+    let target = airlock::apply::open("default", &url).unwrap();
+    let report = runtime
+        .block_on(target.undo(&["m-1".to_owned()], false))
+        .unwrap();
+    assert_eq!(report.undone, ["m-1"]);
+    let again = runtime
+        .block_on(target.undo(&["m-1".to_owned()], false))
+        .unwrap();
+    assert_eq!(again.already, ["m-1"]);
+    assert!(again.undone.is_empty());
+    assert_eq!(
+        sqlite_rows(&path, "SELECT version FROM airlock_schema"),
+        [json!({"version": airlock::apply::sql::LEDGER_VERSION})]
+    );
+    assert!(sqlite_rows(&path, "SELECT * FROM customers WHERE id = 9").is_empty());
+
+    // PostgreSQL.
+    let ddl = v1_ledger(
+        PG_SCHEMA,
+        "airlock.ledger",
+        "airlock.schema_version",
+        "JSONB",
+    );
+    let db = runtime.block_on(pg::TestDb::create(&format!("CREATE SCHEMA airlock; {ddl}")));
+    let target = airlock::apply::open("pg", &db.url).unwrap();
+    let (intent, meta) = one_insert("pg");
+    runtime.block_on(target.apply(&intent, &meta)).unwrap();
+    let report = runtime
+        .block_on(target.undo(&["m-1".to_owned()], false))
+        .unwrap();
+    assert_eq!(report.undone, ["m-1"]);
+    let missing = runtime
+        .block_on(target.undo(&["nope".to_owned()], false))
+        .unwrap_err();
+    assert!(
+        missing.message.contains("not in this target's ledger"),
+        "{missing}"
+    );
+    assert_eq!(
+        runtime.block_on(db.rows("SELECT version FROM airlock.schema_version")),
+        [json!({"version": airlock::apply::sql::LEDGER_VERSION})]
+    );
+    assert!(
+        runtime.block_on(db.rows("SELECT undone_at_ms FROM airlock.ledger"))[0]["undone_at_ms"]
+            .is_i64()
+    );
+    assert!(
+        runtime
+            .block_on(db.rows("SELECT * FROM customers"))
+            .is_empty()
+    );
+}
