@@ -17,6 +17,11 @@
 //! classifying driver errors are each target module's. The ledger is the table
 //! `airlock_ledger` in an SQLite target and `airlock.ledger` in a PostgreSQL one.
 //!
+//! Undo ([`Target::undo`]) reverts intents from their ledger rows' images in one
+//! transaction per call, checking each row still holds its after-image first, and
+//! marks each ledger row undone (`undone_at_ms`, ledger version 2) in that same
+//! transaction, so undoing twice changes nothing.
+//!
 //! Op indexes in errors and images count from 0, as in the JSON pointer `/ops/N`.
 
 pub mod postgres;

@@ -14,6 +14,11 @@
 //!   the same intent (another task, another sidecar) waits, then finds the ledger
 //!   row and answers `already`. An intent already in the ledger writes nothing; with
 //!   another digest it is refused.
+//! - **Undo is one transaction too.** [`Target::undo`] takes each intent's advisory
+//!   lock and its ledger row `FOR UPDATE`, reads every row to revert `FOR UPDATE`,
+//!   checks it still holds its after-image, writes its before-image back by
+//!   `tableoid`/`ctid` (or inserts it), and marks the ledger row undone, all in one
+//!   transaction; a conflict without `force` rolls all of it back.
 //! - **Ambiguous commits are retryable.** If the connection is lost while COMMIT is
 //!   in flight, nobody knows whether it landed: the error is transient, and the
 //!   retry either applies the intent or finds it in the ledger.

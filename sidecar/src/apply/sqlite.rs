@@ -13,6 +13,11 @@
 //! - **Durable on return.** The database runs in WAL mode with `synchronous=FULL`,
 //!   so a successful return means the commit is on disk and the queue may mark the
 //!   intent applied.
+//! - **Undo is one transaction too.** [`Target::undo`] checks and reverts every
+//!   image of the intents given, and marks their ledger rows undone, under one
+//!   `BEGIN IMMEDIATE`; a conflict without `force` rolls all of it back.
+//! - **The ledger migrates itself.** `airlock_schema` records the ledger's version;
+//!   opening applies the migrations past it, step by step, in one transaction.
 //! - **Foreign keys enforced.** `foreign_keys=ON` on Airlock's connection, whatever
 //!   other connections to the file do.
 //!
