@@ -3,7 +3,7 @@
 //!
 //! The intents are the exact payload bytes of the sealed envelopes in the log,
 //! applied in the order of the run's `applied` records through the ordinary
-//! [`Target::apply`](crate::apply::Target::apply): the replay target gets its own
+//! [`Target::apply`]: the replay target gets its own
 //! ledger, so replaying twice applies nothing the second time. Intents the log
 //! records as undone are replayed too (they were applied); undo them in the
 //! replay target separately if wanted. Every intent goes to the one database
