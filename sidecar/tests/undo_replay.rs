@@ -273,9 +273,10 @@ fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// One scenario at a time: with several sidecars started at once on a loaded
-/// machine, some intents were not picked up within the deadline (not understood
-/// yet).
+/// One scenario at a time. Each starts a sidecar and waits for its outcomes with
+/// the support module's deadline; with all of them at once on a loaded 2-core
+/// machine (load average 15), a sidecar sometimes had not written its first
+/// outcome (nor a log line) within that deadline. Not reproduced at lower load.
 fn serial() -> std::sync::MutexGuard<'static, ()> {
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
     ONE_AT_A_TIME
