@@ -677,6 +677,22 @@ fn undo_after_a_crash_between_target_and_queue_only_records() {
             .all(|r| r["data"]["recorded_after_target"] == true)
     );
     fx.verify();
+
+    // Unknown runs and intents are named.
+    let out = fx.cli(&["undo", "--run", "nope"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("run \"nope\" has no applied intents"),
+        "{}",
+        stderr(&out)
+    );
+    let out = fx.undo(&["--intent", "zzz"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("intent \"zzz\" has no applied record"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 /// The version-1 ledger, as an Airlock before undo created it.
