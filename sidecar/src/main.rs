@@ -124,6 +124,12 @@ enum Command {
     /// Policy authors' tools.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Revert a run's applied intents in their targets (reverse apply order, one
+    /// transaction per target). Exit status 1 on conflicts or a refused --intent.
+    Undo(UndoArgs),
+    /// Apply a run's applied intents, from its verified log, to another database.
+    /// Exit status 1 if the log does not verify or (with --check) the rows diverge.
+    Replay(ReplayArgs),
     /// Write one run's log as JSON Lines (records, checkpoints, intent envelopes).
     Export {
         /// The run to export.
@@ -198,6 +204,55 @@ struct RunArgs {
     target: Option<String>,
     #[command(flatten)]
     policy: PolicyArgs,
+}
+
+#[derive(Debug, Args)]
+struct UndoArgs {
+    /// The run to undo.
+    #[arg(long)]
+    run: String,
+    /// Undo only this intent of the run.
+    #[arg(long)]
+    intent: Option<String>,
+    /// Revert rows even if they changed since they were applied (recorded as forced).
+    #[arg(long)]
+    force: bool,
+    /// Who undoes (recorded in the run log).
+    #[arg(long = "as", default_value_t = default_reviewer())]
+    by: String,
+    /// Configuration file (TOML), for its state directory and targets.
+    #[arg(long, env = "AIRLOCK_CONFIG")]
+    config: Option<PathBuf>,
+    /// The state directory.
+    #[arg(long)]
+    state: Option<PathBuf>,
+    /// The default target database URL (as for `airlock run`).
+    #[arg(long)]
+    target: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct ReplayArgs {
+    /// The run to replay.
+    #[arg(long)]
+    run: String,
+    /// The database to replay into (sqlite://PATH or postgres://...).
+    #[arg(long)]
+    target: String,
+    /// Compare each resulting row with the recorded after-image; exit 1 on any
+    /// divergence.
+    #[arg(long)]
+    check: bool,
+    /// An exported run log (JSON Lines).
+    #[arg(conflicts_with = "state", required_unless_present = "state")]
+    file: Option<PathBuf>,
+    /// The sidecar's public key (PEM), to verify FILE (default with --state: the
+    /// key in the state directory).
+    #[arg(long)]
+    public_key: Option<PathBuf>,
+    /// Replay from the live log in this state directory instead.
+    #[arg(long)]
+    state: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -429,6 +484,8 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             config,
             policy,
         }) => policy_eval(&intent, config.as_deref(), policy),
+        Command::Undo(args) => undo(args),
+        Command::Replay(args) => replay(args),
         Command::Export { run, out, state } => {
             let (mut queue, sealed) = open_queue_sealed(state)?;
             if !sealed {
@@ -493,6 +550,179 @@ fn policy_eval(
     let shown = serde_json::json!({"input": trial.input, "decision": decision});
     println!("{}", serde_json::to_string_pretty(&shown)?);
     Ok(ExitCode::SUCCESS)
+}
+
+/// `airlock undo`.
+fn undo(args: UndoArgs) -> Result<ExitCode> {
+    use airlock::undo::{Outcome, Request};
+    let config = load_run_config(RunArgs {
+        config: args.config.clone(),
+        intents: None,
+        results: None,
+        state: args.state.clone(),
+        target: args.target.clone(),
+        policy: PolicyArgs {
+            policy: None,
+            policy_url: None,
+        },
+    })?;
+    let mut queue = open_queue(StateArgs {
+        config: args.config,
+        state: Some(config.state.clone()),
+    })?;
+    let request = Request {
+        run: args.run,
+        intent: args.intent,
+        force: args.force,
+        by: args.by,
+    };
+    let targets = config.targets.clone();
+    let open_target = move |name: &str| {
+        let url = targets.get(name).ok_or_else(|| {
+            airlock::undo::UndoError::NotFound(format!("no target named {name:?} is configured"))
+        })?;
+        airlock::apply::open(name, url).map_err(|error| airlock::undo::UndoError::Target {
+            target: name.to_owned(),
+            error,
+        })
+    };
+    let outcome = runtime()?.block_on(airlock::undo::undo(&mut queue, open_target, &request))?;
+    match outcome {
+        Outcome::Nothing => {
+            println!("run {}: nothing to undo (already undone)", request.run);
+            Ok(ExitCode::SUCCESS)
+        }
+        Outcome::Refused { intent_id, later } => {
+            eprintln!(
+                "airlock: refusing to undo intent {intent_id} alone: later intents of run {} wrote the same rows:",
+                request.run
+            );
+            for write in &later {
+                eprintln!(
+                    "  intent {} table {} key {}",
+                    write.intent_id,
+                    write.table,
+                    serde_json::to_string(&write.key)?
+                );
+            }
+            eprintln!("undo the later intents first, or the whole run");
+            Ok(ExitCode::FAILURE)
+        }
+        Outcome::Conflicts {
+            target,
+            undone,
+            conflicts,
+        } => {
+            eprintln!(
+                "airlock: undo of run {} refused: {} row(s) in target {target} changed since they were applied; nothing was changed there:",
+                request.run,
+                conflicts.len()
+            );
+            for conflict in &conflicts {
+                eprintln!("  {conflict}");
+            }
+            if !undone.is_empty() {
+                eprintln!("(already undone in earlier targets: {})", undone.join(", "));
+            }
+            eprintln!("rerun with --force to revert them anyway");
+            Ok(ExitCode::FAILURE)
+        }
+        Outcome::Undone {
+            reverted,
+            recorded_only,
+            forced,
+        } => {
+            for id in &reverted {
+                println!("{id}: undone");
+            }
+            for id in &recorded_only {
+                println!("{id}: undone (the target had reverted it already; recorded now)");
+            }
+            for conflict in &forced {
+                println!("forced: {conflict}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// `airlock replay`.
+fn replay(args: ReplayArgs) -> Result<ExitCode> {
+    use airlock::verify::{Mode, Options};
+    let (lines, key_path, mode) = match (&args.file, &args.state) {
+        (Some(file), _) => {
+            let bytes =
+                std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+            let key = args
+                .public_key
+                .clone()
+                .context("give --public-key PEM to verify the exported FILE")?;
+            let bytes = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+            let lines: Vec<Vec<u8>> = bytes.split(|&b| b == b'\n').map(<[u8]>::to_vec).collect();
+            (lines, key, Mode::Export)
+        }
+        (None, Some(state)) => {
+            let queue = open_queue(StateArgs {
+                config: None,
+                state: Some(state.clone()),
+            })?;
+            let key = match &args.public_key {
+                Some(key) => key.clone(),
+                None => airlock::seal::public_key_path(&state.join("signing.key")),
+            };
+            (queue.export_lines(Some(&args.run))?, key, Mode::Live)
+        }
+        (None, None) => anyhow::bail!("give an exported FILE or --state DIR"),
+    };
+    let key = airlock::seal::Verifier::load(&key_path)
+        .with_context(|| format!("loading the public key {}", key_path.display()))?;
+    let report = airlock::verify::verify(
+        lines.iter().map(Vec::as_slice),
+        &key,
+        &Options {
+            mode,
+            expected_heads: Vec::new(),
+        },
+    );
+    if !report.ok() {
+        eprintln!("airlock: the run log does not verify; refusing to replay it:");
+        for failure in report.all_failures() {
+            eprintln!("failure: {failure}");
+        }
+        return Ok(ExitCode::FAILURE);
+    }
+    let outcome = runtime()?.block_on(airlock::replay::replay(
+        &lines,
+        &args.run,
+        &args.target,
+        args.check,
+    ))?;
+    for step in &outcome.intents {
+        println!(
+            "{}: {}",
+            step.id,
+            if step.already {
+                "already replayed"
+            } else {
+                "applied"
+            }
+        );
+    }
+    for divergence in &outcome.divergences {
+        eprintln!("divergence: {divergence}");
+    }
+    if args.check {
+        println!(
+            "check: {} intent(s), {} divergence(s)",
+            outcome.intents.len(),
+            outcome.divergences.len()
+        );
+    }
+    Ok(if outcome.divergences.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 fn load_run_config(args: RunArgs) -> Result<Config> {

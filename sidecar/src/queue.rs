@@ -1111,6 +1111,16 @@ impl Writer<'_> {
         Ok(next)
     }
 
+    /// Records that an applied intent's writes were reverted in its target (state
+    /// Undone); `data` says by whom, whether forced, and any overridden conflicts.
+    pub fn record_undone(&mut self, id: &str, data: Value) -> Result<State, QueueError> {
+        let row = self.intent(id)?;
+        let next = row.state.next(&Event::Undo)?;
+        self.set_state(id, next)?;
+        self.append_record(&row.run, Some(id), "undone", data)?;
+        Ok(next)
+    }
+
     /// Records a permanent apply failure (terminal) with the error for the agent.
     pub fn record_failed(&mut self, id: &str, error: Value) -> Result<State, QueueError> {
         let row = self.intent(id)?;

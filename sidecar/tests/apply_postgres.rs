@@ -183,7 +183,7 @@ async fn insert_writes_the_row_and_records_an_after_image() {
         db.db
             .rows("SELECT component, version FROM airlock.schema_version")
             .await,
-        vec![json!({"component": "ledger", "version": 1})]
+        vec![json!({"component": "ledger", "version": airlock::apply::sql::LEDGER_VERSION})]
     );
     let stored = db.target.ledger_entry("i-insert").await.unwrap().unwrap();
     assert_eq!(stored, applied.ledger);

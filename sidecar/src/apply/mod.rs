@@ -17,6 +17,11 @@
 //! classifying driver errors are each target module's. The ledger is the table
 //! `airlock_ledger` in an SQLite target and `airlock.ledger` in a PostgreSQL one.
 //!
+//! Undo ([`Target::undo`]) reverts intents from their ledger rows' images in one
+//! transaction per call, checking each row still holds its after-image first, and
+//! marks each ledger row undone (`undone_at_ms`, ledger version 2) in that same
+//! transaction, so undoing twice changes nothing.
+//!
 //! Op indexes in errors and images count from 0, as in the JSON pointer `/ops/N`.
 
 pub mod postgres;
@@ -53,6 +58,86 @@ pub trait Target: Send + Sync + fmt::Debug {
 
     /// The ledger row of `intent_id`, if that intent was applied to this target.
     async fn ledger_entry(&self, intent_id: &str) -> Result<Option<LedgerEntry>, ApplyError>;
+
+    /// Reverts the intents `intent_ids` (give them in reverse apply order) in ONE
+    /// transaction, from their ledger's undo images, and marks each undone in the
+    /// ledger in that same transaction.
+    ///
+    /// Each image is checked just before it is reverted: the row at its key must
+    /// still equal its after-image (a deleted row must still be absent). Intents the
+    /// ledger already marks undone are skipped ([`UndoReport::already`]). On any
+    /// conflict without `force`, the transaction rolls back and the report lists
+    /// every conflict with `committed: false`; with `force`, the rows are set to their
+    /// before-images anyway and the conflicts are reported with `committed: true`.
+    /// An id the ledger does not hold is an error, and nothing changes.
+    async fn undo(&self, intent_ids: &[String], force: bool) -> Result<UndoReport, ApplyError>;
+}
+
+/// What [`Target::undo`] did.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct UndoReport {
+    /// Whether the transaction committed (false: nothing changed).
+    pub committed: bool,
+    /// Intents reverted now (in the order given), when committed.
+    pub undone: Vec<String>,
+    /// Intents the ledger already marked undone: nothing was done for them.
+    pub already: Vec<String>,
+    /// Rows that no longer held their after-image.
+    pub conflicts: Vec<UndoConflict>,
+}
+
+/// A row that changed since the intent that wrote it: undo would lose that change.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UndoConflict {
+    /// The intent whose image it is.
+    pub intent_id: String,
+    /// Index of the op in the intent's `ops`, from 0.
+    pub op: usize,
+    /// The table as the intent named it.
+    pub table: String,
+    /// The row's key.
+    pub key: Image,
+    /// The after-image recorded at apply (`None`: the op deleted the row).
+    pub expected: Option<Image>,
+    /// The row as it is now (`None`: there is no row at the key).
+    pub found: Option<Image>,
+}
+
+impl fmt::Display for UndoConflict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shown = |image: &Option<Image>| match image {
+            Some(image) => show(image),
+            None => "no row".to_owned(),
+        };
+        write!(
+            f,
+            "intent {} op {}: table {} key {}: expected {}, found {}",
+            self.intent_id,
+            self.op,
+            self.table,
+            show(&self.key),
+            shown(&self.expected),
+            shown(&self.found)
+        )
+    }
+}
+
+/// Whether the row found now still holds the after-image of `image`. Columns the
+/// after-image does not name (added to the table since) are not compared.
+pub(crate) fn holds_after(image: &UndoImage, found: Option<&Image>) -> bool {
+    match (&image.after, found) {
+        (None, None) => true,
+        (Some(after), Some(found)) => after.iter().all(|(c, v)| found.get(c) == Some(v)),
+        _ => false,
+    }
+}
+
+/// Parses the table name of an undo image.
+pub(crate) fn image_table(image: &UndoImage) -> Result<airlock_intent::TableName, ApplyError> {
+    airlock_intent::TableName::parse(&image.table).map_err(|e| {
+        ApplyError::permanent(format!("undo image of op {}: {e}", image.op))
+            .with_code(codes::LEDGER)
+    })
 }
 
 /// What the caller knows about an intent that is not in the intent itself.

@@ -14,6 +14,11 @@
 //!   the same intent (another task, another sidecar) waits, then finds the ledger
 //!   row and answers `already`. An intent already in the ledger writes nothing; with
 //!   another digest it is refused.
+//! - **Undo is one transaction too.** [`Target::undo`] takes each intent's advisory
+//!   lock and its ledger row `FOR UPDATE`, reads every row to revert `FOR UPDATE`,
+//!   checks it still holds its after-image, writes its before-image back by
+//!   `tableoid`/`ctid` (or inserts it), and marks the ledger row undone, all in one
+//!   transaction; a conflict without `force` rolls all of it back.
 //! - **Ambiguous commits are retryable.** If the connection is lost while COMMIT is
 //!   in flight, nobody knows whether it landed: the error is transient, and the
 //!   retry either applies the intent or finds it in the ledger.
@@ -67,8 +72,8 @@ use tokio_postgres::types::{ToSql, Type};
 
 use super::sql::{self, Dialect, pg};
 use super::{
-    Applied, ApplyError, ApplyMeta, ErrorKind, Image, LedgerEntry, OpResult, Target, UndoImage,
-    codes, show,
+    Applied, ApplyError, ApplyMeta, ErrorKind, Image, LedgerEntry, OpResult, Target, UndoConflict,
+    UndoImage, UndoReport, codes, holds_after, image_table, show,
 };
 
 const DIALECT: Dialect = Dialect::Postgres;
@@ -274,6 +279,184 @@ impl Target for PostgresTarget {
             .await
             .map_err(|e| self.ledger_missing(e))
     }
+
+    async fn undo(&self, intent_ids: &[String], force: bool) -> Result<UndoReport, ApplyError> {
+        let mut client = self.client().await?;
+        undo_intents(&mut client, intent_ids, force)
+            .await
+            .map_err(|e| self.ledger_missing(e))
+    }
+}
+
+/// The whole of one undo, inside one transaction (see [`Target::undo`]).
+async fn undo_intents(
+    client: &mut Object,
+    intent_ids: &[String],
+    force: bool,
+) -> Result<UndoReport, ApplyError> {
+    // Dropping `tx` without commit rolls back: every `?` below undoes everything.
+    let tx = client
+        .transaction()
+        .await
+        .map_err(|e| pg_error(&e).context("beginning the undo transaction"))?;
+    let mut report = UndoReport::default();
+    let mut tables: HashMap<TableName, TableInfo> = HashMap::new();
+    let now = now_ms();
+    for id in intent_ids {
+        let id_param: [(&(dyn ToSql + Sync), Type); 1] = [(id, Type::TEXT)];
+        // Serialise with a concurrent apply or undo of the same intent.
+        tx.query_typed(pg::LOCK_INTENT, &id_param)
+            .await
+            .map_err(|e| pg_error(&e).context("locking the intent id"))?;
+        let row = tx
+            .query_typed(
+                &format!("{} FOR UPDATE", DIALECT.ledger_undone_at()),
+                &id_param,
+            )
+            .await
+            .map_err(|e| pg_error(&e).context("reading the ledger"))?;
+        let Some(row) = row.first() else {
+            return Err(not_in_ledger(id));
+        };
+        let undone_at: Option<i64> = row
+            .try_get(0)
+            .map_err(|e| pg_error(&e).context("reading the ledger"))?;
+        if undone_at.is_some() {
+            report.already.push(id.clone());
+            continue;
+        }
+        let entry = read_ledger(&tx, id)
+            .await?
+            .ok_or_else(|| not_in_ledger(id))?;
+        for image in entry.undo.iter().rev() {
+            let table = image_table(image)?;
+            if !tables.contains_key(&table) {
+                let info = table_info(&tx, &table).await?;
+                tables.insert(table.clone(), info);
+            }
+            let Some(info) = tables.get(&table) else {
+                continue;
+            };
+            let context = |e: ApplyError| {
+                e.context(&format!(
+                    "undoing intent {id:?} op {} on {table} key {}",
+                    image.op,
+                    show(&image.key)
+                ))
+            };
+            let found = current_row(&tx, &table, info, &image.key)
+                .await
+                .map_err(context)?;
+            let found_image = found.as_ref().map(|f| f.image.clone());
+            if !holds_after(image, found_image.as_ref()) {
+                report.conflicts.push(UndoConflict {
+                    intent_id: id.clone(),
+                    op: image.op,
+                    table: image.table.clone(),
+                    key: image.key.clone(),
+                    expected: image.after.clone(),
+                    found: found_image,
+                });
+            }
+            // Revert even after a conflict: later checks then see what an undo
+            // would leave, and without `force` the transaction is rolled back.
+            revert(&tx, &table, image, found.as_ref())
+                .await
+                .map_err(context)?;
+        }
+        let params: [(&(dyn ToSql + Sync), Type); 2] = [(id, Type::TEXT), (&now, Type::INT8)];
+        tx.query_typed(&DIALECT.ledger_mark_undone(), &params)
+            .await
+            .map_err(|e| pg_error(&e).context("marking the ledger row undone"))?;
+        report.undone.push(id.clone());
+    }
+    if !report.conflicts.is_empty() && !force {
+        report.undone.clear();
+        return Ok(report);
+    }
+    tx.commit()
+        .await
+        .map_err(|e| pg_error(&e).context("committing the undo"))?;
+    report.committed = true;
+    Ok(report)
+}
+
+fn not_in_ledger(id: &str) -> ApplyError {
+    ApplyError::permanent(format!(
+        "intent {id:?} is not in this target's ledger: it was not applied here"
+    ))
+    .with_code(codes::LEDGER)
+}
+
+async fn query_text(
+    tx: &Transaction<'_>,
+    sql: &str,
+    params: &[&str],
+) -> Result<Vec<tokio_postgres::Row>, ApplyError> {
+    let typed: Vec<(&(dyn ToSql + Sync), Type)> = params
+        .iter()
+        .map(|p| (p as &(dyn ToSql + Sync), Type::TEXT))
+        .collect();
+    tx.query_typed(sql, &typed).await.map_err(|e| pg_error(&e))
+}
+
+/// The row at `key` now, locked, or `None` when there is none.
+async fn current_row(
+    tx: &Transaction<'_>,
+    table: &TableName,
+    info: &TableInfo,
+    key: &Image,
+) -> Result<Option<Fetched>, ApplyError> {
+    let rows = if info.pk.is_empty() {
+        let ctid = key.get("ctid").and_then(Value::as_str).ok_or_else(|| {
+            ApplyError::permanent(format!(
+                "table {table} has no primary key and the image's key {} has no ctid",
+                show(key)
+            ))
+            .with_code(codes::NO_ROW_IDENTITY)
+        })?;
+        query_text(tx, &pg::select_by_ctid(table), &[ctid]).await?
+    } else {
+        info.check(table, "key", key.keys().map(String::as_str))?;
+        let compare = info.compare(key);
+        let sql = pg::select_rows(table, &compare, &[], 2, true);
+        query_text(tx, &sql, &[&to_json(key)]).await?
+    };
+    if rows.len() > 1 {
+        return Err(
+            ApplyError::permanent(format!("key {} matches more than one row", show(key)))
+                .with_code(codes::TOO_MANY_ROWS),
+        );
+    }
+    rows.first().map(fetched).transpose()
+}
+
+/// Sets the row at the image's key to its before-image: deletes it when there was
+/// none, updates it when it exists, inserts it when it does not.
+async fn revert(
+    tx: &Transaction<'_>,
+    table: &TableName,
+    image: &UndoImage,
+    found: Option<&Fetched>,
+) -> Result<(), ApplyError> {
+    match (&image.before, found) {
+        (None, None) => {}
+        (None, Some(row)) => {
+            let tableoid = row.tableoid.to_string();
+            query_text(tx, &pg::delete_row(table), &[&tableoid, &row.ctid]).await?;
+        }
+        (Some(before), Some(row)) => {
+            let columns: Vec<&str> = keys(before).collect();
+            let tableoid = row.tableoid.to_string();
+            let sql = pg::update_row(table, &columns);
+            query_text(tx, &sql, &[&to_json(before), &tableoid, &row.ctid]).await?;
+        }
+        (Some(before), None) => {
+            let columns: Vec<&str> = keys(before).collect();
+            query_text(tx, &pg::insert(table, &columns), &[&to_json(before)]).await?;
+        }
+    }
+    Ok(())
 }
 
 /// Creates or migrates Airlock's schema and ledger in one transaction, under an

@@ -45,7 +45,7 @@ pub const PG_LEDGER_TABLE: &str = "airlock.ledger";
 pub const PG_VERSION_TABLE: &str = "airlock.schema_version";
 /// Version of the ledger table this code reads and writes. Bump it, and add a
 /// migration, whenever the ledger's columns change.
-pub const LEDGER_VERSION: i64 = 1;
+pub const LEDGER_VERSION: i64 = 2;
 
 impl Dialect {
     /// The placeholder of the `n`th parameter, counting from 1.
@@ -80,12 +80,11 @@ impl Dialect {
         }
     }
 
-    /// Statements creating the ledger and the version table if missing, and
-    /// recording [`LEDGER_VERSION`] if no version is recorded yet. Run them in one
-    /// transaction, then check [`Dialect::ledger_version`]. (The PostgreSQL target
-    /// migrates step by step under a lock instead: [`Dialect::version_ddl`], then
-    /// [`Dialect::migrations`] past the recorded version, then
-    /// [`Dialect::set_ledger_version`]; the result is the same.)
+    /// Statements creating the ledger and the version table in a database that has
+    /// neither, and recording [`LEDGER_VERSION`]. (Both targets migrate step by
+    /// step instead: [`Dialect::version_ddl`], then [`Dialect::migrations`] past the
+    /// recorded version, then [`Dialect::set_ledger_version`]; on a fresh database
+    /// the result is the same.)
     pub fn ledger_ddl(self) -> Vec<String> {
         let mut statements = self.version_ddl();
         statements.extend(self.migrations().into_iter().flat_map(|(_, step)| step));
@@ -121,20 +120,51 @@ impl Dialect {
             Self::Sqlite => "TEXT",
             Self::Postgres => "JSONB",
         };
-        vec![(
-            1,
-            // `undo` holds the JSON array of undo images.
-            vec![format!(
-                "CREATE TABLE IF NOT EXISTS {} (\
-                 intent_id TEXT PRIMARY KEY, \
-                 run TEXT NOT NULL, \
-                 digest TEXT NOT NULL, \
-                 applied_at_ms {} NOT NULL, \
-                 undo {undo} NOT NULL)",
-                self.ledger_table(),
-                self.int64()
-            )],
-        )]
+        vec![
+            (
+                1,
+                // `undo` holds the JSON array of undo images.
+                vec![format!(
+                    "CREATE TABLE IF NOT EXISTS {} (\
+                     intent_id TEXT PRIMARY KEY, \
+                     run TEXT NOT NULL, \
+                     digest TEXT NOT NULL, \
+                     applied_at_ms {} NOT NULL, \
+                     undo {undo} NOT NULL)",
+                    self.ledger_table(),
+                    self.int64()
+                )],
+            ),
+            (
+                2,
+                // When the intent was undone (ms since the epoch); NULL while applied.
+                vec![format!(
+                    "ALTER TABLE {} ADD COLUMN undone_at_ms {}",
+                    self.ledger_table(),
+                    self.int64()
+                )],
+            ),
+        ]
+    }
+
+    /// Reads when intent parameter 1 was undone: one row (NULL while applied), or
+    /// none when the ledger does not hold the intent.
+    pub fn ledger_undone_at(self) -> String {
+        format!(
+            "SELECT undone_at_ms FROM {} WHERE intent_id = {}",
+            self.ledger_table(),
+            self.placeholder(1)
+        )
+    }
+
+    /// Marks intent parameter 1 undone at parameter 2 (ms since the epoch).
+    pub fn ledger_mark_undone(self) -> String {
+        format!(
+            "UPDATE {} SET undone_at_ms = {} WHERE intent_id = {}",
+            self.ledger_table(),
+            self.placeholder(2),
+            self.placeholder(1)
+        )
     }
 
     /// Records the ledger version (parameter 1), replacing any recorded before.
@@ -538,6 +568,15 @@ pub mod pg {
             sql.push_str(" FOR UPDATE OF r");
         }
         sql
+    }
+
+    /// Reads and locks `FOR UPDATE` the row at `ctid` (parameter 1, text), for a
+    /// table without a primary key. Returns [`ROW`].
+    pub fn select_by_ctid(table: &TableName) -> String {
+        format!(
+            "SELECT {ROW} FROM {} AS r WHERE r.ctid = $1::text::tid FOR UPDATE OF r",
+            quote_table(table)
+        )
     }
 
     /// For a row matching the key record (parameter 1): the row as JSON text, then

@@ -13,6 +13,11 @@
 //! - **Durable on return.** The database runs in WAL mode with `synchronous=FULL`,
 //!   so a successful return means the commit is on disk and the queue may mark the
 //!   intent applied.
+//! - **Undo is one transaction too.** [`Target::undo`] checks and reverts every
+//!   image of the intents given, and marks their ledger rows undone, under one
+//!   `BEGIN IMMEDIATE`; a conflict without `force` rolls all of it back.
+//! - **The ledger migrates itself.** `airlock_schema` records the ledger's version;
+//!   opening applies the migrations past it, step by step, in one transaction.
 //! - **Foreign keys enforced.** `foreign_keys=ON` on Airlock's connection, whatever
 //!   other connections to the file do.
 //!
@@ -44,8 +49,8 @@ use serde_json::Value;
 
 use super::sql::{self, Arg, Dialect, Statement};
 use super::{
-    Applied, ApplyError, ApplyMeta, ErrorKind, Image, LedgerEntry, OpResult, Target, UndoImage,
-    codes, show,
+    Applied, ApplyError, ApplyMeta, ErrorKind, Image, LedgerEntry, OpResult, Target, UndoConflict,
+    UndoImage, UndoReport, codes, holds_after, image_table, show,
 };
 
 const DIALECT: Dialect = Dialect::Sqlite;
@@ -137,6 +142,12 @@ impl Target for SqliteTarget {
         self.with_conn(move |conn| read_ledger(conn, &intent_id))
             .await
     }
+
+    async fn undo(&self, intent_ids: &[String], force: bool) -> Result<UndoReport, ApplyError> {
+        let intent_ids = intent_ids.to_vec();
+        self.with_conn(move |conn| undo_intents(conn, &intent_ids, force))
+            .await
+    }
 }
 
 /// Locks the connection. A panic while it was held has already unwound through the
@@ -162,13 +173,32 @@ fn configure(conn: &Connection, busy_timeout: Duration) -> Result<(), ApplyError
         .map_err(db_error)
 }
 
-/// Creates the ledger if missing and checks its version is one this code knows.
+/// Creates the ledger if missing, migrates it step by step from the recorded
+/// version, and checks its version is one this code knows.
 fn init_ledger(conn: &mut Connection) -> Result<(), ApplyError> {
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(db_error)?;
-    for statement in DIALECT.ledger_ddl() {
+    for statement in DIALECT.version_ddl() {
         tx.execute(&statement, []).map_err(db_error)?;
+    }
+    let recorded: i64 = tx
+        .query_row(&DIALECT.ledger_version(), [], |row| row.get(0))
+        .optional()
+        .map_err(db_error)?
+        .unwrap_or(0);
+    if recorded < sql::LEDGER_VERSION {
+        for (step, statements) in DIALECT.migrations() {
+            if step <= recorded {
+                continue;
+            }
+            for statement in statements {
+                tx.execute(&statement, [])
+                    .map_err(|e| db_error(e).context(&format!("migrating to version {step}")))?;
+            }
+        }
+        tx.execute(&DIALECT.set_ledger_version(), [sql::LEDGER_VERSION])
+            .map_err(db_error)?;
     }
     let version: i64 = tx
         .query_row(&DIALECT.ledger_version(), [], |row| row.get(0))
@@ -303,6 +333,166 @@ fn apply_intent(
         ledger: entry,
         ops,
     })
+}
+
+/// The whole of one undo, inside one transaction (see [`Target::undo`]).
+fn undo_intents(
+    conn: &mut Connection,
+    intent_ids: &[String],
+    force: bool,
+) -> Result<UndoReport, ApplyError> {
+    // Dropping `tx` without commit rolls back: every `?` below undoes everything.
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(|e| db_error(e).context("beginning the undo transaction"))?;
+    let mut report = UndoReport::default();
+    let mut tables: HashMap<TableName, TableInfo> = HashMap::new();
+    let now = now_ms();
+    for id in intent_ids {
+        let undone_at: Option<Option<i64>> = tx
+            .query_row(&DIALECT.ledger_undone_at(), [id], |row| row.get(0))
+            .optional()
+            .map_err(|e| db_error(e).context("reading the ledger"))?;
+        match undone_at {
+            None => return Err(not_in_ledger(id)),
+            Some(Some(_)) => {
+                report.already.push(id.clone());
+                continue;
+            }
+            Some(None) => {}
+        }
+        let entry = read_ledger(&tx, id)?.ok_or_else(|| not_in_ledger(id))?;
+        for image in entry.undo.iter().rev() {
+            let table = image_table(image)?;
+            let info = match tables.entry(table.clone()) {
+                Entry::Occupied(e) => e.into_mut(),
+                Entry::Vacant(e) => e.insert(table_info(&tx, &table)?),
+            };
+            let context = |e: ApplyError| {
+                e.context(&format!(
+                    "undoing intent {id:?} op {} on {table} key {}",
+                    image.op,
+                    show(&image.key)
+                ))
+            };
+            let found = current_row(&tx, &table, info, &image.key).map_err(context)?;
+            if !holds_after(image, found.as_ref()) {
+                report.conflicts.push(UndoConflict {
+                    intent_id: id.clone(),
+                    op: image.op,
+                    table: image.table.clone(),
+                    key: image.key.clone(),
+                    expected: image.after.clone(),
+                    found: found.clone(),
+                });
+            }
+            // Revert even after a conflict: later checks then see what an undo
+            // would leave, and without `force` the transaction is rolled back.
+            revert(&tx, &table, info, image, found.is_some()).map_err(context)?;
+        }
+        tx.execute(&DIALECT.ledger_mark_undone(), rusqlite::params![id, now])
+            .map_err(|e| db_error(e).context("marking the ledger row undone"))?;
+        report.undone.push(id.clone());
+    }
+    if !report.conflicts.is_empty() && !force {
+        report.undone.clear();
+        return Ok(report);
+    }
+    tx.commit()
+        .map_err(|e| db_error(e).context("committing the undo"))?;
+    report.committed = true;
+    Ok(report)
+}
+
+fn not_in_ledger(id: &str) -> ApplyError {
+    ApplyError::permanent(format!(
+        "intent {id:?} is not in this target's ledger: it was not applied here"
+    ))
+    .with_code(codes::LEDGER)
+}
+
+/// The row at `key` now (its image), or `None` when there is none.
+fn current_row(
+    conn: &Connection,
+    table: &TableName,
+    info: &TableInfo,
+    key: &Image,
+) -> Result<Option<Image>, ApplyError> {
+    let key_args = bind_image(key)?;
+    let stmt = sql::select(
+        DIALECT,
+        table,
+        &info.select_list(),
+        refs(&key_args),
+        Some(2),
+    );
+    let rows = query(conn, &stmt)?;
+    if rows.len() > 1 {
+        return Err(
+            ApplyError::permanent(format!("key {} matches more than one row", show(key)))
+                .with_code(codes::TOO_MANY_ROWS),
+        );
+    }
+    Ok(rows.first().map(|row| info.image(row).1))
+}
+
+/// Sets the row at the image's key to its before-image: deletes it when there was
+/// none, updates it when it exists, inserts it (with its key) when it does not.
+fn revert(
+    conn: &Connection,
+    table: &TableName,
+    info: &TableInfo,
+    image: &UndoImage,
+    exists: bool,
+) -> Result<(), ApplyError> {
+    let key_args = bind_image(&image.key)?;
+    match &image.before {
+        None if exists => {
+            execute(conn, &sql::delete(DIALECT, table, refs(&key_args)))?;
+        }
+        None => {}
+        Some(before) => {
+            info.check(table, "before-image", before.keys().map(String::as_str))?;
+            let before_args = bind_image(before)?;
+            if exists {
+                let stmt = sql::update(DIALECT, table, refs(&before_args), refs(&key_args));
+                execute(conn, &stmt)?;
+            } else {
+                // A rowid key is not a column of the image: insert it too.
+                let extra = key_args.iter().filter(|(c, _)| !before.contains_key(*c));
+                let values: Vec<(&str, &SqlValue)> = refs(&before_args)
+                    .chain(extra.map(|(c, v)| (*c, v)))
+                    .collect();
+                execute(conn, &sql::insert(DIALECT, table, values))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Converts an image back to SQLite values: `{"$blob": "<hex>"}` is a BLOB, the
+/// rest as [`to_sql`] converts intent values.
+fn bind_image(image: &Image) -> Result<Vec<(&str, SqlValue)>, ApplyError> {
+    image
+        .iter()
+        .map(|(column, value)| {
+            let blob = value
+                .as_object()
+                .filter(|o| o.len() == 1)
+                .and_then(|o| o.get("$blob"))
+                .and_then(Value::as_str);
+            let value = match blob {
+                Some(hex_text) => SqlValue::Blob(hex::decode(hex_text).map_err(|e| {
+                    ApplyError::permanent(format!(
+                        "image: column {column:?} holds a BLOB that is not hex: {e}"
+                    ))
+                    .with_code(codes::LEDGER)
+                })?),
+                None => to_sql("image", column, value)?,
+            };
+            Ok((column.as_str(), value))
+        })
+        .collect()
 }
 
 fn now_ms() -> i64 {
