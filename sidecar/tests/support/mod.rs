@@ -12,14 +12,24 @@ use serde_json::{Value, json};
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
 /// Polls `f` until it returns `Some`, or panics with `what` after [`DEADLINE`].
-pub fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+pub fn eventually<T>(what: &str, f: impl FnMut() -> Option<T>) -> T {
+    eventually_explained(|| what.to_owned(), f)
+}
+
+/// Like [`eventually`], with the failure message built when the deadline passes (so
+/// it can include, say, the daemon's log at that moment).
+pub fn eventually_explained<T>(what: impl Fn() -> String, mut f: impl FnMut() -> Option<T>) -> T {
     let start = Instant::now();
     let mut pause = Duration::from_millis(2);
     loop {
         if let Some(value) = f() {
             return value;
         }
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
+        assert!(
+            start.elapsed() < DEADLINE,
+            "timed out waiting for {}",
+            what()
+        );
         std::thread::sleep(pause);
         pause = (pause * 2).min(Duration::from_millis(50));
     }
@@ -142,14 +152,18 @@ impl Sandbox {
     /// The outcome file `name` (without `.json`), once it satisfies `accept`.
     pub fn outcome_where(&self, name: &str, accept: impl Fn(&Value) -> bool) -> Value {
         let path = self.results().join(format!("{name}.json"));
-        eventually(
-            &format!("outcome {name} (log:\n{})", self.log_tail()),
-            || {
-                let bytes = std::fs::read(&path).ok()?;
-                let value: Value = serde_json::from_slice(&bytes).ok()?;
-                accept(&value).then_some(value)
-            },
-        )
+        let explain = || {
+            let found = std::fs::read_to_string(&path).unwrap_or_else(|e| format!("({e})"));
+            format!(
+                "outcome {name}; the file holds:\n{found}\nlog:\n{}",
+                self.log_tail()
+            )
+        };
+        eventually_explained(explain, || {
+            let bytes = std::fs::read(&path).ok()?;
+            let value: Value = serde_json::from_slice(&bytes).ok()?;
+            accept(&value).then_some(value)
+        })
     }
 
     /// The outcome once it is in `state`.
