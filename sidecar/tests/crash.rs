@@ -8,6 +8,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
 
+#[path = "support/pg.rs"]
+mod pg;
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -127,8 +129,65 @@ fn approve_waiting(sb: &Sandbox) {
     }
 }
 
+/// Where the workload's rows land, and how to read them back.
+enum Target {
+    Sqlite,
+    Postgres(pg::TestDb, tokio::runtime::Runtime),
+}
+
+impl Target {
+    fn rows(&self, sb: &Sandbox) -> Expected {
+        match self {
+            Target::Sqlite => sb
+                .rows("SELECT id, name FROM customers")
+                .into_iter()
+                .map(|r| (r[0].as_i64().unwrap(), r[1].as_str().unwrap().to_owned()))
+                .collect(),
+            Target::Postgres(db, rt) => rt
+                .block_on(db.rows("SELECT id, name FROM customers"))
+                .into_iter()
+                .map(|r| {
+                    (
+                        r["id"].as_i64().unwrap(),
+                        r["name"].as_str().unwrap().to_owned(),
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    fn ledger_rows(&self, sb: &Sandbox) -> u64 {
+        match self {
+            Target::Sqlite => sb.rows("SELECT COUNT(*) FROM airlock_ledger")[0][0]
+                .as_u64()
+                .unwrap(),
+            Target::Postgres(db, rt) => rt
+                .block_on(db.value("SELECT count(*) AS n FROM airlock.ledger"))
+                .as_u64()
+                .unwrap(),
+        }
+    }
+}
+
 #[test]
 fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
+    crash_test(Target::Sqlite);
+}
+
+/// The same with a PostgreSQL target: exactly once across crashes rests on the ledger
+/// row committing with the intent's writes in PostgreSQL.
+#[test]
+fn sigkill_at_random_moments_with_a_postgres_target() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let schema = support::SCHEMA.replace("INSERT OR IGNORE", "INSERT");
+    let db = rt.block_on(pg::TestDb::create(&schema));
+    crash_test(Target::Postgres(db, rt));
+}
+
+fn crash_test(target: Target) {
     let seed = std::env::var("AIRLOCK_CRASH_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -146,6 +205,9 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
         invalid,
     } = workload();
     let mut sb = Sandbox::new();
+    if let Target::Postgres(db, _) = &target {
+        sb.target_url = Some(db.url.clone());
+    }
     let mut next = 0;
     let kills = 24;
     for _ in 0..kills {
@@ -194,16 +256,8 @@ fn sigkill_at_random_moments_loses_and_duplicates_nothing() {
     assert!(listed.iter().all(|o| o["state"] == "applied"));
 
     // The target holds exactly what the applied intents imply, each applied once.
-    let rows: Expected = sb
-        .rows("SELECT id, name FROM customers")
-        .into_iter()
-        .map(|r| (r[0].as_i64().unwrap(), r[1].as_str().unwrap().to_owned()))
-        .collect();
-    assert_eq!(rows, expected);
-    assert_eq!(
-        sb.rows("SELECT COUNT(*) FROM airlock_ledger"),
-        vec![vec![json!(total - invalid.len())]]
-    );
+    assert_eq!(target.rows(&sb), expected);
+    assert_eq!(target.ledger_rows(&sb), (total - invalid.len()) as u64);
     // No intent file is left behind in the agent's directory.
     let left: Vec<String> = std::fs::read_dir(sb.intents())
         .unwrap()

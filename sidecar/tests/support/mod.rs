@@ -50,6 +50,8 @@ pub struct Sandbox {
     pub child: Option<Child>,
     pub extra_args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// The default target's URL; the sandbox's SQLite file when `None`.
+    pub target_url: Option<String>,
 }
 
 impl Sandbox {
@@ -60,6 +62,7 @@ impl Sandbox {
             child: None,
             extra_args: Vec::new(),
             env: Vec::new(),
+            target_url: None,
         };
         std::fs::create_dir_all(sandbox.intents()).expect("intents dir");
         rusqlite::Connection::open(sandbox.target())
@@ -100,7 +103,11 @@ impl Sandbox {
             .arg("--state")
             .arg(self.state())
             .arg("--target")
-            .arg(format!("sqlite://{}", self.target().display()))
+            .arg(
+                self.target_url
+                    .clone()
+                    .unwrap_or_else(|| format!("sqlite://{}", self.target().display())),
+            )
             .args(&self.extra_args)
             .env("AIRLOCK_LOG", "debug")
             .env("AIRLOCK_INTAKE__RESCAN_MS", "500")
