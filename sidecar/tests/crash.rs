@@ -132,7 +132,7 @@ fn approve_waiting(sb: &Sandbox) {
 /// Where the workload's rows land, and how to read them back.
 enum Target {
     Sqlite,
-    Postgres(pg::TestDb, tokio::runtime::Runtime),
+    Postgres(Box<(pg::TestDb, tokio::runtime::Runtime)>),
 }
 
 impl Target {
@@ -143,16 +143,17 @@ impl Target {
                 .into_iter()
                 .map(|r| (r[0].as_i64().unwrap(), r[1].as_str().unwrap().to_owned()))
                 .collect(),
-            Target::Postgres(db, rt) => rt
-                .block_on(db.rows("SELECT id, name FROM customers"))
-                .into_iter()
-                .map(|r| {
-                    (
-                        r["id"].as_i64().unwrap(),
-                        r["name"].as_str().unwrap().to_owned(),
-                    )
-                })
-                .collect(),
+            Target::Postgres(pg) => {
+                pg.1.block_on(pg.0.rows("SELECT id, name FROM customers"))
+                    .into_iter()
+                    .map(|r| {
+                        (
+                            r["id"].as_i64().unwrap(),
+                            r["name"].as_str().unwrap().to_owned(),
+                        )
+                    })
+                    .collect()
+            }
         }
     }
 
@@ -161,10 +162,11 @@ impl Target {
             Target::Sqlite => sb.rows("SELECT COUNT(*) FROM airlock_ledger")[0][0]
                 .as_u64()
                 .unwrap(),
-            Target::Postgres(db, rt) => rt
-                .block_on(db.value("SELECT count(*) AS n FROM airlock.ledger"))
-                .as_u64()
-                .unwrap(),
+            Target::Postgres(pg) => {
+                pg.1.block_on(pg.0.value("SELECT count(*) AS n FROM airlock.ledger"))
+                    .as_u64()
+                    .unwrap()
+            }
         }
     }
 }
@@ -184,7 +186,7 @@ fn sigkill_at_random_moments_with_a_postgres_target() {
         .unwrap();
     let schema = support::SCHEMA.replace("INSERT OR IGNORE", "INSERT");
     let db = rt.block_on(pg::TestDb::create(&schema));
-    crash_test(Target::Postgres(db, rt));
+    crash_test(Target::Postgres(Box::new((db, rt))));
 }
 
 fn crash_test(target: Target) {
@@ -205,8 +207,8 @@ fn crash_test(target: Target) {
         invalid,
     } = workload();
     let mut sb = Sandbox::new();
-    if let Target::Postgres(db, _) = &target {
-        sb.target_url = Some(db.url.clone());
+    if let Target::Postgres(pg) = &target {
+        sb.target_url = Some(pg.0.url.clone());
     }
     let mut next = 0;
     let kills = 24;
