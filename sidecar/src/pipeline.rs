@@ -234,7 +234,6 @@ impl Pipeline {
     /// With `[policy] preview`, each intent's preview (`preview_json`) from its target,
     /// asked concurrently; `Err` holds a transient error's message (the intent is not
     /// decided now). Without it, `None` for every intent.
-    #[allow(clippy::type_complexity)]
     fn previews(
         &self,
         due: &[IntentRow],
