@@ -46,6 +46,7 @@ fn policy(c: &mut Criterion) {
         keyid: Some("airlock-key-1"),
         file: "intent-0001.json",
         target: "default",
+        preview: None,
     };
     let policy = EmbeddedPolicy::load(PolicySource::Default).expect("the default policy loads");
     let input = build_input(&ctx);

@@ -74,7 +74,8 @@ pub struct Policy {
     pub concurrency: usize,
     /// How often policy files (and the token file) are checked for changes, in ms.
     pub reload_ms: u64,
-    /// Reserved: showing policies the rows each op would touch. Must be false.
+    /// Show policies what each intent would write (the input's `preview`), from a run
+    /// of the intent in a target transaction that is rolled back.
     pub preview: bool,
 }
 
@@ -314,11 +315,6 @@ impl Config {
                 "policy.timeout_ms, policy.connect_timeout_ms and policy.concurrency must be at least 1".into(),
             ));
         }
-        if policy.preview {
-            return Err(ConfigError::Invalid(
-                "policy.preview is not available yet: leave it false".into(),
-            ));
-        }
         if self.apply.max_rows == 0 {
             return Err(ConfigError::Invalid(
                 "apply.max_rows must be at least 1".into(),
@@ -467,10 +463,8 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("policy.path and policy.url"), "{err}");
-        let err = Config::load(None, env(&[("AIRLOCK_POLICY__PREVIEW", "true")]))
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("policy.preview"), "{err}");
+        let config = Config::load(None, env(&[("AIRLOCK_POLICY__PREVIEW", "true")])).unwrap();
+        assert!(config.policy.preview);
     }
 
     #[test]

@@ -12,6 +12,10 @@
 //!   ledger row and only marks it (invariant 2).
 //! - A policy that cannot answer leaves the intent queued, retried with backoff
 //!   (invariant 4); a transient target error retries the same way.
+//! - With `[policy] preview`, each intent is first run against its target in a
+//!   transaction that is rolled back, and the policy sees what it would write. A
+//!   transient preview error is no decision (the intent waits, as above); a permanent
+//!   one is shown to the policy as `preview.error`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -25,7 +29,7 @@ use airlock_intent::Intent;
 
 use crate::apply::{Applied, ApplyError, ApplyMeta, ErrorKind, Target};
 use crate::config::Config;
-use crate::decide::{InputContext, Policy, build_input};
+use crate::decide::{InputContext, Policy, build_input, preview_json};
 use crate::lifecycle::State;
 use crate::outcome::{Outcome, Outcomes};
 use crate::queue::{DecisionOutcome, IntentRow, Queue, QueueError, now_ms};
@@ -50,6 +54,7 @@ pub struct Pipeline {
     review_ttl: Duration,
     max_rows: u64,
     max_backoff_ms: u64,
+    preview: bool,
 }
 
 /// What one step did.
@@ -89,6 +94,7 @@ impl Pipeline {
             review_ttl: config.review_ttl(),
             max_rows: config.apply.max_rows,
             max_backoff_ms: config.apply.max_backoff_ms,
+            preview: config.policy.preview,
         }
     }
 
@@ -147,31 +153,49 @@ impl Pipeline {
         if due.is_empty() {
             return Ok(());
         }
-        let mut inputs = Vec::with_capacity(due.len());
-        let mut counts: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+        let mut intents = Vec::with_capacity(due.len());
         for row in &due {
-            let intent = row.intent()?;
+            intents.push(row.intent()?);
+        }
+        let previews = self.previews(&due, &intents);
+        let mut inputs = Vec::with_capacity(due.len());
+        let mut evaluated = Vec::with_capacity(due.len());
+        let mut counts: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
+        for (index, (row, intent)) in due.iter().zip(&intents).enumerate() {
+            let preview = match &previews[index] {
+                Some(Ok(preview)) => Some(preview),
+                // A transient preview error is no decision: the intent waits.
+                Some(Err(_)) => continue,
+                None => None,
+            };
             if !counts.contains_key(&row.run) {
                 counts.insert(row.run.clone(), self.queue.run_counts(&row.run)?);
             }
             let run_counts = counts.get(&row.run).cloned().unwrap_or_default();
             let input = build_input(&InputContext {
-                intent: &intent,
+                intent,
                 run_counts: &run_counts,
                 digest: &row.digest,
                 keyid: None,
                 file: &row.file,
                 target: &row.target,
+                preview,
             });
             inputs.push(input);
+            evaluated.push(index);
         }
         // A remote policy answers the batch concurrently; any error is no decision.
-        let answers: Vec<Result<_, String>> = self
-            .policy
-            .evaluate_all(&self.runtime, inputs)
-            .into_iter()
-            .map(|answer| answer.map_err(|e| e.to_string()))
+        let mut answers: Vec<Result<_, String>> = previews
+            .iter()
+            .map(|preview| match preview {
+                Some(Err(message)) => Err(message.clone()),
+                _ => Err("not evaluated".to_owned()),
+            })
             .collect();
+        let evaluations = self.policy.evaluate_all(&self.runtime, inputs);
+        for (index, answer) in evaluated.into_iter().zip(evaluations) {
+            answers[index] = answer.map_err(|e| e.to_string());
+        }
         let now = now_ms();
         let deadline = now + i64::try_from(self.review_ttl.as_millis()).unwrap_or(i64::MAX / 2);
         let max_backoff = self.max_backoff_ms;
@@ -205,6 +229,43 @@ impl Pipeline {
         })?;
         report.decided += answers.iter().filter(|a| a.is_ok()).count();
         Ok(())
+    }
+
+    /// With `[policy] preview`, each intent's preview (`preview_json`) from its target,
+    /// asked concurrently; `Err` holds a transient error's message (the intent is not
+    /// decided now). Without it, `None` for every intent.
+    fn previews(
+        &self,
+        due: &[IntentRow],
+        intents: &[Intent],
+    ) -> Vec<Option<Result<Value, String>>> {
+        if !self.preview {
+            return vec![None; due.len()];
+        }
+        let asks = due.iter().zip(intents).map(|(row, intent)| {
+            let target = self.targets.get(&row.target).cloned();
+            let meta = ApplyMeta {
+                digest: row.digest.clone(),
+                max_rows: self.max_rows,
+            };
+            async move {
+                let result = match target {
+                    Some(target) => target.preview(intent, &meta).await,
+                    None => Err(ApplyError::permanent(format!(
+                        "no target named {:?} is configured",
+                        intent.target.as_str()
+                    ))),
+                };
+                match result {
+                    Ok(preview) => Some(Ok(preview_json(Ok(&preview)))),
+                    Err(error) if error.is_transient() => {
+                        Some(Err(format!("the preview failed: {error}")))
+                    }
+                    Err(error) => Some(Ok(preview_json(Err(&error)))),
+                }
+            }
+        });
+        self.runtime.block_on(futures_util::future::join_all(asks))
     }
 
     /// Applies, for every run, the approved intents at its front: runs concurrently,

@@ -1240,3 +1240,65 @@ async fn concurrent_applies_through_the_pool_each_apply_once() {
     assert_eq!(fresh, 1);
     assert_eq!(events_named(&db.db, "i-raced").await, json!(1));
 }
+
+#[tokio::test]
+async fn preview_reports_rows_and_images_and_writes_nothing() {
+    let db = setup().await;
+    let i = intent(
+        "p-1",
+        json!([
+            {"op": "update", "table": "customers", "key": {"id": 1}, "set": {"tier": "silver"}},
+            {"op": "insert", "table": "orders",
+             "values": {"id": 10, "customer_id": 2, "total_cents": 100, "status": "open"}},
+            {"op": "delete", "table": "orders", "key": {"id": 9}}
+        ]),
+    );
+    // The first apply creates the ledger, so take the snapshot after one exists.
+    db.target.ledger_entry("-").await.unwrap();
+    let before = snapshot(&db.db).await;
+    let preview = db.target.preview(&i, &meta(&i)).await.unwrap();
+    assert!(!preview.already);
+    let counts: Vec<(usize, u64, usize)> = preview
+        .ops
+        .iter()
+        .map(|op| (op.index, op.rows, op.images.len()))
+        .collect();
+    assert_eq!(counts, [(0, 1, 1), (1, 1, 1), (2, 1, 1)]);
+    let update = &preview.ops[0].images[0];
+    assert_eq!(update.key, row(json!({"id": 1})));
+    assert_eq!(update.before.as_ref().unwrap()["tier"], json!("gold"));
+    assert_eq!(update.after.as_ref().unwrap()["tier"], json!("silver"));
+    assert!(preview.ops[1].images[0].before.is_none());
+    assert!(preview.ops[2].images[0].after.is_none());
+    // Nothing written: neither the rows nor the ledger (part of the snapshot).
+    assert_eq!(snapshot(&db.db).await, before);
+    assert!(db.target.ledger_entry("p-1").await.unwrap().is_none());
+
+    // The images are those a real apply records.
+    let applied = db.target.apply(&i, &meta(&i)).await.unwrap();
+    let images: Vec<_> = preview.ops.into_iter().flat_map(|op| op.images).collect();
+    assert_eq!(applied.ledger.undo, images);
+    let again = db.target.preview(&i, &meta(&i)).await.unwrap();
+    assert!(again.already);
+    assert!(again.ops.is_empty());
+}
+
+#[tokio::test]
+async fn preview_of_a_failing_intent_is_its_error_and_writes_nothing() {
+    let db = setup().await;
+    let i = intent(
+        "p-2",
+        json!([
+            {"op": "update", "table": "customers", "key": {"id": 1}, "set": {"tier": "silver"}},
+            {"op": "insert", "table": "orders",
+             "values": {"id": 11, "customer_id": 1, "total_cents": -5, "status": "open"}}
+        ]),
+    );
+    db.target.ledger_entry("-").await.unwrap();
+    let before = snapshot(&db.db).await;
+    let err = db.target.preview(&i, &meta(&i)).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Permanent);
+    assert_eq!(err.op, Some(1));
+    assert_eq!(err.code.as_deref(), Some("23514"), "{err}");
+    assert_eq!(snapshot(&db.db).await, before);
+}

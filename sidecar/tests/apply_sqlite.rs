@@ -738,3 +738,67 @@ fn pathdiff(path: &Path, base: &Path) -> PathBuf {
     }
     out
 }
+
+#[tokio::test]
+async fn preview_reports_rows_and_images_and_writes_nothing() {
+    let db = setup();
+    let i = intent(
+        "p-1",
+        json!([
+            {"op": "update", "table": "customers", "key": {"id": 1}, "set": {"tier": "silver"}},
+            {"op": "insert", "table": "orders",
+             "values": {"id": 10, "customer_id": 2, "total_cents": 100, "status": "open"}},
+            {"op": "delete", "table": "orders", "key": {"id": 9}}
+        ]),
+    );
+    let before = snapshot(&db.path);
+    let preview = db.target.preview(&i, &meta(&i)).await.unwrap();
+    assert!(!preview.already);
+    let counts: Vec<(usize, u64, usize)> = preview
+        .ops
+        .iter()
+        .map(|op| (op.index, op.rows, op.images.len()))
+        .collect();
+    assert_eq!(counts, [(0, 1, 1), (1, 1, 1), (2, 1, 1)]);
+    let update = &preview.ops[0].images[0];
+    assert_eq!(update.key, row(json!({"id": 1})));
+    assert_eq!(
+        update.before.as_ref().unwrap()["tier"],
+        json!("gold"),
+        "{update:?}"
+    );
+    assert_eq!(update.after.as_ref().unwrap()["tier"], json!("silver"));
+    assert!(preview.ops[1].images[0].before.is_none());
+    assert!(preview.ops[2].images[0].after.is_none());
+    // Nothing written: neither the rows nor the ledger.
+    assert_eq!(snapshot(&db.path), before);
+    assert!(ledger_rows(&db.path).is_empty());
+
+    // The images are those a real apply records.
+    let applied = db.target.apply(&i, &meta(&i)).await.unwrap();
+    let images: Vec<_> = preview.ops.into_iter().flat_map(|op| op.images).collect();
+    assert_eq!(applied.ledger.undo, images);
+    // Once applied, a preview says so and shows no ops.
+    let again = db.target.preview(&i, &meta(&i)).await.unwrap();
+    assert!(again.already);
+    assert!(again.ops.is_empty());
+}
+
+#[tokio::test]
+async fn preview_of_a_failing_intent_is_its_error_and_writes_nothing() {
+    let db = setup();
+    let i = intent(
+        "p-2",
+        json!([
+            {"op": "update", "table": "customers", "key": {"id": 1}, "set": {"tier": "silver"}},
+            {"op": "update", "table": "customers", "key": {"id": 99}, "set": {"tier": "x"}}
+        ]),
+    );
+    let before = snapshot(&db.path);
+    let err = db.target.preview(&i, &meta(&i)).await.unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Permanent);
+    assert_eq!(err.op, Some(1));
+    assert_eq!(err.code.as_deref(), Some(codes::NO_ROW));
+    assert_eq!(snapshot(&db.path), before);
+    assert!(ledger_rows(&db.path).is_empty());
+}

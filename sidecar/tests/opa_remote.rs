@@ -168,6 +168,7 @@ fn input_of(intent: &Intent) -> Value {
         keyid: Some("sha256:key"),
         file: &format!("{}.json", intent.id.as_str()),
         target: intent.target.as_str(),
+        preview: None,
     })
 }
 

@@ -40,6 +40,7 @@ fn decide(policy: &EmbeddedPolicy, intent: &Intent) -> airlock::decide::Decision
         keyid: Some("key-1"),
         file: "intent-1.json",
         target: "default",
+        preview: None,
     });
     policy.evaluate(&input).unwrap()
 }
@@ -212,6 +213,7 @@ fn a_malformed_answer_fails_closed() {
         keyid: None,
         file: "f.json",
         target: "default",
+        preview: None,
     });
     match policy.evaluate(&input) {
         Err(PolicyError::Malformed(why)) => assert!(why.contains("`allow`"), "{why}"),
@@ -323,19 +325,30 @@ fn built_input_documents_match_the_published_schema() {
         (&full, every_state, Some("sha256:key")),
         (&minimal, BTreeMap::new(), None),
     ] {
-        let input = build_input(&InputContext {
-            intent,
-            run_counts: &counts,
-            digest: &digest,
-            keyid,
-            file: "f.json",
-            target: intent.target.as_str(),
-        });
-        let problems: Vec<String> = validator
-            .iter_errors(&input)
-            .map(|e| format!("{}: {e}", e.instance_path()))
-            .collect();
-        assert!(problems.is_empty(), "{problems:#?}\n{input:#}");
+        let would_apply = json!({"ops": [
+            {"index": 0, "rows": 1, "before": [], "after": [{"id": 1, "name": "Ada"}]},
+            {"index": 1, "rows": 1, "before": [{"id": 1, "name": "Ada"}],
+             "after": [{"id": 1, "name": "Ada L"}]}
+        ]});
+        let would_fail = json!({"error": {"op": 2, "code": "AIRLOCK_NO_ROW",
+                                          "message": "key {\"id\":9} matched no row"}});
+        let no_op = json!({"error": {"op": null, "code": null, "message": "busy"}});
+        for preview in [None, Some(&would_apply), Some(&would_fail), Some(&no_op)] {
+            let input = build_input(&InputContext {
+                intent,
+                run_counts: &counts,
+                digest: &digest,
+                keyid,
+                file: "f.json",
+                target: intent.target.as_str(),
+                preview,
+            });
+            let problems: Vec<String> = validator
+                .iter_errors(&input)
+                .map(|e| format!("{}: {e}", e.instance_path()))
+                .collect();
+            assert!(problems.is_empty(), "{problems:#?}\n{input:#}");
+        }
     }
 
     // The schema can fail: a document with an unknown op kind, an extra key or an
@@ -347,6 +360,7 @@ fn built_input_documents_match_the_published_schema() {
         keyid: None,
         file: "f.json",
         target: "default",
+        preview: None,
     });
     let mut bad_kind = base.clone();
     bad_kind["ops"][0]["kind"] = json!("truncate");
@@ -354,9 +368,13 @@ fn built_input_documents_match_the_published_schema() {
     extra["preview"] = json!([]);
     let mut bad_state = base.clone();
     bad_state["run"]["counts"] = json!({"pending": 1});
-    let mut bad_digest = base;
+    let mut bad_digest = base.clone();
     bad_digest["envelope"]["digest"] = json!("md5:00");
-    for bad in [bad_kind, extra, bad_state, bad_digest] {
+    let mut bad_preview = base.clone();
+    bad_preview["preview"] = json!({"ops": [{"index": 0, "rows": -1, "before": [], "after": []}]});
+    let mut both = base.clone();
+    both["preview"] = json!({"ops": [], "error": {"op": null, "code": null, "message": "x"}});
+    for bad in [bad_kind, extra, bad_state, bad_digest, bad_preview, both] {
         assert!(!validator.is_valid(&bad), "{bad:#}");
     }
 }

@@ -56,6 +56,13 @@ pub trait Target: Send + Sync + fmt::Debug {
     /// An intent whose `target` is not [`Target::name`] is refused.
     async fn apply(&self, intent: &Intent, meta: &ApplyMeta) -> Result<Applied, ApplyError>;
 
+    /// Runs exactly what [`Target::apply`] runs (same checks, same images) and rolls
+    /// the transaction back instead of writing the ledger row and committing: the
+    /// database and its ledger are left as they were. An intent the ledger already
+    /// holds previews as [`Preview::already`] with no ops; one that would fail to
+    /// apply returns that error.
+    async fn preview(&self, intent: &Intent, meta: &ApplyMeta) -> Result<Preview, ApplyError>;
+
     /// The ledger row of `intent_id`, if that intent was applied to this target.
     async fn ledger_entry(&self, intent_id: &str) -> Result<Option<LedgerEntry>, ApplyError>;
 
@@ -170,6 +177,61 @@ pub struct Applied {
     pub ledger: LedgerEntry,
     /// Rows written by each op, in op order.
     pub ops: Vec<OpResult>,
+}
+
+/// How one apply transaction ends: the only difference between apply and preview.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Finish {
+    /// Write the ledger row and commit.
+    Commit,
+    /// Roll back: nothing is written, the ledger row included.
+    Rollback,
+}
+
+/// What applying an intent would do, from [`Target::preview`].
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Preview {
+    /// The ledger already holds this intent: applying would write nothing.
+    pub already: bool,
+    /// One entry per op, in op order (empty when `already`).
+    pub ops: Vec<OpPreview>,
+}
+
+/// What one op would write.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OpPreview {
+    /// Index of the op in the intent's `ops`, from 0.
+    pub index: usize,
+    /// Rows it would insert, update or delete.
+    pub rows: u64,
+    /// The before- and after-image of every row it would touch, in write order.
+    pub images: Vec<UndoImage>,
+}
+
+impl Preview {
+    /// The preview of a rolled-back apply: its undo images grouped by op.
+    pub(crate) fn from_applied(applied: Applied) -> Self {
+        let mut images = applied.ledger.undo.into_iter().peekable();
+        let ops = applied
+            .ops
+            .into_iter()
+            .map(|op| {
+                let mut mine = Vec::new();
+                while let Some(image) = images.next_if(|i| i.op == op.index) {
+                    mine.push(image);
+                }
+                OpPreview {
+                    index: op.index,
+                    rows: op.rows,
+                    images: mine,
+                }
+            })
+            .collect();
+        Self {
+            already: applied.already,
+            ops,
+        }
+    }
 }
 
 /// How many rows one op wrote.

@@ -72,8 +72,8 @@ use tokio_postgres::types::{ToSql, Type};
 
 use super::sql::{self, Dialect, pg};
 use super::{
-    Applied, ApplyError, ApplyMeta, ErrorKind, Image, LedgerEntry, OpResult, Target, UndoConflict,
-    UndoImage, UndoReport, codes, holds_after, image_table, show,
+    Applied, ApplyError, ApplyMeta, ErrorKind, Finish, Image, LedgerEntry, OpResult, Preview,
+    Target, UndoConflict, UndoImage, UndoReport, codes, holds_after, image_table, show,
 };
 
 const DIALECT: Dialect = Dialect::Postgres;
@@ -242,13 +242,14 @@ impl PostgresTarget {
     }
 }
 
-#[async_trait]
-impl Target for PostgresTarget {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    async fn apply(&self, intent: &Intent, meta: &ApplyMeta) -> Result<Applied, ApplyError> {
+impl PostgresTarget {
+    /// Apply or preview: the one path both take.
+    async fn run_intent(
+        &self,
+        intent: &Intent,
+        meta: &ApplyMeta,
+        finish: Finish,
+    ) -> Result<Applied, ApplyError> {
         if intent.target.as_str() != self.name {
             return Err(ApplyError::permanent(format!(
                 "intent {:?} is for target {:?}, not {:?}",
@@ -259,7 +260,7 @@ impl Target for PostgresTarget {
             .with_code(codes::WRONG_TARGET));
         }
         let mut client = self.client().await?;
-        match apply_intent(&mut client, intent, meta).await {
+        match apply_intent(&mut client, intent, meta, finish).await {
             Ok(applied) => Ok(applied),
             Err(Failure {
                 error,
@@ -271,6 +272,23 @@ impl Target for PostgresTarget {
             }
             Err(Failure { error, .. }) => Err(self.ledger_missing(error)),
         }
+    }
+}
+
+#[async_trait]
+impl Target for PostgresTarget {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn apply(&self, intent: &Intent, meta: &ApplyMeta) -> Result<Applied, ApplyError> {
+        self.run_intent(intent, meta, Finish::Commit).await
+    }
+
+    async fn preview(&self, intent: &Intent, meta: &ApplyMeta) -> Result<Preview, ApplyError> {
+        self.run_intent(intent, meta, Finish::Rollback)
+            .await
+            .map(Preview::from_applied)
     }
 
     async fn ledger_entry(&self, intent_id: &str) -> Result<Option<LedgerEntry>, ApplyError> {
@@ -626,12 +644,14 @@ fn is_conversion(e: &ApplyError) -> bool {
         .is_some_and(|c| c.starts_with("22") || c == "42804")
 }
 
-/// The whole of one apply, inside one transaction; dropping the transaction on any
+/// The whole of one apply (or preview, with [`Finish::Rollback`]), inside one
+/// transaction; dropping the transaction on any
 /// error rolls it back.
 async fn apply_intent<'i>(
     client: &mut Object,
     intent: &'i Intent,
     meta: &ApplyMeta,
+    finish: Finish,
 ) -> Result<Applied, Failure<'i>> {
     let id = intent.id.as_str();
     let tx = client
@@ -705,6 +725,16 @@ async fn apply_intent<'i>(
         applied_at_ms: now_ms(),
         undo,
     };
+    if finish == Finish::Rollback {
+        tx.rollback()
+            .await
+            .map_err(|e| pg_error(&e).context("rolling the preview back"))?;
+        return Ok(Applied {
+            already: false,
+            ledger: entry,
+            ops,
+        });
+    }
     write_ledger(&tx, &entry).await?;
     tx.commit().await.map_err(|e| {
         let mut error = pg_error(&e).context("committing");

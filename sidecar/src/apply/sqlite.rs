@@ -49,8 +49,8 @@ use serde_json::Value;
 
 use super::sql::{self, Arg, Dialect, Statement};
 use super::{
-    Applied, ApplyError, ApplyMeta, ErrorKind, Image, LedgerEntry, OpResult, Target, UndoConflict,
-    UndoImage, UndoReport, codes, holds_after, image_table, show,
+    Applied, ApplyError, ApplyMeta, ErrorKind, Finish, Image, LedgerEntry, OpResult, Preview,
+    Target, UndoConflict, UndoImage, UndoReport, codes, holds_after, image_table, show,
 };
 
 const DIALECT: Dialect = Dialect::Sqlite;
@@ -133,8 +133,17 @@ impl Target for SqliteTarget {
         let intent = intent.clone();
         let meta = meta.clone();
         let name = self.name.clone();
-        self.with_conn(move |conn| apply_intent(conn, &name, &intent, &meta))
+        self.with_conn(move |conn| apply_intent(conn, &name, &intent, &meta, Finish::Commit))
             .await
+    }
+
+    async fn preview(&self, intent: &Intent, meta: &ApplyMeta) -> Result<Preview, ApplyError> {
+        let intent = intent.clone();
+        let meta = meta.clone();
+        let name = self.name.clone();
+        self.with_conn(move |conn| apply_intent(conn, &name, &intent, &meta, Finish::Rollback))
+            .await
+            .map(Preview::from_applied)
     }
 
     async fn ledger_entry(&self, intent_id: &str) -> Result<Option<LedgerEntry>, ApplyError> {
@@ -263,12 +272,14 @@ fn write_ledger(conn: &Connection, entry: &LedgerEntry) -> Result<(), ApplyError
     Ok(())
 }
 
-/// The whole of one apply, inside one transaction.
+/// The whole of one apply (or preview, with [`Finish::Rollback`]), inside one
+/// transaction.
 fn apply_intent(
     conn: &mut Connection,
     name: &str,
     intent: &Intent,
     meta: &ApplyMeta,
+    finish: Finish,
 ) -> Result<Applied, ApplyError> {
     if intent.target.as_str() != name {
         return Err(ApplyError::permanent(format!(
@@ -326,8 +337,15 @@ fn apply_intent(
         applied_at_ms: now_ms(),
         undo,
     };
-    write_ledger(&tx, &entry)?;
-    tx.commit().map_err(|e| db_error(e).context("committing"))?;
+    match finish {
+        Finish::Commit => {
+            write_ledger(&tx, &entry)?;
+            tx.commit().map_err(|e| db_error(e).context("committing"))?;
+        }
+        Finish::Rollback => tx
+            .rollback()
+            .map_err(|e| db_error(e).context("rolling the preview back"))?,
+    }
     Ok(Applied {
         already: false,
         ledger: entry,

@@ -28,6 +28,8 @@ use std::collections::BTreeMap;
 use airlock_intent::{Intent, Op, Provenance};
 use serde_json::{Map, Value};
 
+use crate::apply::{ApplyError, Preview};
+
 /// The version of the input document built by [`build_input`].
 pub const INPUT_VERSION: u64 = 1;
 
@@ -46,6 +48,9 @@ pub struct InputContext<'a> {
     pub file: &'a str,
     /// The target database the intent will be applied to.
     pub target: &'a str,
+    /// The `preview` member (see [`preview_json`]), present only when the
+    /// configuration asks for previews (`[policy] preview = true`).
+    pub preview: Option<&'a Value>,
 }
 
 /// Builds the input document, version 1, for one intent.
@@ -79,7 +84,60 @@ pub fn build_input(ctx: &InputContext<'_>) -> Value {
     doc.insert("file".into(), ctx.file.into());
     doc.insert("target".into(), ctx.target.into());
     doc.insert("ops".into(), Value::Array(ops));
+    if let Some(preview) = ctx.preview {
+        doc.insert("preview".into(), preview.clone());
+    }
     Value::Object(doc)
+}
+
+/// The input's `preview` member: what applying the intent would do, from a
+/// rolled-back apply. `{"ops": [{"index", "rows", "before": [...], "after": [...]}]}`,
+/// where `before` and `after` list the rows each op would touch as they were and as
+/// they would be (an inserted row has no before, a deleted row no after); or, when
+/// applying would fail, `{"error": {"op", "code", "message"}}` (`op` and `code` may
+/// be null).
+pub fn preview_json(preview: Result<&Preview, &ApplyError>) -> Value {
+    match preview {
+        Ok(preview) => {
+            let ops = preview
+                .ops
+                .iter()
+                .map(|op| {
+                    let before: Vec<Value> = op
+                        .images
+                        .iter()
+                        .filter_map(|i| i.before.clone().map(Value::Object))
+                        .collect();
+                    let after: Vec<Value> = op
+                        .images
+                        .iter()
+                        .filter_map(|i| i.after.clone().map(Value::Object))
+                        .collect();
+                    let mut doc = Map::with_capacity(4);
+                    doc.insert("index".into(), op.index.into());
+                    doc.insert("rows".into(), op.rows.into());
+                    doc.insert("before".into(), Value::Array(before));
+                    doc.insert("after".into(), Value::Array(after));
+                    Value::Object(doc)
+                })
+                .collect();
+            let mut doc = Map::with_capacity(1);
+            doc.insert("ops".into(), Value::Array(ops));
+            Value::Object(doc)
+        }
+        Err(error) => {
+            let mut detail = Map::with_capacity(3);
+            detail.insert("op".into(), error.op.map_or(Value::Null, Value::from));
+            detail.insert(
+                "code".into(),
+                error.code.as_deref().map_or(Value::Null, Value::from),
+            );
+            detail.insert("message".into(), error.message.clone().into());
+            let mut doc = Map::with_capacity(1);
+            doc.insert("error".into(), Value::Object(detail));
+            Value::Object(doc)
+        }
+    }
 }
 
 /// One entry of the flattened `ops` view.
@@ -237,6 +295,7 @@ mod tests {
             keyid,
             file: "0001.json",
             target: "crm",
+            preview: None,
         })
     }
 
@@ -299,6 +358,52 @@ mod tests {
             [
                 "envelope", "file", "intent", "ops", "run", "target", "version"
             ]
+        );
+    }
+
+    #[test]
+    fn preview_is_present_only_when_given() {
+        use crate::apply::{OpPreview, UndoImage, codes};
+        let intent = every_field();
+        let counts = BTreeMap::new();
+        let row = |tier: &str| json!({"id": 1, "tier": tier}).as_object().unwrap().clone();
+        let preview = Preview {
+            already: false,
+            ops: vec![OpPreview {
+                index: 1,
+                rows: 1,
+                images: vec![UndoImage {
+                    op: 1,
+                    table: "customers".into(),
+                    key: json!({"id": 1}).as_object().unwrap().clone(),
+                    before: Some(row("gold")),
+                    after: Some(row("silver")),
+                }],
+            }],
+        };
+        let shown = preview_json(Ok(&preview));
+        assert_eq!(
+            shown,
+            json!({"ops": [{"index": 1, "rows": 1,
+                "before": [{"id": 1, "tier": "gold"}], "after": [{"id": 1, "tier": "silver"}]}]})
+        );
+        let doc = build_input(&InputContext {
+            intent: &intent,
+            run_counts: &counts,
+            digest: "sha256:abcd",
+            keyid: None,
+            file: "0001.json",
+            target: "crm",
+            preview: Some(&shown),
+        });
+        assert_eq!(doc["preview"], shown);
+        assert!(build(&intent, &counts, None).get("preview").is_none());
+
+        let error = ApplyError::permanent("key matched no row").with_code(codes::NO_ROW);
+        assert_eq!(
+            preview_json(Err(&error)),
+            json!({"error": {"op": null, "code": "AIRLOCK_NO_ROW",
+                "message": "key matched no row"}})
         );
     }
 

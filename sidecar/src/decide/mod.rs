@@ -27,7 +27,7 @@ mod result;
 use serde::{Deserialize, Serialize};
 
 pub use self::embedded::{EmbeddedPolicy, PolicySource, RULE, RegoTest, run_rego_tests};
-pub use self::input::{INPUT_VERSION, InputContext, build_input};
+pub use self::input::{INPUT_VERSION, InputContext, build_input, preview_json};
 pub use self::policy::{Policy, Trial, TrialError, try_intent};
 pub use self::reload::{Reload, ReloadingPolicy};
 pub use self::remote::{MAX_ANSWER_BYTES, RemoteOptions, RemotePolicy};

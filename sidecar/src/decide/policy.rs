@@ -135,6 +135,7 @@ pub fn try_intent(
         keyid: None,
         file,
         target: intent.target.as_str(),
+        preview: None,
     });
     let decision = policy.evaluate(runtime, input.clone());
     Ok(Trial { input, decision })
