@@ -260,13 +260,14 @@ impl Config {
             }
             None => (toml::Table::new(), None),
         };
-        let mut from_env = false;
+        let mut from_env = Vec::new();
         for (name, value) in env {
             let Some(key) = name.strip_prefix("AIRLOCK_") else {
                 continue;
             };
-            // Variables read by other parts (logging) are not configuration keys.
-            if matches!(key, "LOG" | "LOG_FORMAT") {
+            // Variables read by other parts (logging, the command line's `--config`)
+            // are not configuration keys.
+            if matches!(key, "LOG" | "LOG_FORMAT" | "CONFIG") {
                 continue;
             }
             let path: Vec<String> = if key == "TARGET" {
@@ -275,13 +276,17 @@ impl Config {
                 key.split("__").map(str::to_ascii_lowercase).collect()
             };
             set_path(&mut table, &path, scalar(&value)).map_err(ConfigError::Env)?;
-            from_env = true;
+            from_env.push(name);
         }
         let config: Config = table.try_into().map_err(|e: toml::de::Error| {
             let message = e.message().to_owned();
             match origin {
-                Some(path) if !from_env => ConfigError::Parse { path, message },
-                _ => ConfigError::Invalid(message),
+                Some(path) if from_env.is_empty() => ConfigError::Parse { path, message },
+                _ if from_env.is_empty() => ConfigError::Invalid(message),
+                _ => ConfigError::Invalid(format!(
+                    "{message} (environment variables read as configuration: {})",
+                    from_env.join(", ")
+                )),
             }
         })?;
         config.check()?;
@@ -437,6 +442,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("intentz"), "{err}");
+        assert!(err.contains("AIRLOCK_INTENTZ"), "{err}");
+        // `AIRLOCK_CONFIG` names the file (`--config`); it is not a key.
+        assert!(Config::load(None, env(&[("AIRLOCK_CONFIG", "/x.toml")])).is_ok());
     }
 
     #[test]

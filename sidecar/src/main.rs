@@ -291,6 +291,13 @@ fn main() -> ExitCode {
 fn dispatch(command: Command) -> Result<ExitCode> {
     match command {
         Command::Run(args) => {
+            // Catch SIGTERM and SIGINT before anything else, so a stop that arrives
+            // during start-up still drains cleanly instead of killing the process.
+            let runtime = runtime()?;
+            let shutdown = {
+                let _context = runtime.enter();
+                shutdown_signal()
+            };
             let config = match load_run_config(args) {
                 Ok(config) => config,
                 Err(error) => {
@@ -305,7 +312,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                     return Ok(ExitCode::from(EXIT_CONFIG));
                 }
             };
-            runtime()?.block_on(airlock::daemon::run(resources, shutdown_signal()))?;
+            runtime.block_on(airlock::daemon::run(resources, shutdown))?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { dir } => {
@@ -791,21 +798,24 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-/// Completes on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// Registers for SIGTERM and SIGINT at once (it must be called inside the runtime)
+/// and returns a future that completes when either arrives, even if it arrived
+/// before the future was first polled.
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
+    let term = signal(SignalKind::terminate());
+    let int = signal(SignalKind::interrupt());
+    async move {
+        match (term, int) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
             }
-        }
-        _ => {
-            let _ = tokio::signal::ctrl_c().await;
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
         }
     }
 }

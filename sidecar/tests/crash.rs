@@ -4,7 +4,7 @@
 //! exactly once, the target holds exactly what the applied intents imply, and the
 //! run logs verify.
 //!
-//! The seed is printed; rerun a failure with `AIRLOCK_CRASH_SEED=<seed>`.
+//! The seed is printed; rerun a failure with `CRASH_TEST_SEED=<seed>`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
 
@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use support::{Sandbox, eventually, intent};
+use support::{Sandbox, intent};
 
 /// A small deterministic generator (xorshift64*), so a seed replays a run.
 struct Rng(u64);
@@ -190,7 +190,7 @@ fn sigkill_at_random_moments_with_a_postgres_target() {
 }
 
 fn crash_test(target: Target) {
-    let seed = std::env::var("AIRLOCK_CRASH_SEED")
+    let seed = std::env::var("CRASH_TEST_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| {
@@ -199,7 +199,7 @@ fn crash_test(target: Target) {
                 .map_or(1, |d| d.as_nanos() as u64)
                 | 1
         });
-    println!("crash test seed: {seed} (rerun with AIRLOCK_CRASH_SEED={seed})");
+    println!("crash test seed: {seed} (rerun with CRASH_TEST_SEED={seed})");
     let mut rng = Rng(seed);
     let Workload {
         files,
@@ -229,12 +229,44 @@ fn crash_test(target: Target) {
         sb.submit(name, bytes);
     }
     let total = files.len();
-    eventually("every intent to reach a final state", || {
+    let explain = || {
+        let all = outcomes(&sb);
+        let pending: Vec<String> = all
+            .iter()
+            .filter(|(_, o)| o["final"] != true)
+            .map(|(name, o)| format!("{name}: {} {}", o["state"], o["reasons"]))
+            .collect();
+        let missing: Vec<&String> = files
+            .iter()
+            .map(|(name, _)| name)
+            .filter(|name| !all.contains_key(name.trim_end_matches(".json")))
+            .collect();
+        format!(
+            "every intent to reach a final state; {} outcomes of {total}; not final: {pending:?}; missing: {missing:?}; log tail: {}; intent dir: {:?}",
+            all.len(),
+            {
+                let log = sb.log();
+                log[log.len().saturating_sub(3000)..].to_owned()
+            },
+            std::fs::read_dir(sb.intents())
+                .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+                .unwrap_or_default()
+        )
+    };
+    support::eventually_explained(explain, || {
         approve_waiting(&sb);
         let all = outcomes(&sb);
         (all.len() == total && all.values().all(|o| o["final"] == true)).then_some(())
     });
-    assert!(sb.stop().success(), "clean stop after the crashes");
+    let status = sb.stop();
+    assert!(
+        status.success(),
+        "clean stop after the crashes: {status}\n{}",
+        {
+            let log = sb.log();
+            log[log.len().saturating_sub(3000)..].to_owned()
+        }
+    );
 
     // Every intent exactly once, in the state the workload implies.
     let all = outcomes(&sb);
