@@ -30,7 +30,6 @@ use airlock_intent::Intent;
 use crate::apply::{Applied, ApplyError, ApplyMeta, ErrorKind, Target};
 use crate::config::Config;
 use crate::decide::{InputContext, Policy, build_input, preview_json};
-use crate::lifecycle::State;
 use crate::outcome::{Outcome, Outcomes};
 use crate::queue::{DecisionOutcome, IntentRow, Queue, QueueError, now_ms};
 
@@ -171,10 +170,12 @@ impl Pipeline {
             if !counts.contains_key(&row.run) {
                 counts.insert(row.run.clone(), self.queue.run_counts(&row.run)?);
             }
-            let run_counts = counts.get(&row.run).cloned().unwrap_or_default();
+            let Some(run_counts) = counts.get(&row.run) else {
+                continue;
+            };
             let input = build_input(&InputContext {
                 intent,
-                run_counts: &run_counts,
+                run_counts,
                 digest: &row.digest,
                 keyid: None,
                 file: &row.file,
@@ -443,11 +444,6 @@ pub fn backoff_ms(attempts: u32, max_ms: u64, id: &str) -> i64 {
     let jitter = (seed % 51) as i64 - 25; // -25..=25 percent
     let ms = base as i64 + base as i64 * jitter / 100;
     ms.max(1)
-}
-
-/// Whether an intent in `state` is done with the pipeline.
-pub fn settled(state: State) -> bool {
-    state.is_final() || state == State::AwaitingReview
 }
 
 #[cfg(test)]

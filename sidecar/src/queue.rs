@@ -705,11 +705,6 @@ impl Queue {
         self.select_records("WHERE run = ?1 ORDER BY seq", [run])
     }
 
-    /// The records about one intent, in order.
-    pub fn intent_records(&self, id: &str) -> Result<Vec<Record>, QueueError> {
-        self.select_records("WHERE intent_id = ?1 ORDER BY run, seq", [id])
-    }
-
     fn select_records(
         &self,
         clause: &str,
@@ -772,14 +767,6 @@ impl Queue {
             Ok(refused)
         })
         .collect()
-    }
-
-    /// A counter that changes whenever another connection commits a change, so a
-    /// poller can skip work when nothing happened.
-    pub fn data_version(&self) -> Result<i64, QueueError> {
-        Ok(self
-            .conn
-            .pragma_query_value(None, "data_version", |row| row.get(0))?)
     }
 }
 
