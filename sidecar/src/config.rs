@@ -140,6 +140,27 @@ pub struct Intake {
 pub struct Review {
     /// How long an intent may wait for review before it expires, in seconds.
     pub ttl_secs: u64,
+    /// Where the review endpoint (HTTP API and web page) listens, `host:port`;
+    /// `"off"` disables it. Port 0 picks a free port (written to
+    /// `<state>/review-endpoint`).
+    pub listen: String,
+    /// The reviewer tokens file (names, roles, SHA-256 hashes); defaults to
+    /// `<state>/review-tokens.toml`.
+    pub tokens: Option<PathBuf>,
+    /// A PEM certificate chain: with `tls_key`, the endpoint serves HTTPS only.
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM (PKCS#8) private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// The endpoint's address as approvers reach it (links in webhook messages);
+    /// defaults to the listening address.
+    pub public_url: Option<String>,
+    /// A URL to POST a JSON message to (Slack-compatible `text`) whenever an intent
+    /// enters review.
+    pub webhook: Option<String>,
+    /// How long one webhook delivery may take, in ms.
+    pub webhook_timeout_ms: u64,
+    /// How long a web sign-in lasts, in seconds.
+    pub session_ttl_secs: u64,
 }
 
 /// Applying to targets.
@@ -202,7 +223,17 @@ impl Default for Intake {
 
 impl Default for Review {
     fn default() -> Self {
-        Self { ttl_secs: 3_600 }
+        Self {
+            ttl_secs: 3_600,
+            listen: "127.0.0.1:8080".to_owned(),
+            tokens: None,
+            tls_cert: None,
+            tls_key: None,
+            public_url: None,
+            webhook: None,
+            webhook_timeout_ms: 5_000,
+            session_ttl_secs: 8 * 3_600,
+        }
     }
 }
 
@@ -354,6 +385,19 @@ impl Config {
     /// The review time to live.
     pub fn review_ttl(&self) -> Duration {
         Duration::from_secs(self.review.ttl_secs)
+    }
+
+    /// The reviewer tokens file: configured, or `<state>/review-tokens.toml`.
+    pub fn tokens_path(&self) -> PathBuf {
+        self.review
+            .tokens
+            .clone()
+            .unwrap_or_else(|| self.state.join("review-tokens.toml"))
+    }
+
+    /// Where the running daemon writes its review endpoint's URL.
+    pub fn endpoint_file(&self) -> PathBuf {
+        self.state.join("review-endpoint")
     }
 }
 

@@ -63,7 +63,7 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
         .and_then(|db| db.execute_batch(SANDBOX_SCHEMA))
         .with_context(|| format!("creating the demo database {}", target.display()))?;
 
-    let config = Config {
+    let mut config = Config {
         intents: dir.join("intents"),
         state: dir.join("state"),
         targets: BTreeMap::from([(
@@ -72,6 +72,8 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
         )]),
         ..Config::default()
     };
+    // The demo decides its reviews itself; `airlock run` serves the review endpoint.
+    config.review.listen = "off".to_owned();
     let results = config.results_dir();
     println!("Airlock demo in {}", dir.display());
     println!("  agent writes intents to  {}", config.intents.display());

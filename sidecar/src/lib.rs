@@ -17,6 +17,7 @@ pub mod config;
 pub mod daemon;
 pub mod decide;
 pub mod demo;
+pub mod http;
 pub mod intake;
 pub mod lifecycle;
 pub mod outcome;

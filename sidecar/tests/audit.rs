@@ -132,6 +132,7 @@ fn configured_key_must_exist_and_be_private() {
             .current_dir(dir.path())
             .arg("run")
             .env("AIRLOCK_KEY", key)
+            .env("AIRLOCK_REVIEW__LISTEN", "127.0.0.1:0")
             .output()
             .unwrap()
     };

@@ -111,6 +111,8 @@ impl Sandbox {
             .args(&self.extra_args)
             .env("AIRLOCK_LOG", "debug")
             .env("AIRLOCK_INTAKE__RESCAN_MS", "500")
+            // Tests run side by side: each endpoint on a free port of its own.
+            .env("AIRLOCK_REVIEW__LISTEN", "127.0.0.1:0")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
