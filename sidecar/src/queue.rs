@@ -1166,6 +1166,14 @@ impl Writer<'_> {
                 row.state
             )));
         }
+        if let Some(deadline) = row.review_deadline
+            && deadline <= self.now
+        {
+            return Err(QueueError::Refused(format!(
+                "the review of intent {id} expired at {}",
+                crate::outcome::timestamp(deadline)
+            )));
+        }
         if let Some(digest) = digest
             && digest != row.digest
         {

@@ -137,6 +137,38 @@ impl Sandbox {
         }
     }
 
+    /// The running daemon's review endpoint, `http(s)://127.0.0.1:<port>`, once it
+    /// listens.
+    pub fn review_url(&self) -> String {
+        let file = self.state().join("review-endpoint");
+        eventually_explained(
+            || format!("the review endpoint to listen; log:\n{}", self.log()),
+            || {
+                let url = std::fs::read_to_string(&file).ok()?;
+                let url = url.trim();
+                (!url.is_empty()).then(|| url.to_owned())
+            },
+        )
+    }
+
+    /// A new reviewer token named `name` with `role`, added to the sandbox's tokens
+    /// file with `airlock token add`.
+    pub fn token(&self, name: &str, role: &str) -> String {
+        let out = self.cli(&["token", "add", "--name", name, "--role", role]);
+        assert!(
+            out.status.success(),
+            "airlock token add: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout)
+            .expect("utf-8 token")
+            .lines()
+            .next()
+            .expect("a token line")
+            .trim()
+            .to_owned()
+    }
+
     /// The daemon's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("airlock.log")).unwrap_or_default()
