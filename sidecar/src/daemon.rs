@@ -176,6 +176,27 @@ pub async fn run(
         outcomes,
         tokio::runtime::Handle::current(),
     );
+    let pipeline = match config.review.webhook.as_deref() {
+        Some(url) => {
+            let base = config
+                .review
+                .public_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{}", config.review.listen));
+            let timeout = Duration::from_millis(config.review.webhook_timeout_ms);
+            match crate::webhook::Webhook::new(url, &base, timeout) {
+                Ok(webhook) => {
+                    info!(message = "reviews are announced to a webhook", endpoint = %webhook.origin());
+                    pipeline.with_webhook(webhook)
+                }
+                Err(error) => {
+                    error!(message = "webhook disabled: its configuration is invalid", %error);
+                    pipeline
+                }
+            }
+        }
+        None => pipeline,
+    };
 
     let watcher = watch(&config, intake_tx.clone());
     let rescan = Duration::from_millis(config.intake.rescan_ms.max(10));
