@@ -37,8 +37,6 @@ pub const SESSION_COOKIE: &str = "airlock_session";
 pub const CSRF_HEADER: &str = "x-airlock-csrf";
 /// How long computing a preview for an approver may take.
 const PREVIEW_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest reviewer comment accepted.
-const MAX_COMMENT: usize = 4_000;
 
 /// An API error: a status and `{"error": {"code", "message"}}`.
 #[derive(Debug)]
@@ -497,9 +495,10 @@ pub struct Reject {
 }
 
 fn check_comment(comment: Option<&str>) -> ApiResult<()> {
+    let max = crate::review::MAX_COMMENT;
     match comment {
-        Some(c) if c.chars().count() > MAX_COMMENT => Err(ApiError::bad_request(format!(
-            "comment: at most {MAX_COMMENT} characters"
+        Some(c) if c.chars().count() > max => Err(ApiError::bad_request(format!(
+            "comment: at most {max} characters"
         ))),
         _ => Ok(()),
     }
