@@ -1406,6 +1406,40 @@ mod tests {
     }
 
     #[test]
+    fn a_review_past_its_deadline_takes_no_votes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut q = Queue::open(dir.path()).unwrap();
+        q.write(|w| w.admit(&arrival("late", "r", "x"))).unwrap();
+        let d = decision(Verdict::Review { approvals: 1 });
+        q.write(|w| {
+            w.record_decision(
+                "late",
+                DecisionOutcome::Decided {
+                    decision: &d,
+                    review_deadline: 1,
+                },
+            )
+        })
+        .unwrap();
+        // The pipeline has not expired it yet, but the deadline has passed.
+        for result in [
+            q.write(|w| w.approve("late", "alice", None, None).map(|p| p.state)),
+            q.write(|w| w.reject("late", "bob", None, "no")),
+        ] {
+            let error = result.unwrap_err().to_string();
+            assert!(
+                error.contains("expired at 1970-01-01T00:00:00.001Z"),
+                "{error}"
+            );
+        }
+        assert!(q.reviews("late").unwrap().is_empty());
+        assert_eq!(
+            q.intent("late").unwrap().unwrap().state,
+            State::AwaitingReview
+        );
+    }
+
+    #[test]
     fn admission_is_idempotent_and_refuses_conflicts() {
         let dir = tempfile::tempdir().unwrap();
         let mut q = Queue::open(dir.path()).unwrap();
