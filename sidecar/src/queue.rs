@@ -748,6 +748,36 @@ impl Queue {
         self.select_records("WHERE run = ?1 ORDER BY seq", [run])
     }
 
+    /// The last `limit` records of one run, in order.
+    pub fn last_records(&self, run: &str, limit: usize) -> Result<Vec<Record>, QueueError> {
+        let mut records = self.select_records(
+            "WHERE run = ?1 ORDER BY seq DESC LIMIT ?2",
+            params![run, limit as i64],
+        )?;
+        records.reverse();
+        Ok(records)
+    }
+
+    /// One run with its counts and log head, if it exists.
+    pub fn run(&self, run: &str) -> Result<Option<RunSummary>, QueueError> {
+        let head = self
+            .conn
+            .prepare_cached("SELECT head_seq, head_digest FROM runs WHERE run = ?1")?
+            .query_row([run], |row| {
+                Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?))
+            })
+            .optional()?;
+        let Some((records, head)) = head else {
+            return Ok(None);
+        };
+        Ok(Some(RunSummary {
+            run: run.to_owned(),
+            counts: self.run_counts(run)?,
+            records,
+            head,
+        }))
+    }
+
     fn select_records(
         &self,
         clause: &str,

@@ -357,6 +357,23 @@ fn lists_filter_and_page() {
         .map(|r| r["run"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["run-p", "run-q"]);
+    let run = client.get("/v1/runs/run-p").json();
+    let ids: Vec<&str> = run["intents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        ["i-1", "i-2", "i-3", "i-4", "i-5", "d-1"],
+        "queue order"
+    );
+    assert_eq!(run["omitted"], json!({"intents": 0, "history": 0}));
+    assert_eq!(
+        run["history"].as_array().unwrap().len() as i64,
+        run["records"].as_i64().unwrap()
+    );
     assert_eq!(client.get("/v1/nothing-here").status, 404);
     assert_eq!(client.delete("/v1/intents").status, 405);
 }
