@@ -25,6 +25,7 @@ use tracing::{error, info, warn};
 use crate::apply::{self, Target};
 use crate::config::Config;
 use crate::decide::Policy;
+use crate::http::{self, Endpoint};
 use crate::intake::Intake;
 use crate::outcome::Outcomes;
 use crate::pipeline::Pipeline;
@@ -51,6 +52,8 @@ pub enum StartError {
     Key(#[from] crate::seal::SealError),
     #[error(transparent)]
     Queue(#[from] crate::queue::QueueError),
+    #[error("review endpoint: {0}")]
+    Endpoint(#[from] crate::http::EndpointError),
 }
 
 enum Message {
@@ -148,6 +151,23 @@ pub async fn run(
         path: config.results_dir(),
         source,
     })?;
+    let (intake_tx, intake_rx) = mpsc::channel();
+    let (pipeline_tx, pipeline_rx) = mpsc::channel();
+    let endpoint = Endpoint::start(
+        &config,
+        http::Parts {
+            sealer: sealer.clone(),
+            checkpoints,
+            targets: targets.clone(),
+            wake: Box::new({
+                let tx = pipeline_tx.clone();
+                move || {
+                    let _ = tx.send(Message::Wake);
+                }
+            }),
+        },
+    )
+    .await?;
     let pipeline = Pipeline::new(
         &config,
         Queue::open(&config.state)?.with_sealer(sealer.clone(), checkpoints),
@@ -156,9 +176,28 @@ pub async fn run(
         outcomes,
         tokio::runtime::Handle::current(),
     );
+    let pipeline = match config.review.webhook.as_deref() {
+        Some(url) => {
+            let base = config
+                .review
+                .public_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{}", config.review.listen));
+            let timeout = Duration::from_millis(config.review.webhook_timeout_ms);
+            match crate::webhook::Webhook::new(url, &base, timeout) {
+                Ok(webhook) => {
+                    info!(message = "reviews are announced to a webhook", endpoint = %webhook.origin());
+                    pipeline.with_webhook(webhook)
+                }
+                Err(error) => {
+                    error!(message = "webhook disabled: its configuration is invalid", %error);
+                    pipeline
+                }
+            }
+        }
+        None => pipeline,
+    };
 
-    let (intake_tx, intake_rx) = mpsc::channel();
-    let (pipeline_tx, pipeline_rx) = mpsc::channel();
     let watcher = watch(&config, intake_tx.clone());
     let rescan = Duration::from_millis(config.intake.rescan_ms.max(10));
     let intake_thread = spawn("airlock-intake", {
@@ -176,6 +215,7 @@ pub async fn run(
         targets = ?config.targets.keys().collect::<Vec<_>>(),
         policy = %policy.identity(),
         keyid = %sealer.keyid(),
+        review = endpoint.as_ref().map_or("off", |e| e.url.as_str()),
     );
 
     shutdown.await;
@@ -186,6 +226,10 @@ pub async fn run(
     drop(watcher);
     let grace = Duration::from_millis(config.shutdown.grace_ms);
     let deadline = tokio::time::Instant::now() + grace;
+    // Reviewers first: no decision may land while the rest drains.
+    if let Some(endpoint) = endpoint {
+        endpoint.stop(deadline).await;
+    }
     let _ = intake_tx.send(Message::Stop);
     join(intake_thread, deadline).await;
     let _ = pipeline_tx.send(Message::Stop);

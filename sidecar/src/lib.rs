@@ -30,3 +30,4 @@ pub mod submit;
 pub mod telemetry;
 pub mod undo;
 pub mod verify;
+pub mod webhook;

@@ -89,6 +89,9 @@ enum Command {
     },
     /// Print the intent JSON Schema.
     Schema,
+    /// Reviewer tokens for the review endpoint.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Create an Ed25519 signing key pair (PATH and PATH.pub, PEM).
     Keygen {
         /// Where to write the private key (mode 0600); the public key goes to PATH.pub.
@@ -255,6 +258,27 @@ struct ReplayArgs {
     state: Option<PathBuf>,
 }
 
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Make a new token, add its hash to the tokens file and print the token once.
+    Add {
+        /// Who holds it (recorded with each decision they make).
+        #[arg(long)]
+        name: String,
+        /// viewer (read), approver (also decide) or admin (also undo).
+        #[arg(long)]
+        role: String,
+        /// The tokens file; by default `[review] tokens`, else <state>/review-tokens.toml.
+        #[arg(long)]
+        tokens: Option<PathBuf>,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Print the SHA-256 of a token read from standard input, as the tokens file
+    /// lists it (for writing the file, or a Kubernetes Secret, by hand).
+    Hash,
+}
+
 #[derive(Debug, Args)]
 struct StateArgs {
     /// Configuration file (TOML), for its state directory.
@@ -312,7 +336,10 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                     return Ok(ExitCode::from(EXIT_CONFIG));
                 }
             };
-            runtime.block_on(airlock::daemon::run(resources, shutdown))?;
+            if let Err(error) = runtime.block_on(airlock::daemon::run(resources, shutdown)) {
+                eprintln!("airlock: cannot start: {error}");
+                return Ok(ExitCode::from(EXIT_CONFIG));
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { dir } => {
@@ -455,6 +482,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        Command::Token(command) => token(command),
         Command::Keygen { out } => {
             let verifier = airlock::seal::keygen(&out)?;
             println!("private key  {} (mode 0600)", out.display());
@@ -789,6 +817,76 @@ fn open_queue_sealed(args: StateArgs) -> Result<(Queue, bool)> {
         )),
         Err(_) => Ok((queue, false)),
     }
+}
+
+fn token(command: TokenCommand) -> Result<ExitCode> {
+    use airlock::http::auth;
+    match command {
+        TokenCommand::Add {
+            name,
+            role,
+            tokens,
+            state,
+        } => {
+            let role: auth::Role = role.parse().map_err(anyhow::Error::msg)?;
+            let path = match tokens {
+                Some(path) => path,
+                None => {
+                    let mut config = Config::load(state.config.as_deref(), std::env::vars())?;
+                    if let Some(dir) = state.state {
+                        config.state = dir;
+                    }
+                    config.tokens_path()
+                }
+            };
+            let existing = match std::fs::read_to_string(&path) {
+                Ok(text) => text,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+                Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+            };
+            let token = auth::new_token().context("no randomness for a token")?;
+            let updated = format!("{existing}{}", auth::entry_toml(&name, role, &token));
+            // Refuse to write a file the endpoint would refuse to read.
+            auth::Tokens::parse(&updated)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            write_private(&path, updated.as_bytes())
+                .with_context(|| format!("writing {}", path.display()))?;
+            println!("{token}");
+            eprintln!(
+                "added {name} ({role}) to {}; the token above is shown only now",
+                path.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        TokenCommand::Hash => {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("reading the token from standard input")?;
+            let token = text.trim();
+            anyhow::ensure!(!token.is_empty(), "no token on standard input");
+            println!("{}", hex::encode(auth::token_hash(token)));
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Writes `bytes` to `path` (mode 0600 on Unix) through a temporary file, so a crash
+/// leaves the old file or the new one.
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

@@ -61,6 +61,7 @@ pub struct ReviewStatus {
     pub approved_by: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rejected_by: Option<String>,
+    /// The review's deadline, while it is awaited and once it has passed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<String>,
 }
@@ -89,7 +90,20 @@ impl Outcome {
                     ));
                 }
             }
-            State::Expired => reasons.push("the review expired before enough approvals".into()),
+            State::Expired => {
+                let approvals = reviews
+                    .iter()
+                    .filter(|r| r.verdict == "approve" && r.digest == row.digest)
+                    .count();
+                let at = row.review_deadline.map_or_else(String::new, |deadline| {
+                    format!(" at {}", timestamp(deadline))
+                });
+                reasons.push(format!(
+                    "the review expired{at} before enough approvals ({approvals} of {} given); \
+                     it can no longer be approved: submit a new intent to try again",
+                    row.approvals_needed.max(1)
+                ));
+            }
             _ => {}
         }
         if let Some(message) = row
@@ -110,7 +124,7 @@ impl Outcome {
             rejected_by: rejection.map(|r| r.reviewer.clone()),
             expires_at: row
                 .review_deadline
-                .filter(|_| row.state == State::AwaitingReview)
+                .filter(|_| matches!(row.state, State::AwaitingReview | State::Expired))
                 .map(timestamp),
         });
         Self {

@@ -16,6 +16,9 @@
 //!   transaction that is rolled back, and the policy sees what it would write. A
 //!   transient preview error is no decision (the intent waits, as above); a permanent
 //!   one is shown to the policy as `preview.error`.
+//! - With a [`Webhook`], an intent the policy sends to review is announced once,
+//!   after the commit that records the decision, on a task that the pipeline never
+//!   waits for (best effort: see [`crate::webhook`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -30,8 +33,10 @@ use airlock_intent::Intent;
 use crate::apply::{Applied, ApplyError, ApplyMeta, ErrorKind, Target};
 use crate::config::Config;
 use crate::decide::{InputContext, Policy, build_input, preview_json};
+use crate::lifecycle::{State, Verdict};
 use crate::outcome::{Outcome, Outcomes};
 use crate::queue::{DecisionOutcome, IntentRow, Queue, QueueError, now_ms};
+use crate::webhook::{ReviewNotice, Webhook};
 
 /// Most intents one stage takes in one step.
 const BATCH: usize = 256;
@@ -54,6 +59,7 @@ pub struct Pipeline {
     max_rows: u64,
     max_backoff_ms: u64,
     preview: bool,
+    webhook: Option<Webhook>,
 }
 
 /// What one step did.
@@ -94,7 +100,14 @@ impl Pipeline {
             max_rows: config.apply.max_rows,
             max_backoff_ms: config.apply.max_backoff_ms,
             preview: config.policy.preview,
+            webhook: None,
         }
+    }
+
+    /// Announces every intent that enters review to `webhook`.
+    pub fn with_webhook(mut self, webhook: Webhook) -> Self {
+        self.webhook = Some(webhook);
+        self
     }
 
     /// One pass of every stage.
@@ -200,8 +213,10 @@ impl Pipeline {
         let now = now_ms();
         let deadline = now + i64::try_from(self.review_ttl.as_millis()).unwrap_or(i64::MAX / 2);
         let max_backoff = self.max_backoff_ms;
+        let announce = self.webhook.is_some();
+        let mut reviews = Vec::new();
         self.queue.write(|w| {
-            for (row, answer) in due.iter().zip(&answers) {
+            for ((row, answer), intent) in due.iter().zip(&answers).zip(&intents) {
                 match answer {
                     Ok(decision) => {
                         let state = w.record_decision(
@@ -212,6 +227,22 @@ impl Pipeline {
                             },
                         )?;
                         info!(message = "intent decided", id = %row.id, run = %row.run, %state, reasons = ?decision.reasons);
+                        if announce && state == State::AwaitingReview {
+                            let approvals = match decision.verdict {
+                                Verdict::Review { approvals } => approvals.max(1),
+                                _ => 1,
+                            };
+                            reviews.push(ReviewNotice {
+                                id: row.id.clone(),
+                                run: row.run.clone(),
+                                target: row.target.clone(),
+                                digest: row.digest.clone(),
+                                reason: intent.reason.clone(),
+                                reasons: decision.reasons.clone(),
+                                approvals,
+                                deadline_ms: deadline,
+                            });
+                        }
                     }
                     Err(message) => {
                         let retry_at = now + backoff_ms(row.attempts, max_backoff, &row.id);
@@ -229,6 +260,13 @@ impl Pipeline {
             Ok(())
         })?;
         report.decided += answers.iter().filter(|a| a.is_ok()).count();
+        // Only now that the decisions are committed: a message never announces a
+        // review the queue does not hold.
+        if let Some(webhook) = &self.webhook {
+            for notice in &reviews {
+                webhook.notify(&self.runtime, notice);
+            }
+        }
         Ok(())
     }
 

@@ -319,6 +319,14 @@ pub struct RefusedRow {
     pub received_at: i64,
 }
 
+/// Which intents [`Queue::page`] lists; `None` matches any.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Filter<'a> {
+    pub state: Option<State>,
+    pub run: Option<&'a str>,
+    pub target: Option<&'a str>,
+}
+
 /// One reviewer's verdict on an intent.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct ReviewVote {
@@ -633,6 +641,41 @@ impl Queue {
             "WHERE (?1 IS NULL OR run = ?1) AND (?2 IS NULL OR state = ?2) ORDER BY seq LIMIT ?3",
             params![run, state.map(State::as_str), limit as i64],
         )
+    }
+
+    /// One page of intents, newest first: those matching every filter given, with a
+    /// queue position below `before` when given.
+    pub fn page(
+        &self,
+        filter: &Filter<'_>,
+        before: Option<i64>,
+        limit: usize,
+    ) -> Result<Vec<IntentRow>, QueueError> {
+        self.select_intents(
+            "WHERE (?1 IS NULL OR run = ?1) AND (?2 IS NULL OR state = ?2) AND (?3 IS NULL OR target = ?3) \
+             AND (?4 IS NULL OR seq < ?4) ORDER BY seq DESC LIMIT ?5",
+            params![
+                filter.run,
+                filter.state.map(State::as_str),
+                filter.target,
+                before,
+                limit as i64
+            ],
+        )
+    }
+
+    /// The records about one intent, in log order.
+    pub fn intent_records(&self, id: &str) -> Result<Vec<Record>, QueueError> {
+        self.select_records("WHERE intent_id = ?1 ORDER BY seq", [id])
+    }
+
+    /// A number that grows whenever the queue changes (any record appended), for
+    /// telling watchers to look again.
+    pub fn change_marker(&self) -> Result<i64, QueueError> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT COALESCE(MAX(rowid), 0) FROM records")?
+            .query_row([], |row| row.get(0))?)
     }
 
     fn select_intents(

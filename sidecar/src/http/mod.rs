@@ -1,9 +1,454 @@
 //! The review endpoint: a JSON API under `/v1` and the web page at `/`, for human
-//! approvers (docs/review-api.md). Placeholder module; filled in by issue 6.
+//! approvers (docs/review-api.md has the rules; `GET /v1/openapi.json` the shapes).
+//!
+//! It runs inside `airlock run` on the daemon's tokio runtime, with a queue
+//! connection of its own. Everything that decides goes through [`crate::review`] and
+//! [`crate::undo`], the same code the CLI calls; this module adds authentication
+//! ([`auth`]), HTTP and the page. Connections are served one hyper HTTP/1.1
+//! connection per task, over plain TCP or, with `tls_cert` and `tls_key`, TLS
+//! through the system OpenSSL (tokio-native-tls).
+//!
+//! The agent shares the pod's network, so nothing here trusts the caller: every
+//! `/v1` route but the OpenAPI document and sign-in needs a reviewer token, and the
+//! page's static files carry no data.
+
+pub mod api;
+pub mod auth;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::header::{self, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tracing::{debug, info, warn};
+
+use crate::apply::Target;
+use crate::config::Config;
+use crate::queue::{CheckpointPolicy, Queue, QueueError};
+use crate::seal::Sealer;
 
 /// The web page's files, compiled into the binary (no front-end build step).
 pub mod web {
     pub const INDEX_HTML: &str = include_str!("web/index.html");
     pub const APP_JS: &str = include_str!("web/app.js");
     pub const APP_CSS: &str = include_str!("web/app.css");
+}
+
+/// The OpenAPI 3.1 document of `/v1`.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// How often the queue is looked at for changes to push to watching pages.
+const CHANGE_POLL: Duration = Duration::from_millis(250);
+/// Longest a TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request body accepted (decisions and sign-ins are small).
+const MAX_BODY: usize = 64 * 1024;
+/// Failed sign-ins held waiting at once; past that they are answered at once.
+const MAX_PENALISED: usize = 64;
+
+/// The page may load only its own files and talk only to this endpoint.
+const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; \
+    connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'; \
+    form-action 'self'";
+
+/// Why the endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error("review.listen {listen:?}: {source}")]
+    Bind {
+        listen: String,
+        source: std::io::Error,
+    },
+    #[error("review TLS: {0}")]
+    Tls(String),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState").finish_non_exhaustive()
+    }
+}
+
+/// The endpoint's shared state.
+pub struct Shared {
+    queue: Arc<Mutex<Queue>>,
+    state_dir: PathBuf,
+    sealer: Arc<Sealer>,
+    checkpoints: CheckpointPolicy,
+    targets: BTreeMap<String, Arc<dyn Target>>,
+    auth: auth::Auth,
+    wake: Box<dyn Fn() + Send + Sync>,
+    changes: watch::Receiver<i64>,
+    stop: watch::Receiver<bool>,
+    tls: bool,
+    max_rows: u64,
+    undo_lock: tokio::sync::Mutex<()>,
+    penalty: Semaphore,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("state_dir", &self.state_dir)
+            .field("tls", &self.tls)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AppState {
+    /// Tells the pipeline to look at the queue now (a decision was made).
+    fn wake(&self) {
+        (self.wake)();
+    }
+
+    /// A queue connection of its own, sealing what it writes.
+    fn open_queue(&self) -> Result<Queue, QueueError> {
+        Ok(Queue::open(&self.state_dir)?.with_sealer(self.sealer.clone(), self.checkpoints))
+    }
+}
+
+/// What the daemon hands the endpoint.
+pub struct Parts {
+    pub sealer: Arc<Sealer>,
+    pub checkpoints: CheckpointPolicy,
+    pub targets: BTreeMap<String, Arc<dyn Target>>,
+    /// Wakes the pipeline.
+    pub wake: Box<dyn Fn() + Send + Sync>,
+}
+
+impl std::fmt::Debug for Parts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parts").finish_non_exhaustive()
+    }
+}
+
+/// The routes, for serving and for tests.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(page))
+        .route("/app.js", get(script))
+        .route("/app.css", get(style))
+        .route("/healthz", get(health))
+        .route("/v1/openapi.json", get(openapi))
+        .route(
+            "/v1/session",
+            get(api::whoami).post(api::sign_in).delete(api::sign_out),
+        )
+        .route("/v1/intents", get(api::list_intents))
+        .route("/v1/intents/{id}", get(api::intent))
+        .route("/v1/intents/{id}/approve", post(api::approve))
+        .route("/v1/intents/{id}/reject", post(api::reject))
+        .route("/v1/runs", get(api::runs))
+        .route("/v1/runs/{run}", get(api::run))
+        .route("/v1/runs/{run}/undo", post(api::undo_run))
+        .route("/v1/events", get(api::events))
+        .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::map_response(security_headers))
+        .with_state(state)
+}
+
+async fn security_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    let fixed = [
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::REFERRER_POLICY, "no-referrer"),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::CONTENT_SECURITY_POLICY, CSP),
+        (header::CACHE_CONTROL, "no-store"),
+    ];
+    for (name, value) in fixed {
+        headers
+            .entry(name)
+            .or_insert(HeaderValue::from_static(value));
+    }
+    response
+}
+
+fn file(content_type: &'static str, body: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
+}
+
+async fn page() -> Response {
+    file("text/html; charset=utf-8", web::INDEX_HTML)
+}
+
+async fn script() -> Response {
+    file("text/javascript; charset=utf-8", web::APP_JS)
+}
+
+async fn style() -> Response {
+    file("text/css; charset=utf-8", web::APP_CSS)
+}
+
+async fn openapi() -> Response {
+    file("application/json", OPENAPI)
+}
+
+async fn health() -> Response {
+    axum::Json(serde_json::json!({ "status": "ok" })).into_response()
+}
+
+/// A running endpoint.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// The URL it answers on (`http(s)://host:port`).
+    pub url: String,
+    stop: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<()>,
+    watcher_stop: Arc<AtomicBool>,
+    file: PathBuf,
+}
+
+impl Endpoint {
+    /// Starts the endpoint `config.review` describes, or `None` when it is `off`.
+    pub async fn start(config: &Config, parts: Parts) -> Result<Option<Self>, EndpointError> {
+        let listen = config.review.listen.trim();
+        if listen.eq_ignore_ascii_case("off") {
+            info!(
+                message = "review endpoint off (review.listen = \"off\"); decide with airlock approve/reject"
+            );
+            return Ok(None);
+        }
+        let acceptor = tls_acceptor(config)?;
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|source| EndpointError::Bind {
+                listen: listen.to_owned(),
+                source,
+            })?;
+        let address = listener
+            .local_addr()
+            .map_err(|source| EndpointError::Bind {
+                listen: listen.to_owned(),
+                source,
+            })?;
+        let scheme = if acceptor.is_some() { "https" } else { "http" };
+        let url = format!("{scheme}://{address}");
+
+        let queue =
+            Queue::open(&config.state)?.with_sealer(parts.sealer.clone(), parts.checkpoints);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let watcher_stop = Arc::new(AtomicBool::new(false));
+        let changes = watch_changes(Queue::open(&config.state)?, watcher_stop.clone());
+        let tokens = config.tokens_path();
+        let auth = auth::Auth::new(
+            tokens.clone(),
+            Duration::from_secs(config.review.session_ttl_secs.max(60)),
+        );
+        if auth.tokens().is_empty() {
+            warn!(
+                message = "no reviewer tokens yet: nobody can use the review endpoint; add one with `airlock token add`",
+                file = %tokens.display()
+            );
+        }
+        let state = AppState(Arc::new(Shared {
+            queue: Arc::new(Mutex::new(queue)),
+            state_dir: config.state.clone(),
+            sealer: parts.sealer,
+            checkpoints: parts.checkpoints,
+            targets: parts.targets,
+            auth,
+            wake: parts.wake,
+            changes,
+            stop: stop_rx.clone(),
+            tls: acceptor.is_some(),
+            max_rows: config.apply.max_rows,
+            undo_lock: tokio::sync::Mutex::new(()),
+            penalty: Semaphore::new(MAX_PENALISED),
+        }));
+        let app = router(state);
+        let server = tokio::spawn(accept_loop(listener, acceptor, app, stop_rx));
+
+        let file = config.endpoint_file();
+        write_atomically(&file, &format!("{url}\n")).map_err(|source| EndpointError::Write {
+            path: file.clone(),
+            source,
+        })?;
+        info!(message = "review endpoint listening", url = %url, tokens = %tokens.display());
+        Ok(Some(Self {
+            url,
+            stop: stop_tx,
+            server,
+            watcher_stop,
+            file,
+        }))
+    }
+
+    /// Stops taking requests, ends event streams and lets requests in flight
+    /// finish, up to `deadline`.
+    pub async fn stop(self, deadline: tokio::time::Instant) {
+        let _ = self.stop.send(true);
+        self.watcher_stop.store(true, Ordering::Relaxed);
+        let _ = std::fs::remove_file(&self.file);
+        if tokio::time::timeout_at(deadline, self.server)
+            .await
+            .is_err()
+        {
+            warn!(
+                message = "review endpoint requests still running at the end of the grace period"
+            );
+        }
+    }
+}
+
+fn tls_acceptor(config: &Config) -> Result<Option<tokio_native_tls::TlsAcceptor>, EndpointError> {
+    let (cert, key) = match (&config.review.tls_cert, &config.review.tls_key) {
+        (None, None) => return Ok(None),
+        (Some(cert), Some(key)) => (cert, key),
+        _ => {
+            return Err(EndpointError::Tls(
+                "set both review.tls_cert and review.tls_key, or neither".into(),
+            ));
+        }
+    };
+    let read = |path: &PathBuf| {
+        std::fs::read(path).map_err(|e| EndpointError::Tls(format!("{}: {e}", path.display())))
+    };
+    let identity = native_tls::Identity::from_pkcs8(&read(cert)?, &read(key)?).map_err(|e| {
+        EndpointError::Tls(format!(
+            "{} and {}: {e} (the key must be PKCS#8 PEM, `BEGIN PRIVATE KEY`)",
+            cert.display(),
+            key.display()
+        ))
+    })?;
+    let acceptor = native_tls::TlsAcceptor::builder(identity)
+        .min_protocol_version(Some(native_tls::Protocol::Tlsv12))
+        .build()
+        .map_err(|e| EndpointError::Tls(e.to_string()))?;
+    Ok(Some(acceptor.into()))
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<tokio_native_tls::TlsAcceptor>,
+    app: Router,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = stopped(&mut stop) => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                warn!(message = "review endpoint cannot accept a connection", %error);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let app = app.clone();
+        let stop = stop.clone();
+        let tls = tls.clone();
+        connections.spawn(async move {
+            match tls {
+                None => serve(stream, app, stop).await,
+                Some(tls) => {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
+                        Ok(Ok(stream)) => serve(stream, app, stop).await,
+                        Ok(Err(error)) => debug!(message = "TLS handshake failed", %peer, %error),
+                        Err(_) => debug!(message = "TLS handshake timed out", %peer),
+                    }
+                }
+            }
+        });
+        // Reap finished connections so the set does not grow.
+        while connections.try_join_next().is_some() {}
+    }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
+}
+
+async fn serve<S>(stream: S, app: Router, mut stop: watch::Receiver<bool>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let connection = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30))
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(error) = result {
+                debug!(message = "review connection ended with an error", %error);
+            }
+        }
+        () = stopped(&mut stop) => {
+            connection.as_mut().graceful_shutdown();
+            let _ = connection.await;
+        }
+    }
+}
+
+/// Completes once the endpoint is told to stop.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Polls the queue for changes (from this process or the CLI) on a thread of its
+/// own and publishes a marker that grows with each.
+fn watch_changes(queue: Queue, stop: Arc<AtomicBool>) -> watch::Receiver<i64> {
+    let first = queue.change_marker().unwrap_or(0);
+    let (tx, rx) = watch::channel(first);
+    let spawned = std::thread::Builder::new()
+        .name("airlock-review-watch".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) && !tx.is_closed() {
+                std::thread::sleep(CHANGE_POLL);
+                match queue.change_marker() {
+                    Ok(marker) => {
+                        tx.send_if_modified(|current| {
+                            let changed = *current != marker;
+                            *current = marker;
+                            changed
+                        });
+                    }
+                    Err(error) => debug!(message = "cannot poll the queue for changes", %error),
+                }
+            }
+        });
+    if let Err(error) = spawned {
+        warn!(message = "cannot start the change watcher; pages will not update live", %error);
+    }
+    rx
+}
+
+fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
 }
