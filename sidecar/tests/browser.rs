@@ -5,7 +5,7 @@
 //! then the row is gone from the target and the run log names the approver.
 //!
 //! Needs Node.js, `npm ci --prefix sidecar/tests/browser` and `apt-get install
-//! chromium` (or `AIRLOCK_CHROMIUM=/path/to/chromium`); without them the test fails
+//! chromium` (or `CHROMIUM_PATH=/path/to/chromium`); without them the test fails
 //! with the command to run, it never skips.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // Tests fail loudly by design.
@@ -48,11 +48,19 @@ impl Browser {
             "playwright-core is not installed in {}: run `npm ci --prefix sidecar/tests/browser`",
             dir.display()
         );
-        let chromium = std::env::var_os("AIRLOCK_CHROMIUM")
+        // Not AIRLOCK_CHROMIUM: `airlock run` reads every AIRLOCK_* variable as
+        // configuration and refuses unknown keys, and the sandbox's daemon inherits
+        // this process's environment.
+        assert!(
+            std::env::var_os("AIRLOCK_CHROMIUM").is_none(),
+            "AIRLOCK_CHROMIUM would reach the sandbox's `airlock run` as an unknown \
+             configuration key: set CHROMIUM_PATH instead"
+        );
+        let chromium = std::env::var_os("CHROMIUM_PATH")
             .map_or_else(|| PathBuf::from("/usr/bin/chromium"), PathBuf::from);
         assert!(
             chromium.is_file(),
-            "no Chromium at {}: run `apt-get install chromium` (or set AIRLOCK_CHROMIUM to a \
+            "no Chromium at {}: run `apt-get install chromium` (or set CHROMIUM_PATH to a \
              Chromium binary)",
             chromium.display()
         );
@@ -131,10 +139,16 @@ fn approver_reviews_and_approves_in_the_browser() {
     );
     let comment = "Checked with Ada: she closed her account.";
 
+    // Screenshots of every view land here: a temporary directory kept when the test
+    // fails, or BROWSER_TEST_ARTIFACTS to look at them after a passing run (not an
+    // AIRLOCK_* variable, for the reason given in `Browser::find`).
     let artifacts = tempfile::Builder::new()
         .prefix("airlock-browser-")
         .tempdir()
         .unwrap();
+    let shots = std::env::var_os("BROWSER_TEST_ARTIFACTS")
+        .map_or_else(|| artifacts.path().to_owned(), PathBuf::from);
+    std::fs::create_dir_all(&shots).unwrap();
     let env = [
         ("AIRLOCK_URL", url),
         ("AIRLOCK_TOKEN", token),
@@ -150,15 +164,15 @@ fn approver_reviews_and_approves_in_the_browser() {
         ("AIRLOCK_SECOND_INTENT", second.to_string()),
         ("AIRLOCK_COMMENT", comment.to_owned()),
     ];
-    let (passed, output) = browser.run(&env, artifacts.path());
+    let (passed, output) = browser.run(&env, &shots);
     println!("{output}");
     if !passed {
         // Keep the screenshots for whoever reads the failure.
-        let kept = artifacts.keep();
+        let _kept = artifacts.keep();
         panic!(
             "the browser script failed (screenshots and output kept in {}):\n{output}\n\
              airlock's log:\n{}",
-            kept.display(),
+            shots.display(),
             sb.log()
         );
     }

@@ -551,10 +551,13 @@
       h("h2", {}, "Policy decision"),
       decision
         ? [h("p", {}, verdictBadge(decision.verdict),
-          decision.verdict === "review" && it.review
-            ? [" · ", progress(it.review), " · deadline ", time(it.review.deadline), " (", rel(it.review.deadline, { kind: "deadline" }), ")"]
+          decision.verdict === "review" && it.review ? [" · ", progress(it.review)] : null,
+          it.state === "awaiting_review" && it.review && it.review.deadline
+            ? [" · deadline ", time(it.review.deadline), " (", rel(it.review.deadline, { kind: "deadline" }), ")"]
             : null),
-        reasonsList(decision.reasons, "decision-reasons")]
+        reasonsList(decision.reasons, "decision-reasons"),
+        h("p", { class: "sub" }, "Policy ", h("code", { class: "digest" }, String(decision.policy ?? "—")),
+          decision.decision_id ? [" · decision id ", h("code", {}, String(decision.decision_id))] : null)]
         : h("p", { class: "muted" }, "Not decided yet.")));
 
     nodes.push(changesSection(it));
@@ -577,7 +580,8 @@
   function errorText(err) {
     if (typeof err === "string") return err;
     if (err && typeof err.message === "string") {
-      const where = [err.stage, err.code].filter((x) => typeof x === "string" && x !== "").join(", ");
+      const where = [err.stage, Number.isInteger(err.op) ? "op " + (err.op + 1) : null, err.code]
+        .filter((x) => typeof x === "string" && x !== "").join(", ");
       return where ? err.message + " (" + where + ")" : err.message;
     }
     return json(err);
@@ -671,9 +675,11 @@
     const section = h("section", { class: "card", testid: "changes" });
     let source = null;
     let note;
-    if (it.state === "applied" || it.state === "undone" || it.applied) {
+    const applied = it.applied != null || it.state === "applied" || it.state === "undone";
+    if (applied) {
       source = it.applied;
-      note = "What this intent did when it was applied, from its recorded undo images.";
+      note = "What this intent did when it was applied" + (it.applied && it.applied.applied_at ? " (" + new Date(it.applied.applied_at).toLocaleString() + ")" : "")
+        + ", from the undo images its ledger row holds.";
     } else {
       source = it.preview;
       note = "What this intent would do to the target now: a rehearsal in a transaction that was rolled back. Every check runs again when it is applied.";
@@ -681,23 +687,28 @@
     append(section, [h("h2", {}, "Changes"), h("p", { class: "muted" }, note)]);
     if (source == null) {
       section.append(h("p", { class: "muted", testid: "no-changes" },
-        it.state === "applied" ? "No undo images were recorded." : "No preview: this intent is final or not yet previewable."));
+        applied ? "No undo images were recorded." : "No preview: this intent has ended."));
       return section;
     }
     if (source.error != null) {
-      section.append(errorBox("It would fail: " + errorText(source.error), "preview-error"));
+      section.append(errorBox((applied ? "The target could not say: " : "It would fail: ") + errorText(source.error), "preview-error"));
       return section;
+    }
+    if (source.already) {
+      section.append(h("div", { class: "notice notice-info", testid: "already" },
+        "The target's ledger already holds this intent: it was applied there, and applying it again changes nothing."));
     }
     section.append(legend());
     const payloadOps = (it.payload && Array.isArray(it.payload.ops)) ? it.payload.ops : [];
     for (const op of source.ops || []) {
       const spec = payloadOps[op.index] || {};
-      const kind = typeof spec.op === "string" ? spec.op : "op";
+      const kind = typeof op.op === "string" ? op.op : typeof spec.op === "string" ? spec.op : "op";
+      const table = typeof op.table === "string" ? op.table : typeof spec.table === "string" ? spec.table : "";
       const before = Array.isArray(op.before) ? op.before : [];
       const after = Array.isArray(op.after) ? op.after : [];
       const block = h("div", { class: "op", testid: "diff-op", data: { index: String(op.index), kind } },
         h("h3", {}, "Op " + (Number(op.index) + 1) + ": ", h("span", { class: "op-kind op-" + kind }, kind),
-          " ", typeof spec.table === "string" ? spec.table : "",
+          " ", table,
           h("span", { class: "muted" }, " — " + op.rows + (op.rows === 1 ? " row" : " rows"))));
       const n = Math.max(before.length, after.length);
       if (n === 0) block.append(h("p", { class: "muted", testid: "diff-empty" }, "Touches no rows."));
