@@ -19,6 +19,25 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use support::{Sandbox, insert_customer, intent};
 
+/// Deletes need two distinct approvers; everything else is allowed.
+const QUORUM_POLICY: &str = r#"package airlock.authz
+
+default allow := false
+
+default review := false
+
+approvals := 2
+
+review if {
+	some op in input.ops
+	op.kind == "delete"
+}
+
+allow if not review
+
+reasons := ["deletes need two approvers"] if review
+"#;
+
 /// How long the whole browser script may take (it waits on each condition for at
 /// most 30 s itself; this only stops a hung browser from hanging the test).
 const SCRIPT_DEADLINE: Duration = Duration::from_secs(240);
@@ -26,15 +45,13 @@ const SCRIPT_DEADLINE: Duration = Duration::from_secs(240);
 /// What the browser script needs from this machine, or a panic naming the setup
 /// command that provides it.
 struct Browser {
-    script: PathBuf,
+    scripts: PathBuf,
     chromium: PathBuf,
 }
 
 impl Browser {
     fn find() -> Self {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser");
-        let script = dir.join("review.mjs");
-        assert!(script.is_file(), "missing {}", script.display());
         let node = Command::new("node").arg("--version").output();
         assert!(
             node.as_ref().is_ok_and(|o| o.status.success()),
@@ -64,14 +81,18 @@ impl Browser {
              Chromium binary)",
             chromium.display()
         );
-        Self { script, chromium }
+        Self {
+            scripts: dir,
+            chromium,
+        }
     }
 
-    /// Runs the script with `env`; its output, and whether it passed.
-    fn run(&self, env: &[(&str, String)], artifacts: &Path) -> (bool, String) {
+    /// Runs `script` (in sidecar/tests/browser) with `env`; whether it passed, and
+    /// its output.
+    fn run(&self, script: &str, env: &[(&str, String)], artifacts: &Path) -> (bool, String) {
         let stdout = artifacts.join("browser.out");
         let mut child = Command::new("node")
-            .arg(&self.script)
+            .arg(self.scripts.join(script))
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("AIRLOCK_CHROMIUM", &self.chromium)
             .env("AIRLOCK_ARTIFACTS", artifacts)
@@ -105,6 +126,58 @@ impl Browser {
     }
 }
 
+impl Browser {
+    /// Runs `script` against `sb` and fails the test, with the script's output, the
+    /// daemon's log and the kept screenshots, unless every check passed.
+    fn check(&self, sb: &Sandbox, script: &str, env: &[(&str, String)]) {
+        // Screenshots of every view land here: a temporary directory kept when the
+        // test fails, or BROWSER_TEST_ARTIFACTS to look at them after a passing run
+        // (not an AIRLOCK_* variable, for the reason given in `Browser::find`).
+        let artifacts = tempfile::Builder::new()
+            .prefix("airlock-browser-")
+            .tempdir()
+            .unwrap();
+        let shots = std::env::var_os("BROWSER_TEST_ARTIFACTS")
+            .map_or_else(|| artifacts.path().to_owned(), PathBuf::from);
+        std::fs::create_dir_all(&shots).unwrap();
+        let (passed, output) = self.run(script, env, &shots);
+        println!("{output}");
+        if !passed {
+            let _kept = artifacts.keep();
+            panic!(
+                "{script} failed (screenshots and output kept in {}):\n{output}\nairlock's log:\n{}",
+                shots.display(),
+                sb.log()
+            );
+        }
+    }
+}
+
+/// The records of `run`'s exported log, in order.
+fn records(sb: &Sandbox, run: &str) -> Vec<Value> {
+    let export = sb.dir.path().join(format!("{run}.jsonl"));
+    let out = sb.cli(&["export", "--run", run, "--out", export.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read_to_string(&export)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).unwrap())
+        .filter(|line| line["type"] == "record")
+        .collect()
+}
+
+fn delete(id: &str, run: &str, customer: i64) -> Value {
+    intent(
+        id,
+        run,
+        json!({"op": "delete", "table": "customers", "key": {"id": customer}}),
+    )
+}
+
 #[test]
 fn approver_reviews_and_approves_in_the_browser() {
     let browser = Browser::find();
@@ -119,63 +192,36 @@ fn approver_reviews_and_approves_in_the_browser() {
     sb.outcome_in("b-ada", "applied");
     sb.outcome_in("b-grace", "applied");
     let reason = "<img src=x onerror=alert(1)> please delete";
-    let mut delete = intent(
-        "b-delete-ada",
-        "browser-run",
-        json!({"op": "delete", "table": "customers", "key": {"id": 1}}),
-    );
-    delete["reason"] = json!(reason);
-    delete["provenance"]["agent"] = json!("<script>alert(2)</script>agent");
-    delete["provenance"]["model"] = json!("\"><svg onload=alert(3)>");
-    sb.submit_json(&delete);
+    let mut hostile = delete("b-delete-ada", "browser-run", 1);
+    hostile["reason"] = json!(reason);
+    hostile["provenance"]["agent"] = json!("<script>alert(2)</script>agent");
+    hostile["provenance"]["model"] = json!("\"><svg onload=alert(3)>");
+    sb.submit_json(&hostile);
     sb.outcome_in("b-delete-ada", "awaiting_review");
 
     // The second intent, written by the script while the page is open: another run,
     // so it is not held back behind the first.
-    let second = intent(
-        "b-delete-grace",
-        "browser-run-2",
-        json!({"op": "delete", "table": "customers", "key": {"id": 2}}),
-    );
+    let second = delete("b-delete-grace", "browser-run-2", 2);
     let comment = "Checked with Ada: she closed her account.";
-
-    // Screenshots of every view land here: a temporary directory kept when the test
-    // fails, or BROWSER_TEST_ARTIFACTS to look at them after a passing run (not an
-    // AIRLOCK_* variable, for the reason given in `Browser::find`).
-    let artifacts = tempfile::Builder::new()
-        .prefix("airlock-browser-")
-        .tempdir()
-        .unwrap();
-    let shots = std::env::var_os("BROWSER_TEST_ARTIFACTS")
-        .map_or_else(|| artifacts.path().to_owned(), PathBuf::from);
-    std::fs::create_dir_all(&shots).unwrap();
-    let env = [
-        ("AIRLOCK_URL", url),
-        ("AIRLOCK_TOKEN", token),
-        ("AIRLOCK_REVIEWER", "alice".to_owned()),
-        ("AIRLOCK_INTENT", "b-delete-ada".to_owned()),
-        ("AIRLOCK_RUN", "browser-run".to_owned()),
-        ("AIRLOCK_REASON", reason.to_owned()),
-        (
-            "AIRLOCK_EXPECT_BEFORE",
-            json!({"id": 1, "name": "Ada", "email": null, "tier": "standard"}).to_string(),
-        ),
-        ("AIRLOCK_INTENTS_DIR", sb.intents().display().to_string()),
-        ("AIRLOCK_SECOND_INTENT", second.to_string()),
-        ("AIRLOCK_COMMENT", comment.to_owned()),
-    ];
-    let (passed, output) = browser.run(&env, &shots);
-    println!("{output}");
-    if !passed {
-        // Keep the screenshots for whoever reads the failure.
-        let _kept = artifacts.keep();
-        panic!(
-            "the browser script failed (screenshots and output kept in {}):\n{output}\n\
-             airlock's log:\n{}",
-            shots.display(),
-            sb.log()
-        );
-    }
+    browser.check(
+        &sb,
+        "review.mjs",
+        &[
+            ("AIRLOCK_URL", url),
+            ("AIRLOCK_TOKEN", token),
+            ("AIRLOCK_REVIEWER", "alice".to_owned()),
+            ("AIRLOCK_INTENT", "b-delete-ada".to_owned()),
+            ("AIRLOCK_RUN", "browser-run".to_owned()),
+            ("AIRLOCK_REASON", reason.to_owned()),
+            (
+                "AIRLOCK_EXPECT_BEFORE",
+                json!({"id": 1, "name": "Ada", "email": null, "tier": "standard"}).to_string(),
+            ),
+            ("AIRLOCK_INTENTS_DIR", sb.intents().display().to_string()),
+            ("AIRLOCK_SECOND_INTENT", second.to_string()),
+            ("AIRLOCK_COMMENT", comment.to_owned()),
+        ],
+    );
 
     // The approval reached the queue: the row is gone, the second intent waits.
     sb.outcome_in("b-delete-ada", "applied");
@@ -186,25 +232,7 @@ fn approver_reviews_and_approves_in_the_browser() {
     sb.outcome_in("b-delete-grace", "awaiting_review");
 
     // The run log records the approval by the token's name, with the comment.
-    let export = sb.dir.path().join("browser-run.jsonl");
-    let out = sb.cli(&[
-        "export",
-        "--run",
-        "browser-run",
-        "--out",
-        export.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let records: Vec<Value> = std::fs::read_to_string(&export)
-        .unwrap()
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap())
-        .filter(|line: &Value| line["type"] == "record")
-        .collect();
+    let records = records(&sb, "browser-run");
     let approved = records
         .iter()
         .find(|r| r["event"] == "approved" && r["intent"] == "b-delete-ada")
@@ -217,5 +245,86 @@ fn approver_reviews_and_approves_in_the_browser() {
             .any(|r| r["event"] == "applied" && r["intent"] == "b-delete-ada"),
         "no applied record: {records:#?}"
     );
+    assert!(sb.stop().success());
+}
+
+#[test]
+fn viewers_only_read_and_admins_undo_in_the_browser() {
+    let browser = Browser::find();
+    let mut sb = Sandbox::new();
+    let policies = sb.dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(policies.join("quorum.rego"), QUORUM_POLICY).unwrap();
+    sb.extra_args = vec!["--policy".into(), policies.display().to_string()];
+    rusqlite::Connection::open(sb.target())
+        .unwrap()
+        .execute("INSERT INTO customers (id, name) VALUES (3, 'Lin')", [])
+        .unwrap();
+    sb.start();
+    let url = sb.review_url();
+    let viewer = sb.token("vera", "viewer");
+    let admin = sb.token("root", "admin");
+
+    // A run to undo, one of whose rows changes behind Airlock's back.
+    sb.submit_json(&insert_customer("u-ada", "undo-run", 1, "Ada"));
+    sb.submit_json(&insert_customer("u-grace", "undo-run", 2, "Grace"));
+    sb.outcome_in("u-ada", "applied");
+    sb.outcome_in("u-grace", "applied");
+    rusqlite::Connection::open(sb.target())
+        .unwrap()
+        .execute("UPDATE customers SET name = 'Ada L.' WHERE id = 1", [])
+        .unwrap();
+
+    // A delete needing two approvals, which the admin has given one of already.
+    sb.submit_json(&delete("p-delete-lin", "pending-run", 3));
+    sb.outcome_in("p-delete-lin", "awaiting_review");
+    let out = sb.cli(&["approve", "p-delete-lin", "--as", "root"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    sb.outcome_where("p-delete-lin", |o| {
+        o["review"]["approved_by"] == json!(["root"])
+    });
+
+    browser.check(
+        &sb,
+        "admin.mjs",
+        &[
+            ("AIRLOCK_URL", url),
+            ("AIRLOCK_VIEWER", "vera".to_owned()),
+            ("AIRLOCK_VIEWER_TOKEN", viewer),
+            ("AIRLOCK_ADMIN", "root".to_owned()),
+            ("AIRLOCK_ADMIN_TOKEN", admin),
+            ("AIRLOCK_PENDING", "p-delete-lin".to_owned()),
+            ("AIRLOCK_UNDO_RUN", "undo-run".to_owned()),
+            (
+                "AIRLOCK_UNDO_INTENTS",
+                json!(["u-grace", "u-ada"]).to_string(),
+            ),
+        ],
+    );
+
+    // Forced undo removed both inserted rows, the changed one too; the refused
+    // second vote changed nothing.
+    assert_eq!(
+        sb.rows("SELECT id, name FROM customers ORDER BY id"),
+        vec![vec![json!(3), json!("Lin")]]
+    );
+    let pending = sb.outcome_in("p-delete-lin", "awaiting_review");
+    assert_eq!(
+        pending["review"]["approved_by"],
+        json!(["root"]),
+        "{pending:#}"
+    );
+    let records = records(&sb, "undo-run");
+    for id in ["u-ada", "u-grace"] {
+        let undone = records
+            .iter()
+            .find(|r| r["event"] == "undone" && r["intent"] == id)
+            .unwrap_or_else(|| panic!("no undone record for {id}: {records:#?}"));
+        assert_eq!(undone["data"]["by"], "root", "{undone:#}");
+    }
     assert!(sb.stop().success());
 }

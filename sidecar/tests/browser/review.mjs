@@ -22,249 +22,137 @@
 //
 // Exits 0 when every check passed, 1 with a message otherwise.
 
-import { writeFileSync, renameSync, existsSync } from "node:fs";
+import { writeFileSync, renameSync } from "node:fs";
 import { join } from "node:path";
-import { chromium } from "playwright-core";
+import { byTestId, check, env, eventually, open, signIn, step, withPage } from "./lib.mjs";
 
-const DEADLINE_MS = 30_000;
+const url = env("AIRLOCK_URL").replace(/\/$/, "");
+const token = env("AIRLOCK_TOKEN");
+const reviewer = env("AIRLOCK_REVIEWER");
+const intentId = env("AIRLOCK_INTENT");
+const run = env("AIRLOCK_RUN");
+const reason = env("AIRLOCK_REASON");
+const expectBefore = JSON.parse(env("AIRLOCK_EXPECT_BEFORE"));
+const intentsDir = env("AIRLOCK_INTENTS_DIR");
+const second = JSON.parse(env("AIRLOCK_SECOND_INTENT"));
+const comment = env("AIRLOCK_COMMENT");
 
-function env(name) {
-  const value = process.env[name];
-  if (value === undefined || value === "") throw new Error(`environment variable ${name} is not set`);
-  return value;
-}
-
-function step(message) {
-  console.log(`browser: ${message}`);
-}
-
-class CheckFailed extends Error {}
-
-function check(condition, message) {
-  if (!condition) throw new CheckFailed(message);
-}
-
-/** Polls `f` until it returns a truthy value, or fails naming `what` after the
- * deadline. A condition with a deadline, never a fixed sleep. */
-async function eventually(what, f) {
-  const start = Date.now();
-  let pause = 10;
-  let last;
-  for (;;) {
-    try {
-      const value = await f();
-      if (value) return value;
-    } catch (e) {
-      last = e;
-    }
-    if (Date.now() - start > DEADLINE_MS) {
-      throw new CheckFailed(`timed out after ${DEADLINE_MS} ms waiting for ${what}` + (last ? ` (last error: ${last.message})` : ""));
-    }
-    await new Promise((resolve) => setTimeout(resolve, pause));
-    pause = Math.min(pause * 2, 100);
-  }
-}
-
-const byTestId = (id) => `[data-testid="${id}"]`;
-
-async function main() {
-  const url = env("AIRLOCK_URL").replace(/\/$/, "");
-  const token = env("AIRLOCK_TOKEN");
-  const reviewer = env("AIRLOCK_REVIEWER");
-  const intentId = env("AIRLOCK_INTENT");
-  const run = env("AIRLOCK_RUN");
-  const reason = env("AIRLOCK_REASON");
-  const expectBefore = JSON.parse(env("AIRLOCK_EXPECT_BEFORE"));
-  const intentsDir = env("AIRLOCK_INTENTS_DIR");
-  const second = JSON.parse(env("AIRLOCK_SECOND_INTENT"));
-  const comment = env("AIRLOCK_COMMENT");
-  const artifacts = env("AIRLOCK_ARTIFACTS");
-  const executablePath = process.env.AIRLOCK_CHROMIUM || "/usr/bin/chromium";
-  check(existsSync(executablePath), `no Chromium at ${executablePath}: run \`apt-get install chromium\` or set AIRLOCK_CHROMIUM`);
-
-  step(`launching ${executablePath}`);
-  const browser = await chromium.launch({
-    executablePath,
-    headless: true,
-    args: ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking"],
+await withPage(async ({ page, shot, noProblems }) => {
+  let loads = 0;
+  page.on("load", () => {
+    loads += 1;
   });
-  const problems = []; // page errors, CSP violations, dialogs: each one fails the test
-  const consoleLines = [];
-  let page;
-  try {
-    const context = await browser.newContext({ viewport: { width: 1366, height: 900 } });
-    page = await context.newPage();
-    page.setDefaultTimeout(DEADLINE_MS);
-    page.on("dialog", (dialog) => {
-      problems.push(`a ${dialog.type()} dialog opened: ${dialog.message()}`);
-      dialog.dismiss().catch(() => {});
-    });
-    page.on("pageerror", (error) => problems.push(`page error: ${error.message}`));
-    page.on("console", (msg) => {
-      consoleLines.push(`[${msg.type()}] ${msg.text()}`);
-      if (/Content Security Policy|Refused to/i.test(msg.text())) problems.push(`CSP violation: ${msg.text()}`);
-    });
-    let loads = 0;
-    page.on("load", () => {
-      loads += 1;
-    });
-    const shot = async (name) => {
-      const path = join(artifacts, `${name}.png`);
-      await page.screenshot({ path, fullPage: true });
-      step(`screenshot ${path}`);
-    };
-    const noProblems = () => check(problems.length === 0, `the page misbehaved:\n  ${problems.join("\n  ")}`);
 
-    // --- sign in --------------------------------------------------------------
-    step(`opening ${url}/`);
-    const response = await page.goto(`${url}/`);
-    check(response && response.ok(), `GET / answered ${response && response.status()}`);
-    const csp = response.headers()["content-security-policy"] || "";
-    check(/script-src 'self'/.test(csp), `GET / sent no strict Content-Security-Policy (got ${JSON.stringify(csp)})`);
-    await page.locator(byTestId("sign-in-form")).waitFor();
-    step("the sign-in form is shown");
-    await shot("01-sign-in");
-    await page.locator(byTestId("token")).fill(token);
-    await page.locator(byTestId("sign-in")).click();
-    await page.locator(byTestId("whoami-name")).waitFor();
-    const who = await page.locator(byTestId("whoami-name")).textContent();
-    const role = await page.locator(byTestId("whoami-role")).textContent();
-    check(who === reviewer, `signed in as ${JSON.stringify(who)}, expected ${JSON.stringify(reviewer)}`);
-    check(role === "approver", `the role shown is ${JSON.stringify(role)}, expected "approver"`);
-    step(`signed in as ${who} (${role})`);
+  // --- sign in --------------------------------------------------------------
+  await open(page, url);
+  await shot("01-sign-in");
+  await signIn(page, token, { name: reviewer, role: "approver" });
 
-    // --- the pending list -----------------------------------------------------
-    const row = page.locator(`${byTestId("intent-row")}[data-id="${intentId}"]`);
-    await row.waitFor();
-    step(`intent ${intentId} is listed as pending`);
-    const listedReason = await row.locator(byTestId("intent-reason")).textContent();
-    check(listedReason === reason, `the list shows the reason as ${JSON.stringify(listedReason)}, expected the literal ${JSON.stringify(reason)}`);
-    const progress = await row.locator(byTestId("review-progress")).textContent();
-    check(/0 of 1/.test(progress), `review progress shows ${JSON.stringify(progress)}, expected 0 of 1`);
-    const injected = await page.locator("main img, main script, main svg, main iframe").count();
-    check(injected === 0, `the agent's text injected ${injected} element(s) into the page`);
-    noProblems();
-    step("the hostile reason is shown as literal text; no element injected, no dialog");
-    await shot("02-pending");
+  // --- the pending list -----------------------------------------------------
+  const row = page.locator(`${byTestId("intent-row")}[data-id="${intentId}"]`);
+  await row.waitFor();
+  step(`intent ${intentId} is listed as pending`);
+  const listedReason = await row.locator(byTestId("intent-reason")).textContent();
+  check(listedReason === reason, `the list shows the reason as ${JSON.stringify(listedReason)}, expected the literal ${JSON.stringify(reason)}`);
+  const progress = await row.locator(byTestId("review-progress")).textContent();
+  check(/0 of 1/.test(progress), `review progress shows ${JSON.stringify(progress)}, expected 0 of 1`);
+  const injected = await page.locator("main img, main script, main svg, main iframe").count();
+  check(injected === 0, `the agent's text injected ${injected} element(s) into the page`);
+  noProblems();
+  step("the hostile reason is shown as literal text; no element injected, no dialog");
+  await shot("02-pending");
 
-    // --- the intent -------------------------------------------------------------
-    await row.locator(byTestId("intent-link")).click();
-    await page.waitForURL((u) => u.hash === `#/intent/${encodeURIComponent(intentId)}`);
-    await page.locator(byTestId("diff-op")).first().waitFor();
-    const detailReason = await page.locator(`${byTestId("main")} p${byTestId("intent-reason")}`).textContent();
-    check(detailReason === reason, `the intent view shows the reason as ${JSON.stringify(detailReason)}`);
-    const tables = page.locator(byTestId("diff-table"));
-    check(await tables.count() === 1, `expected one row in the diff, found ${await tables.count()}`);
-    check(await tables.first().getAttribute("data-status") === "deleted",
-      `the diff's row is ${await tables.first().getAttribute("data-status")}, expected deleted`);
-    for (const [column, value] of Object.entries(expectBefore)) {
-      const cellRow = tables.first().locator(`${byTestId("diff-row")}[data-column="${column}"]`);
-      const before = await cellRow.locator(byTestId("diff-before")).textContent();
-      const after = await cellRow.locator(byTestId("diff-after")).textContent();
-      const shown = value === null ? "NULL" : typeof value === "string" ? value : JSON.stringify(value);
-      check(before === shown, `column ${column} before: ${JSON.stringify(before)}, expected ${JSON.stringify(shown)}`);
-      check(after === "deleted", `column ${column} after: ${JSON.stringify(after)}, expected "deleted"`);
-      check(await cellRow.getAttribute("data-change") === "removed", `column ${column} is not marked removed`);
-    }
-    await page.locator(byTestId("diff-legend")).waitFor();
-    const payload = await page.locator(byTestId("payload")).textContent();
-    check(JSON.parse(payload).id === intentId, "the payload <pre> does not hold the intent's JSON");
-    const injectedHere = await page.locator("main img, main script, main svg, main iframe").count();
-    check(injectedHere === 0, `the agent's text injected ${injectedHere} element(s) into the intent view`);
-    check(await page.locator(byTestId("approve")).isVisible(), "an approver sees no approve button");
-    check(await page.locator(byTestId("reject")).isVisible(), "an approver sees no reject button");
-    noProblems();
-    step("the intent view shows the row's before values and the delete");
-    await page.locator(byTestId("payload-fold")).locator("summary").click();
-    await shot("03-intent");
-
-    // --- a new intent arrives while the page is open ----------------------------
-    await page.locator(byTestId("nav-pending")).click();
-    await row.waitFor();
-    const loadsBefore = loads;
-    await page.evaluate(() => {
-      window.airlockNoReload = true;
-    });
-    const name = `${second.id}.json`;
-    const tmp = join(intentsDir, `.${name}.tmp`);
-    writeFileSync(tmp, JSON.stringify(second, null, 2));
-    renameSync(tmp, join(intentsDir, name));
-    step(`wrote ${name} into the intent directory; waiting for it to appear without a reload`);
-    await page.locator(`${byTestId("intent-row")}[data-id="${second.id}"]`).waitFor();
-    check(loads === loadsBefore && await page.evaluate(() => window.airlockNoReload === true),
-      "the page reloaded to show the new intent");
-    const live = await page.locator(byTestId("live-status")).getAttribute("data-mode");
-    step(`intent ${second.id} appeared without a reload (updates: ${live === "ok" ? "server-sent events" : "polling"})`);
-    await shot("04-pending-live");
-
-    // --- approve ----------------------------------------------------------------
-    await row.locator(byTestId("intent-link")).click();
-    await page.locator(byTestId("decide-panel")).waitFor();
-    await page.locator(byTestId("review-comment")).fill(comment);
-    await page.locator(byTestId("approve")).click();
-    const flash = page.locator(byTestId("flash"));
-    await flash.waitFor();
-    const flashText = await flash.textContent();
-    check(/You approved/.test(flashText), `after approving, the page says ${JSON.stringify(flashText)}`);
-    step(`approved: ${flashText}`);
-    const badge = page.locator(`h1 ${byTestId("state")}`);
-    await eventually("the intent view to show the intent applied", async () =>
-      (await badge.getAttribute("data-state")) === "applied");
-    check(await page.locator(byTestId("decide-panel")).count() === 0, "the decision panel is still shown after the decision");
-    const vote = page.locator(`${byTestId("vote")}[data-reviewer="${reviewer}"]`);
-    await vote.waitFor();
-    check((await vote.textContent()).includes(comment), "the vote does not show the comment");
-    noProblems();
-    step("the intent view shows it applied, with the vote and its comment");
-    await shot("05-intent-applied");
-
-    // --- the runs -----------------------------------------------------------------
-    await page.locator(byTestId("nav-runs")).click();
-    const runRow = page.locator(`${byTestId("run-row")}[data-run="${run}"]`);
-    await runRow.waitFor();
-    await shot("06-runs");
-    await runRow.locator(byTestId("run-link")).click();
-    await page.locator(byTestId("run-history")).waitFor();
-    const approved = page.locator(`${byTestId("run-history")} ${byTestId("history-record")}[data-event="approved"]`);
-    await approved.waitFor();
-    check((await approved.textContent()).includes(reviewer), "the run's history does not name the approver");
-    check(await page.locator(byTestId("undo")).count() === 0, "an approver (not an admin) is offered undo");
-    noProblems();
-    step(`run ${run} shows the approval by ${reviewer}; no undo for an approver`);
-    await shot("07-run");
-
-    // --- sign out -------------------------------------------------------------------
-    await page.locator(byTestId("sign-out")).click();
-    await page.locator(byTestId("sign-in-form")).waitFor();
-    await page.reload();
-    await page.locator(byTestId("sign-in-form")).waitFor();
-    noProblems();
-    step("signed out: the sign-in form is back, also after a reload");
-  } catch (error) {
-    if (page) {
-      const path = join(artifacts, "failure.png");
-      try {
-        await page.screenshot({ path, fullPage: true });
-        console.error(`browser: screenshot of the failure: ${path}`);
-      } catch (e) {
-        console.error(`browser: no screenshot (${e.message})`);
-      }
-      console.error(`browser: the page was at ${page.url()}`);
-    }
-    if (problems.length) console.error(`browser: problems seen:\n  ${problems.join("\n  ")}`);
-    if (consoleLines.length) console.error(`browser: console:\n  ${consoleLines.join("\n  ")}`);
-    throw error;
-  } finally {
-    await browser.close();
+  // --- the intent -------------------------------------------------------------
+  await row.locator(byTestId("intent-link")).click();
+  await page.waitForURL((u) => u.hash === `#/intent/${encodeURIComponent(intentId)}`);
+  await page.locator(byTestId("diff-op")).first().waitFor();
+  const detailReason = await page.locator(`${byTestId("main")} p${byTestId("intent-reason")}`).textContent();
+  check(detailReason === reason, `the intent view shows the reason as ${JSON.stringify(detailReason)}`);
+  const tables = page.locator(byTestId("diff-table"));
+  check(await tables.count() === 1, `expected one row in the diff, found ${await tables.count()}`);
+  check(await tables.first().getAttribute("data-status") === "deleted",
+    `the diff's row is ${await tables.first().getAttribute("data-status")}, expected deleted`);
+  for (const [column, value] of Object.entries(expectBefore)) {
+    const cellRow = tables.first().locator(`${byTestId("diff-row")}[data-column="${column}"]`);
+    const before = await cellRow.locator(byTestId("diff-before")).textContent();
+    const after = await cellRow.locator(byTestId("diff-after")).textContent();
+    const shown = value === null ? "NULL" : typeof value === "string" ? value : JSON.stringify(value);
+    check(before === shown, `column ${column} before: ${JSON.stringify(before)}, expected ${JSON.stringify(shown)}`);
+    check(after === "deleted", `column ${column} after: ${JSON.stringify(after)}, expected "deleted"`);
+    check(await cellRow.getAttribute("data-change") === "removed", `column ${column} is not marked removed`);
   }
-}
+  await page.locator(byTestId("diff-legend")).waitFor();
+  const payload = await page.locator(byTestId("payload")).textContent();
+  check(JSON.parse(payload).id === intentId, "the payload <pre> does not hold the intent's JSON");
+  const injectedHere = await page.locator("main img, main script, main svg, main iframe").count();
+  check(injectedHere === 0, `the agent's text injected ${injectedHere} element(s) into the intent view`);
+  check(await page.locator(byTestId("approve")).isVisible(), "an approver sees no approve button");
+  check(await page.locator(byTestId("reject")).isVisible(), "an approver sees no reject button");
+  noProblems();
+  step("the intent view shows the row's before values and the delete");
+  await page.locator(byTestId("payload-fold")).locator("summary").click();
+  await shot("03-intent");
 
-main().then(
-  () => {
-    step("all checks passed");
-  },
-  (error) => {
-    console.error(`browser: FAILED: ${error instanceof CheckFailed ? error.message : error.stack || error}`);
-    process.exitCode = 1;
-  },
-);
+  // --- a new intent arrives while the page is open ----------------------------
+  await page.locator(byTestId("nav-pending")).click();
+  await row.waitFor();
+  const loadsBefore = loads;
+  await page.evaluate(() => {
+    window.airlockNoReload = true;
+  });
+  const name = `${second.id}.json`;
+  const tmp = join(intentsDir, `.${name}.tmp`);
+  writeFileSync(tmp, JSON.stringify(second, null, 2));
+  renameSync(tmp, join(intentsDir, name));
+  step(`wrote ${name} into the intent directory; waiting for it to appear without a reload`);
+  await page.locator(`${byTestId("intent-row")}[data-id="${second.id}"]`).waitFor();
+  check(loads === loadsBefore && await page.evaluate(() => window.airlockNoReload === true),
+    "the page reloaded to show the new intent");
+  const live = await page.locator(byTestId("live-status")).getAttribute("data-mode");
+  step(`intent ${second.id} appeared without a reload (updates: ${live === "ok" ? "server-sent events" : "polling"})`);
+  await shot("04-pending-live");
+
+  // --- approve ----------------------------------------------------------------
+  await row.locator(byTestId("intent-link")).click();
+  await page.locator(byTestId("decide-panel")).waitFor();
+  await page.locator(byTestId("review-comment")).fill(comment);
+  await page.locator(byTestId("approve")).click();
+  const flash = page.locator(byTestId("flash"));
+  await flash.waitFor();
+  const flashText = await flash.textContent();
+  check(/You approved/.test(flashText), `after approving, the page says ${JSON.stringify(flashText)}`);
+  step(`approved: ${flashText}`);
+  const badge = page.locator(`h1 ${byTestId("state")}`);
+  await eventually("the intent view to show the intent applied", async () =>
+    (await badge.getAttribute("data-state")) === "applied");
+  check(await page.locator(byTestId("decide-panel")).count() === 0, "the decision panel is still shown after the decision");
+  const vote = page.locator(`${byTestId("vote")}[data-reviewer="${reviewer}"]`);
+  await vote.waitFor();
+  check((await vote.textContent()).includes(comment), "the vote does not show the comment");
+  noProblems();
+  step("the intent view shows it applied, with the vote and its comment");
+  await shot("05-intent-applied");
+
+  // --- the runs -----------------------------------------------------------------
+  await page.locator(byTestId("nav-runs")).click();
+  const runRow = page.locator(`${byTestId("run-row")}[data-run="${run}"]`);
+  await runRow.waitFor();
+  await shot("06-runs");
+  await runRow.locator(byTestId("run-link")).click();
+  await page.locator(byTestId("run-history")).waitFor();
+  const approved = page.locator(`${byTestId("run-history")} ${byTestId("history-record")}[data-event="approved"]`);
+  await approved.waitFor();
+  check((await approved.textContent()).includes(reviewer), "the run's history does not name the approver");
+  check(await page.locator(byTestId("undo")).count() === 0, "an approver (not an admin) is offered undo");
+  noProblems();
+  step(`run ${run} shows the approval by ${reviewer}; no undo for an approver`);
+  await shot("07-run");
+
+  // --- sign out -------------------------------------------------------------------
+  await page.locator(byTestId("sign-out")).click();
+  await page.locator(byTestId("sign-in-form")).waitFor();
+  await page.reload();
+  await page.locator(byTestId("sign-in-form")).waitFor();
+  noProblems();
+  step("signed out: the sign-in form is back, also after a reload");
+});

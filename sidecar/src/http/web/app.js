@@ -634,17 +634,22 @@
             signedOut("Your session has ended; sign in again.");
             return;
           }
-          const hint = e instanceof ApiError && e.status === 409 ? " The page shows the intent as it is now." : "";
-          status.replaceChildren(errorBox(e.message + hint, "review-error"));
+          const conflict = e instanceof ApiError && e.status === 409;
+          status.replaceChildren(errorBox(e.message, "review-error"),
+            conflict ? h("p", { class: "muted" }, "The page now shows the intent as it is.") : null);
           approve.disabled = false;
           reject.disabled = false;
-          if (hint) refresh();
+          if (conflict) refresh();
         }
       };
       approve.addEventListener("click", () => decide("approve"));
       reject.addEventListener("click", () => decide("reject"));
+      const mine = (Array.isArray(it.votes) ? it.votes : []).find((v) => v.reviewer === session.name && v.digest === it.digest);
       return h("section", { class: "card decide", testid: "decide-panel" },
         h("h2", {}, "Your decision"),
+        mine ? h("div", { class: "notice notice-info", testid: "own-vote" }, mine.verdict === "approve"
+          ? "You approved this already; it needs approvals from other reviewers. You can still reject it."
+          : "You rejected this already.") : null,
         h("p", { class: "muted" }, "Your decision is bound to digest ", h("code", { class: "digest" }, String(it.digest)),
           ": if the intent changed, it is refused."),
         h("label", { for: "review-comment" }, "Comment"),
@@ -920,7 +925,8 @@
   /** A list of objects as a table with a column per key. */
   function objectsTable(title, items, testid) {
     if (!Array.isArray(items) || items.length === 0) return null;
-    const cols = [];
+    const cols = ["intent_id", "op", "table", "key", "expected", "found"]
+      .filter((k) => items.some((it) => it && typeof it === "object" && k in it));
     for (const it of items) if (it && typeof it === "object") for (const k of Object.keys(it)) if (!cols.includes(k)) cols.push(k);
     if (cols.length === 0) return h("div", { testid }, h("h3", {}, title), h("ul", {}, items.map((x) => h("li", {}, json(x)))));
     return h("div", { testid }, h("h3", {}, title), h("div", { class: "scroll" }, h("table", { class: "table" },
