@@ -351,6 +351,28 @@ impl Config {
                 "policy.timeout_ms, policy.connect_timeout_ms and policy.concurrency must be at least 1".into(),
             ));
         }
+        let review = &self.review;
+        if let Some(url) = &review.webhook {
+            crate::webhook::check_url(url).map_err(ConfigError::Invalid)?;
+            if review.webhook_timeout_ms == 0 {
+                return Err(ConfigError::Invalid(
+                    "review.webhook_timeout_ms must be at least 1".into(),
+                ));
+            }
+        }
+        if let Some(url) = &review.public_url {
+            crate::webhook::check_public_url(url).map_err(ConfigError::Invalid)?;
+        }
+        if review.tls_cert.is_some() != review.tls_key.is_some() {
+            return Err(ConfigError::Invalid(
+                "set both review.tls_cert and review.tls_key, or neither".into(),
+            ));
+        }
+        if review.ttl_secs == 0 {
+            return Err(ConfigError::Invalid(
+                "review.ttl_secs must be at least 1".into(),
+            ));
+        }
         if self.apply.max_rows == 0 {
             return Err(ConfigError::Invalid(
                 "apply.max_rows must be at least 1".into(),

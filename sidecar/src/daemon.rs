@@ -178,11 +178,17 @@ pub async fn run(
     );
     let pipeline = match config.review.webhook.as_deref() {
         Some(url) => {
-            let base = config
-                .review
-                .public_url
-                .clone()
-                .unwrap_or_else(|| format!("http://{}", config.review.listen));
+            // Links point at the public address, else at where the endpoint listens.
+            let base = match (&config.review.public_url, &endpoint) {
+                (Some(public), _) => public.clone(),
+                (None, Some(endpoint)) => endpoint.url.clone(),
+                (None, None) => {
+                    warn!(
+                        message = "review.webhook is set but the review endpoint is off and review.public_url is unset: message links point nowhere useful"
+                    );
+                    format!("http://{}", config.review.listen)
+                }
+            };
             let timeout = Duration::from_millis(config.review.webhook_timeout_ms);
             match crate::webhook::Webhook::new(url, &base, timeout) {
                 Ok(webhook) => {

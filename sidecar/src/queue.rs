@@ -748,6 +748,36 @@ impl Queue {
         self.select_records("WHERE run = ?1 ORDER BY seq", [run])
     }
 
+    /// The last `limit` records of one run, in order.
+    pub fn last_records(&self, run: &str, limit: usize) -> Result<Vec<Record>, QueueError> {
+        let mut records = self.select_records(
+            "WHERE run = ?1 ORDER BY seq DESC LIMIT ?2",
+            params![run, limit as i64],
+        )?;
+        records.reverse();
+        Ok(records)
+    }
+
+    /// One run with its counts and log head, if it exists.
+    pub fn run(&self, run: &str) -> Result<Option<RunSummary>, QueueError> {
+        let head = self
+            .conn
+            .prepare_cached("SELECT head_seq, head_digest FROM runs WHERE run = ?1")?
+            .query_row([run], |row| {
+                Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?))
+            })
+            .optional()?;
+        let Some((records, head)) = head else {
+            return Ok(None);
+        };
+        Ok(Some(RunSummary {
+            run: run.to_owned(),
+            counts: self.run_counts(run)?,
+            records,
+            head,
+        }))
+    }
+
     fn select_records(
         &self,
         clause: &str,
@@ -1403,6 +1433,40 @@ mod tests {
             )
         })
         .unwrap()
+    }
+
+    #[test]
+    fn a_review_past_its_deadline_takes_no_votes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut q = Queue::open(dir.path()).unwrap();
+        q.write(|w| w.admit(&arrival("late", "r", "x"))).unwrap();
+        let d = decision(Verdict::Review { approvals: 1 });
+        q.write(|w| {
+            w.record_decision(
+                "late",
+                DecisionOutcome::Decided {
+                    decision: &d,
+                    review_deadline: 1,
+                },
+            )
+        })
+        .unwrap();
+        // The pipeline has not expired it yet, but the deadline has passed.
+        for result in [
+            q.write(|w| w.approve("late", "alice", None, None).map(|p| p.state)),
+            q.write(|w| w.reject("late", "bob", None, "no")),
+        ] {
+            let error = result.unwrap_err().to_string();
+            assert!(
+                error.contains("expired at 1970-01-01T00:00:00.001Z"),
+                "{error}"
+            );
+        }
+        assert!(q.reviews("late").unwrap().is_empty());
+        assert_eq!(
+            q.intent("late").unwrap().unwrap().state,
+            State::AwaitingReview
+        );
     }
 
     #[test]

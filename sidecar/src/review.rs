@@ -8,6 +8,9 @@
 use crate::lifecycle::State;
 use crate::queue::{Queue, QueueError, ReviewProgress};
 
+/// Longest comment (or rejection reason) recorded, in characters.
+pub const MAX_COMMENT: usize = 4_000;
+
 /// Records `reviewer`'s approval of intent `id`.
 pub fn approve(
     queue: &mut Queue,
@@ -17,6 +20,7 @@ pub fn approve(
     comment: Option<&str>,
 ) -> Result<ReviewProgress, QueueError> {
     check_reviewer(reviewer)?;
+    check_comment(comment.unwrap_or(""))?;
     queue.write(|w| w.approve(id, reviewer, digest, comment))
 }
 
@@ -32,6 +36,7 @@ pub fn reject(
     if reason.trim().is_empty() {
         return Err(QueueError::Refused("a rejection needs a reason".into()));
     }
+    check_comment(reason)?;
     queue.write(|w| w.reject(id, reviewer, digest, reason))
 }
 
@@ -40,6 +45,15 @@ fn check_reviewer(reviewer: &str) -> Result<(), QueueError> {
         return Err(QueueError::Refused(
             "a reviewer name must be 1 to 256 characters".into(),
         ));
+    }
+    Ok(())
+}
+
+fn check_comment(comment: &str) -> Result<(), QueueError> {
+    if comment.chars().count() > MAX_COMMENT {
+        return Err(QueueError::Refused(format!(
+            "a comment may be at most {MAX_COMMENT} characters"
+        )));
     }
     Ok(())
 }

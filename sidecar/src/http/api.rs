@@ -37,8 +37,6 @@ pub const SESSION_COOKIE: &str = "airlock_session";
 pub const CSRF_HEADER: &str = "x-airlock-csrf";
 /// How long computing a preview for an approver may take.
 const PREVIEW_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest reviewer comment accepted.
-const MAX_COMMENT: usize = 4_000;
 
 /// An API error: a status and `{"error": {"code", "message"}}`.
 #[derive(Debug)]
@@ -497,9 +495,10 @@ pub struct Reject {
 }
 
 fn check_comment(comment: Option<&str>) -> ApiResult<()> {
+    let max = crate::review::MAX_COMMENT;
     match comment {
-        Some(c) if c.chars().count() > MAX_COMMENT => Err(ApiError::bad_request(format!(
-            "comment: at most {MAX_COMMENT} characters"
+        Some(c) if c.chars().count() > max => Err(ApiError::bad_request(format!(
+            "comment: at most {max} characters"
         ))),
         _ => Ok(()),
     }
@@ -575,6 +574,10 @@ pub async fn runs(State(state): State<AppState>, who: Identity) -> ApiResult {
     Ok(Json(json!({ "items": runs })))
 }
 
+/// Most intents and records one run's page carries (the newest).
+const RUN_INTENTS: usize = 500;
+const RUN_RECORDS: usize = 2_000;
+
 pub async fn run(
     State(state): State<AppState>,
     who: Identity,
@@ -586,21 +589,28 @@ pub async fn run(
         .with_queue({
             let run = run.clone();
             move |queue| {
-                let Some(summary) = queue.runs()?.into_iter().find(|r| r.run == run) else {
+                let Some(summary) = queue.run(&run)? else {
                     return Ok(None);
                 };
-                let rows = queue.list(Some(&run), None, usize::MAX >> 1)?;
+                let filter = Filter {
+                    run: Some(&run),
+                    ..Filter::default()
+                };
+                let mut rows = queue.page(&filter, None, RUN_INTENTS)?;
+                rows.reverse();
                 let votes = rows
                     .iter()
                     .map(|row| queue.reviews(&row.id))
                     .collect::<Result<Vec<_>, _>>()?;
-                Ok(Some((summary, rows, votes, queue.records(&run)?)))
+                let records = queue.last_records(&run, RUN_RECORDS)?;
+                Ok(Some((summary, rows, votes, records)))
             }
         })
         .await?;
     let Some((run_summary, rows, votes, records)) = found else {
         return Err(ApiError::not_found(format!("no run named {run:?}")));
     };
+    let total: u64 = run_summary.counts.values().sum();
     let intents: Vec<Value> = rows
         .iter()
         .zip(&votes)
@@ -613,6 +623,10 @@ pub async fn run(
         "head": run_summary.head,
         "intents": intents,
         "history": records.iter().map(record_json).collect::<Vec<_>>(),
+        "omitted": {
+            "intents": total.saturating_sub(rows.len() as u64),
+            "history": u64::try_from(run_summary.records).unwrap_or(0).saturating_sub(records.len() as u64),
+        },
     })))
 }
 

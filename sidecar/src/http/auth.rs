@@ -287,7 +287,20 @@ impl Auth {
 
     /// The current tokens, rereading the file when it changed.
     pub fn tokens(&self) -> Arc<Tokens> {
-        let fresh = |l: &Loaded| l.checked.is_some_and(|at| at.elapsed() < RELOAD_EVERY);
+        self.load(false)
+    }
+
+    /// The entry for a token digest. A miss rereads the file at once, so a token
+    /// added a moment ago works on its first use.
+    fn find(&self, digest: &[u8; 32]) -> Option<Entry> {
+        if let Some(entry) = self.load(false).find(digest) {
+            return Some(entry.clone());
+        }
+        self.load(true).find(digest).cloned()
+    }
+
+    fn load(&self, force: bool) -> Arc<Tokens> {
+        let fresh = |l: &Loaded| !force && l.checked.is_some_and(|at| at.elapsed() < RELOAD_EVERY);
         if let Ok(loaded) = self.loaded.read()
             && fresh(&loaded)
         {
@@ -345,8 +358,7 @@ impl Auth {
 
     /// The holder of bearer token `token`.
     pub fn bearer(&self, token: &str) -> Option<Identity> {
-        let tokens = self.tokens();
-        let entry = tokens.find(&token_hash(token))?;
+        let entry = self.find(&token_hash(token))?;
         Some(Identity {
             name: entry.name.clone(),
             role: entry.role,
@@ -357,8 +369,7 @@ impl Auth {
     /// Starts a session for `token`'s holder.
     pub fn sign_in(&self, token: &str) -> Option<Result<NewSession, getrandom::Error>> {
         let digest = token_hash(token);
-        let tokens = self.tokens();
-        let entry = tokens.find(&digest)?;
+        let entry = self.find(&digest)?;
         let start = || -> Result<NewSession, getrandom::Error> {
             let id = random_b64()?;
             let csrf = random_b64()?;

@@ -99,10 +99,15 @@ impl Client {
         body: Option<&[u8]>,
     ) -> Response {
         let (scheme, authority) = self.base.split_once("://").expect("a URL with a scheme");
-        let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n");
+        let mut request =
+            format!("{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n");
         let mut all: Vec<(String, String)> = self.headers.clone();
         all.extend(headers.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        if body.is_some() && !all.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type")) {
+        if body.is_some()
+            && !all
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+        {
             all.push(("Content-Type".into(), "application/json".into()));
         }
         for (name, value) in &all {
@@ -191,16 +196,19 @@ fn read_response(stream: impl Read) -> Response {
 pub fn operation<'d>(doc: &'d Value, method: &str, path: &str) -> Option<(&'d str, &'d Value)> {
     let path = path.split('?').next().unwrap_or(path);
     let segments: Vec<&str> = path.split('/').collect();
-    doc["paths"].as_object()?.iter().find_map(|(template, item)| {
-        let parts: Vec<&str> = template.split('/').collect();
-        let matches = parts.len() == segments.len()
-            && parts
-                .iter()
-                .zip(&segments)
-                .all(|(t, s)| (t.starts_with('{') && !s.is_empty()) || t == s);
-        let op = item.get(method.to_ascii_lowercase())?;
-        matches.then_some((template.as_str(), op))
-    })
+    doc["paths"]
+        .as_object()?
+        .iter()
+        .find_map(|(template, item)| {
+            let parts: Vec<&str> = template.split('/').collect();
+            let matches = parts.len() == segments.len()
+                && parts
+                    .iter()
+                    .zip(&segments)
+                    .all(|(t, s)| (t.starts_with('{') && !s.is_empty()) || t == s);
+            let op = item.get(method.to_ascii_lowercase())?;
+            matches.then_some((template.as_str(), op))
+        })
 }
 
 /// Checks a response against the OpenAPI document: the route and status must be
@@ -223,14 +231,21 @@ fn check_against_openapi(method: &str, path: &str, response: &Response) {
         .unwrap()
         .insert((method.to_owned(), template.to_owned()));
     let status = response.status.to_string();
-    let documented = &op["responses"][&status];
+    let mut documented = &op["responses"][&status];
+    if let Some(reference) = documented["$ref"].as_str() {
+        let pointer = reference.trim_start_matches('#');
+        documented = doc.pointer(pointer).expect("a $ref openapi.json resolves");
+    }
     assert!(
         !documented.is_null(),
         "{method} {template} answered {status}, which openapi.json does not list: {}",
         response.text()
     );
     let Some(media) = documented["content"].as_object() else {
-        assert!(response.body.is_empty(), "{method} {template} {status}: undocumented body");
+        assert!(
+            response.body.is_empty(),
+            "{method} {template} {status}: undocumented body"
+        );
         return;
     };
     let content_type = response.header("content-type").unwrap_or("");
@@ -272,7 +287,8 @@ pub fn read_events(
     let authority = client.base.split_once("://").unwrap().1;
     let mut tcp = TcpStream::connect(authority).unwrap();
     tcp.set_read_timeout(Some(deadline)).unwrap();
-    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nAccept: text/event-stream\r\n");
+    let mut request =
+        format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nAccept: text/event-stream\r\n");
     for (k, v) in &client.headers {
         request.push_str(&format!("{k}: {v}\r\n"));
     }

@@ -2,6 +2,8 @@
 //! wait for conditions with deadlines (never sleeps as synchronisation).
 #![allow(dead_code)]
 
+pub mod http;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
