@@ -768,10 +768,11 @@
     return section;
   }
 
-  function historySection(history, title, testid, withIntent = false) {
+  function historySection(history, title, testid, withIntent = false, note = null) {
     const records = Array.isArray(history) ? history : [];
     return h("section", { class: "card", testid },
       h("h2", {}, title, h("span", { class: "muted" }, " (" + records.length + " records)")),
+      note,
       records.length === 0 ? h("p", { class: "muted" }, "No records.")
         : h("ol", { class: "history" }, records.map((rec) => h("li", { testid: "history-record", data: { event: String(rec.event) } },
           h("span", { class: "seq" }, "#" + rec.seq), " ",
@@ -825,6 +826,11 @@
       throw e;
     }
     const intents = Array.isArray(run.intents) ? run.intents : [];
+    const omitted = run.omitted || {};
+    const omittedNote = (n, what) => n > 0
+      ? h("p", { class: "notice notice-info", testid: "omitted" }, n + " older " + what + " not shown here; ",
+        h("code", {}, "airlock export --run " + run.run), " has them all.")
+      : null;
     return [
       h("div", { class: "view-head" },
         h("p", { class: "crumbs" }, h("a", { href: "#/runs" }, "Runs")),
@@ -834,6 +840,7 @@
       canUndo() ? undoPanel(run.run) : null,
       h("section", { class: "card", testid: "run-intents" },
         h("h2", {}, "Intents", h("span", { class: "muted" }, " (queue order)")),
+        omittedNote(omitted.intents, omitted.intents === 1 ? "intent is" : "intents are"),
         intents.length === 0 ? h("p", { class: "muted" }, "None.")
           : h("div", { class: "scroll" }, h("table", { class: "table stack" },
             h("thead", {}, h("tr", {}, ["Intent", "State", "Reason", "Ops", "Received"].map((c) => h("th", { scope: "col" }, c)))),
@@ -843,7 +850,7 @@
               h("td", { "data-label": "Reason", class: "reason-cell" }, h("span", { class: "reason" }, String(it.reason ?? ""))),
               h("td", { "data-label": "Ops" }, String(it.ops), " · ", (it.tables || []).join(", ")),
               h("td", { "data-label": "Received" }, time(it.received_at)))))))),
-      historySection(run.history, "History", "run-history", true),
+      historySection(run.history, "History", "run-history", true, omittedNote(omitted.history, omitted.history === 1 ? "record is" : "records are")),
     ].filter(Boolean);
   }
 
