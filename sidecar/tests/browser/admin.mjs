@@ -14,7 +14,7 @@
 //   AIRLOCK_ARTIFACTS      a directory for screenshots
 //   AIRLOCK_CHROMIUM       optional; default /usr/bin/chromium
 
-import { byTestId, check, env, eventually, open, signIn, signOut, step, withPage } from "./lib.mjs";
+import { DEADLINE_MS, byTestId, check, env, eventually, open, signIn, signOut, step, withPage } from "./lib.mjs";
 
 const url = env("AIRLOCK_URL").replace(/\/$/, "");
 const viewer = env("AIRLOCK_VIEWER");
@@ -46,6 +46,28 @@ await withPage(async ({ page, shot, noProblems }) => {
   noProblems();
   step("a viewer reads the intent and the run, with no decision or undo offered");
   await signOut(page);
+
+  // --- a second viewer whose server-sent events fail: the page polls instead ------
+  const watchContext = await page.context().browser().newContext({ viewport: { width: 1366, height: 900 } });
+  const watch = await watchContext.newPage();
+  watch.setDefaultTimeout(DEADLINE_MS);
+  const watchErrors = [];
+  watch.on("pageerror", (e) => watchErrors.push(e.message));
+  watch.on("dialog", (d) => watchErrors.push(`a ${d.type()} dialog opened`));
+  let watchLoads = 0;
+  watch.on("load", () => {
+    watchLoads += 1;
+  });
+  await watch.route("**/v1/events", (route) => route.abort());
+  await open(watch, url);
+  await signIn(watch, viewerToken, { name: viewer, role: "viewer" });
+  await watch.locator(byTestId("nav-runs")).click();
+  await watch.locator(`${byTestId("run-row")}[data-run="${undoRun}"] ${byTestId("run-link")}`).click();
+  await watch.locator(byTestId("run-history")).waitFor();
+  await eventually("the second viewer's page to fall back to polling", async () =>
+    (await watch.locator(byTestId("live-status")).getAttribute("data-mode")) === "poll");
+  const watchLoadsBefore = watchLoads;
+  step(`a second viewer without server-sent events watches run ${undoRun}: ${await watch.locator(byTestId("live-status")).textContent()}`);
 
   // --- an admin: a second vote is refused, and the page says why ----------------
   await signIn(page, adminToken, { name: admin, role: "admin" });
@@ -101,6 +123,13 @@ await withPage(async ({ page, shot, noProblems }) => {
   noProblems();
   step(`forced undo reverted ${undoIntents.join(", ")}; the run shows them undone`);
   await shot("15-undo-forced");
+  for (const id of undoIntents) {
+    await watch.locator(`${byTestId("run-intent-row")}[data-id="${id}"][data-state="undone"]`).waitFor();
+  }
+  check(watchLoads === watchLoadsBefore, "the polling viewer's page reloaded");
+  check(watchErrors.length === 0, `the polling viewer's page misbehaved: ${watchErrors.join("; ")}`);
+  step("the polling viewer's page shows the undo too, without a reload");
+  await watchContext.close();
 
   // --- a narrow screen ------------------------------------------------------------
   await page.setViewportSize({ width: 400, height: 860 });

@@ -90,7 +90,7 @@ await withPage(async ({ page, shot, noProblems }) => {
   check(await page.locator(byTestId("reject")).isVisible(), "an approver sees no reject button");
   noProblems();
   step("the intent view shows the row's before values and the delete");
-  await page.locator(byTestId("payload-fold")).locator("summary").click();
+  check(await page.locator(byTestId("payload")).isVisible(), "the payload is folded away");
   await shot("03-intent");
 
   // --- a new intent arrives while the page is open ----------------------------

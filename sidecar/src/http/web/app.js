@@ -19,8 +19,8 @@
   let renderSeq = 0;
   /** Nodes kept across refreshes of one view (forms being filled in), by key. */
   let kept = new Map();
-  /** Which <details> are open, by key, so refreshes do not fold them. */
-  const openDetails = new Set();
+  /** Which <details> the reviewer folded or unfolded, by key, so refreshes keep them. */
+  const foldState = new Map();
   /** A message about the last action, shown on the view it was made on. */
   let flash = null;
 
@@ -89,13 +89,11 @@
     return kept.get(key);
   }
 
-  function details(key, summary, testid, ...content) {
-    const el = h("details", { class: "fold", testid, open: openDetails.has(key) ? "" : null },
+  function details(key, summary, testid, openByDefault, ...content) {
+    const open = foldState.has(key) ? foldState.get(key) : openByDefault;
+    const el = h("details", { class: "fold", testid, open: open ? "" : null },
       h("summary", {}, summary), ...content);
-    el.addEventListener("toggle", () => {
-      if (el.open) openDetails.add(key);
-      else openDetails.delete(key);
-    });
+    el.addEventListener("toggle", () => foldState.set(key, el.open));
     return el;
   }
 
@@ -361,7 +359,7 @@
       startPolling();
       return;
     }
-    setLive("wait", "connecting…");
+    setLive("connecting", "connecting…");
     const es = new EventSource("/v1/events");
     events = es;
     es.addEventListener("open", () => {
@@ -384,7 +382,7 @@
 
   function startPolling() {
     if (pollTimer !== null) return;
-    setLive("wait", "polling every 3 s");
+    setLive("poll", "polling every 3 s");
     pollTimer = setInterval(() => {
       if (session) refresh();
     }, POLL_MS);
@@ -567,7 +565,7 @@
     nodes.push(h("section", { class: "card" },
       h("h2", {}, "Payload"),
       h("p", { class: "muted" }, "The intent exactly as the agent wrote it (parsed)."),
-      details("payload:" + it.id, "Show the JSON", "payload-fold",
+      details("payload:" + it.id, "The JSON", "payload-fold", true,
         h("pre", { class: "json", testid: "payload" }, JSON.stringify(it.payload, null, 2)))));
     nodes.push(historySection(it.history, "History", "intent-history"));
     return nodes;
