@@ -249,7 +249,7 @@ fn approver_reviews_and_approves_in_the_browser() {
 }
 
 #[test]
-fn viewers_only_read_and_admins_undo_in_the_browser() {
+fn viewers_read_and_admins_undo_and_reject_in_the_browser() {
     let browser = Browser::find();
     let mut sb = Sandbox::new();
     let policies = sb.dir.path().join("policies");
@@ -306,17 +306,26 @@ fn viewers_only_read_and_admins_undo_in_the_browser() {
         ],
     );
 
-    // Forced undo removed both inserted rows, the changed one too; the refused
-    // second vote changed nothing.
+    // Forced undo removed both inserted rows, the changed one too; the rejected
+    // delete changed nothing, and the agent reads the admin's reason.
+    let rejected = sb.outcome_in("p-delete-lin", "rejected");
     assert_eq!(
         sb.rows("SELECT id, name FROM customers ORDER BY id"),
         vec![vec![json!(3), json!("Lin")]]
     );
-    let pending = sb.outcome_in("p-delete-lin", "awaiting_review");
+    assert!(
+        rejected.to_string().contains("Lin is still a customer."),
+        "{rejected:#}"
+    );
+    let pending = records(&sb, "pending-run");
+    let rejection = pending
+        .iter()
+        .find(|r| r["event"] == "rejected")
+        .unwrap_or_else(|| panic!("no rejected record: {pending:#?}"));
+    assert_eq!(rejection["data"]["by"], "root", "{rejection:#}");
     assert_eq!(
-        pending["review"]["approved_by"],
-        json!(["root"]),
-        "{pending:#}"
+        rejection["data"]["reason"], "Lin is still a customer.",
+        "{rejection:#}"
     );
     let records = records(&sb, "undo-run");
     for id in ["u-ada", "u-grace"] {

@@ -1,6 +1,7 @@
 // Roles in the review page, driven through Debian's Chromium: a viewer reads but is
 // offered no decision and no undo; an admin sees the API's refusal of a second vote
-// (409) and undoes a run, first meeting a conflict, then forcing. The page must stay
+// (409), undoes a run, first meeting a conflict, then forcing, and rejects the intent.
+// A viewer whose event stream fails sees changes by polling. The page must stay
 // usable on a narrow screen. Started by sidecar/tests/browser.rs.
 //
 // Environment (all required unless noted):
@@ -144,4 +145,17 @@ await withPage(async ({ page, shot, noProblems }) => {
   check(overflowIntent <= 0, `the intent view is ${overflowIntent} px wider than a 400 px screen`);
   await shot("17-narrow-intent");
   step("the pending list and the intent view fit a 400 px screen");
+
+  // --- the admin changes their mind: a rejection, with its reason ----------------
+  await page.setViewportSize({ width: 1366, height: 900 });
+  await page.locator(byTestId("review-comment")).fill("Lin is still a customer.");
+  await page.locator(byTestId("reject")).click();
+  const flash = page.locator(byTestId("flash"));
+  await flash.waitFor();
+  check(/You rejected/.test(await flash.textContent()), `after rejecting, the page says ${JSON.stringify(await flash.textContent())}`);
+  await eventually("the intent view to show the intent rejected", async () =>
+    (await page.locator(`h1 ${byTestId("state")}`).getAttribute("data-state")) === "rejected");
+  check(await page.locator(byTestId("decide-panel")).count() === 0, "the decision panel is still shown after the rejection");
+  step("the admin rejects the intent with a reason; the page shows it rejected");
+  await shot("18-rejected");
 });

@@ -927,17 +927,23 @@
       objectsTable("Later writes in the way", res.later, "undo-later"));
   }
 
-  /** A list of objects as a table with a column per key. */
+  /** Conflicts and later writes (objects) as a table with a column per key. */
   function objectsTable(title, items, testid) {
     if (!Array.isArray(items) || items.length === 0) return null;
-    const cols = ["intent_id", "op", "table", "key", "expected", "found"]
-      .filter((k) => items.some((it) => it && typeof it === "object" && k in it));
-    for (const it of items) if (it && typeof it === "object") for (const k of Object.keys(it)) if (!cols.includes(k)) cols.push(k);
+    const labels = { intent_id: "Intent", op: "Op", table: "Table", key: "Key", expected: "Expected", found: "Found" };
+    const cols = Object.keys(labels).filter((k) => items.some((it) => it && typeof it === "object" && k in it));
     if (cols.length === 0) return h("div", { testid }, h("h3", {}, title), h("ul", {}, items.map((x) => h("li", {}, json(x)))));
+    const cell = (it, c) => {
+      const v = it == null ? undefined : it[c];
+      if (v === undefined) return h("td", {}, "");
+      if (c === "op" && Number.isInteger(v)) return h("td", {}, String(v + 1));
+      if (c === "intent_id" && typeof v === "string") return h("td", {}, h("a", { href: intentHref(v), class: "id" }, v));
+      if (typeof v === "string") return h("td", {}, v);
+      return h("td", { class: "mono-wrap" }, v === null ? h("span", { class: "null" }, "no row") : json(v));
+    };
     return h("div", { testid }, h("h3", {}, title), h("div", { class: "scroll" }, h("table", { class: "table" },
-      h("thead", {}, h("tr", {}, cols.map((c) => h("th", { scope: "col" }, c)))),
-      h("tbody", {}, items.map((it) => h("tr", {}, cols.map((c) => h("td", { class: "mono-wrap" },
-        it == null || it[c] === undefined ? "" : typeof it[c] === "string" ? it[c] : json(it[c])))))))));
+      h("thead", {}, h("tr", {}, cols.map((c) => h("th", { scope: "col" }, labels[c])))),
+      h("tbody", {}, items.map((it) => h("tr", {}, cols.map((c) => cell(it, c))))))));
   }
 
   async function viewUnknown() {
