@@ -687,12 +687,13 @@
       source = it.preview;
       note = "What this intent would do to the target now: a rehearsal in a transaction that was rolled back. Every check runs again when it is applied.";
     }
-    append(section, [h("h2", {}, "Changes"), h("p", { class: "muted" }, note)]);
     if (source == null) {
-      section.append(h("p", { class: "muted", testid: "no-changes" },
-        applied ? "No undo images were recorded." : "No preview: this intent has ended."));
+      append(section, [h("h2", {}, "Changes"), h("p", { class: "muted", testid: "no-changes" },
+        applied ? "No undo images were recorded for this intent."
+          : "This intent ended " + String(it.state).replace(/_/g, " ") + ": it wrote nothing, so there is nothing to show.")]);
       return section;
     }
+    append(section, [h("h2", {}, "Changes"), h("p", { class: "muted" }, note)]);
     if (source.error != null) {
       section.append(errorBox((applied ? "The target could not say: " : "It would fail: ") + errorText(source.error), "preview-error"));
       return section;
