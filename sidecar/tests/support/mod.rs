@@ -92,6 +92,9 @@ impl Sandbox {
     /// Starts `airlock run` on the sandbox.
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "already running");
+        // A killed daemon leaves its endpoint file behind; the new one writes it anew
+        // once it is up (see `stop`).
+        let _ = std::fs::remove_file(self.state().join("review-endpoint"));
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -123,8 +126,25 @@ impl Sandbox {
     }
 
     /// Sends SIGTERM and waits for the exit status.
+    /// Sends SIGTERM once the daemon is up (a signal that arrives while the process
+    /// is still being exec'd kills it before it can install its handlers) and waits
+    /// for the exit status.
     pub fn stop(&mut self) -> ExitStatus {
         let mut child = self.child.take().expect("not running");
+        let endpoint = self.state().join("review-endpoint");
+        let listens = !self
+            .env
+            .iter()
+            .any(|(k, v)| k == "AIRLOCK_REVIEW__LISTEN" && v == "off");
+        if listens {
+            eventually_explained(
+                || format!("airlock to start before it is stopped; log:\n{}", self.log_tail()),
+                || {
+                    (path_exists(&endpoint) || matches!(child.try_wait(), Ok(Some(_))))
+                        .then_some(())
+                },
+            );
+        }
         signal(&child, "TERM");
         eventually("airlock to exit after SIGTERM", || {
             child.try_wait().ok().flatten()
