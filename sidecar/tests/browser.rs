@@ -130,17 +130,23 @@ impl Browser {
     /// Runs `script` against `sb` and fails the test, with the script's output, the
     /// daemon's log and the kept screenshots, unless every check passed.
     fn check(&self, sb: &Sandbox, script: &str, env: &[(&str, String)]) {
-        // Screenshots of every view land here: a temporary directory kept when the
-        // test fails, or BROWSER_TEST_ARTIFACTS to look at them after a passing run
-        // (not an AIRLOCK_* variable, for the reason given in `Browser::find`).
+        // The failure's screenshot lands in a temporary directory, kept when the
+        // test fails. With BROWSER_TEST_ARTIFACTS=DIR (not an AIRLOCK_* variable, for
+        // the reason given in `Browser::find`), DIR gets a screenshot of every view.
         let artifacts = tempfile::Builder::new()
             .prefix("airlock-browser-")
             .tempdir()
             .unwrap();
-        let shots = std::env::var_os("BROWSER_TEST_ARTIFACTS")
+        let asked = std::env::var_os("BROWSER_TEST_ARTIFACTS");
+        let shots = asked
+            .clone()
             .map_or_else(|| artifacts.path().to_owned(), PathBuf::from);
         std::fs::create_dir_all(&shots).unwrap();
-        let (passed, output) = self.run(script, env, &shots);
+        let mut env = env.to_vec();
+        if asked.is_some() {
+            env.push(("AIRLOCK_SCREENSHOTS", "1".to_owned()));
+        }
+        let (passed, output) = self.run(script, &env, &shots);
         println!("{output}");
         if !passed {
             let _kept = artifacts.keep();

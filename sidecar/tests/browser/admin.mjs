@@ -13,6 +13,7 @@
 //   AIRLOCK_UNDO_RUN       a run whose applied intents are AIRLOCK_UNDO_INTENTS
 //                          (JSON array), one of whose rows changed since
 //   AIRLOCK_ARTIFACTS      a directory for screenshots
+//   AIRLOCK_SCREENSHOTS    optional; when set, a screenshot of each view too
 //   AIRLOCK_CHROMIUM       optional; default /usr/bin/chromium
 
 import { DEADLINE_MS, byTestId, check, env, eventually, open, signIn, signOut, step, withPage } from "./lib.mjs";

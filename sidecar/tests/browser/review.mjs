@@ -18,6 +18,7 @@
 //   AIRLOCK_COMMENT          the approval's comment
 //   AIRLOCK_ARTIFACTS        a directory for screenshots (one per view, and
 //                            failure.png when something fails)
+//   AIRLOCK_SCREENSHOTS    optional; when set, a screenshot of each view too
 //   AIRLOCK_CHROMIUM         optional; default /usr/bin/chromium
 //
 // Exits 0 when every check passed, 1 with a message otherwise.
