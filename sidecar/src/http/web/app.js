@@ -401,8 +401,10 @@
     refreshTimer = null;
   }
 
+  /** Coalesces changes: one refresh at most every DEBOUNCE_MS. (A timer reset by
+   * every event would never fire while the queue is busy.) */
   function scheduleRefresh() {
-    clearTimeout(refreshTimer);
+    if (refreshTimer !== null) return;
     refreshTimer = setTimeout(() => {
       refreshTimer = null;
       refresh();
