@@ -138,7 +138,12 @@ impl Sandbox {
             .any(|(k, v)| k == "AIRLOCK_REVIEW__LISTEN" && v == "off");
         if listens {
             eventually_explained(
-                || format!("airlock to start before it is stopped; log:\n{}", self.log_tail()),
+                || {
+                    format!(
+                        "airlock to start before it is stopped; log:\n{}",
+                        self.log_tail()
+                    )
+                },
                 || {
                     (path_exists(&endpoint) || matches!(child.try_wait(), Ok(Some(_))))
                         .then_some(())
