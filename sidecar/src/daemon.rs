@@ -272,7 +272,7 @@ async fn join(handle: Option<JoinHandle<()>>, deadline: tokio::time::Instant) {
 /// hints only; without a watcher, periodic rescans still find everything.
 fn watch(config: &Config, tx: Sender<Message>) -> Option<notify::RecommendedWatcher> {
     let result = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        if event.is_ok() {
+        if event.as_ref().is_ok_and(is_hint) {
             let _ = tx.send(Message::Wake);
         }
     })
@@ -291,6 +291,12 @@ fn watch(config: &Config, tx: Sender<Message>) -> Option<notify::RecommendedWatc
             None
         }
     }
+}
+
+/// Whether a file-system event may mean a new intent. Access events are not: intake's
+/// own scan opens the directory, and waking on that would scan again, forever.
+fn is_hint(event: &notify::Event) -> bool {
+    !matches!(event.kind, notify::EventKind::Access(_))
 }
 
 fn intake_loop(
@@ -354,5 +360,69 @@ fn pipeline_loop(mut pipeline: Pipeline, rx: Receiver<Message>) {
     match pipeline.seal_all() {
         Ok(n) => info!(message = "run logs sealed", checkpoints = n),
         Err(error) => error!(message = "cannot seal the run logs", %error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind, RemoveKind};
+
+    #[test]
+    fn only_changes_are_hints() {
+        let event = |kind| notify::Event::new(kind);
+        // Intake's own scan opens and reads the directory: no hint, or it would loop.
+        assert!(!is_hint(&event(EventKind::Access(AccessKind::Open(
+            AccessMode::Any
+        )))));
+        assert!(!is_hint(&event(EventKind::Access(AccessKind::Close(
+            AccessMode::Read
+        )))));
+        assert!(is_hint(&event(EventKind::Create(CreateKind::File))));
+        assert!(is_hint(&event(EventKind::Modify(ModifyKind::Any))));
+        assert!(is_hint(&event(EventKind::Remove(RemoveKind::File))));
+        assert!(is_hint(&event(EventKind::Any)));
+    }
+
+    #[test]
+    fn scanning_the_directory_gives_no_hint() {
+        // Real inotify events for what a scan does (list the directory, read a
+        // file), then a marker file: inotify keeps order, so every event before the
+        // marker's came from the reads, and none of them may be a hint.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.json"), b"{}").unwrap();
+        let (tx, rx) = mpsc::channel();
+        let mut watcher =
+            match notify::recommended_watcher(move |e: notify::Result<notify::Event>| {
+                if let Ok(event) = e {
+                    let _ = tx.send(event);
+                }
+            }) {
+                Ok(watcher) => watcher,
+                Err(_) => return, // No inotify here: rescans alone drive intake.
+            };
+        watcher
+            .watch(dir.path(), notify::RecursiveMode::NonRecursive)
+            .unwrap();
+        for _ in 0..3 {
+            let _ = std::fs::read_dir(dir.path()).unwrap().count();
+            let _ = std::fs::read(dir.path().join("a.json")).unwrap();
+        }
+        let marker = dir.path().join("marker");
+        std::fs::write(&marker, b"").unwrap();
+        let mut before = Vec::new();
+        loop {
+            let event = rx
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the marker's event");
+            if event.paths.contains(&marker) {
+                assert!(is_hint(&event), "a new file is a hint: {event:?}");
+                break;
+            }
+            before.push(event);
+        }
+        assert!(!before.is_empty(), "inotify reports reads as access events");
+        let hints: Vec<_> = before.iter().filter(|e| is_hint(e)).collect();
+        assert!(hints.is_empty(), "reads would wake intake: {hints:?}");
     }
 }
