@@ -444,6 +444,47 @@ fn web_sessions_need_their_csrf_token_and_the_same_origin() {
 }
 
 #[test]
+fn behind_a_proxy_the_public_origin_is_the_page_s_own() {
+    let mut sb = Sandbox::new();
+    sb.env.push((
+        "AIRLOCK_REVIEW__PUBLIC_URL".into(),
+        "https://review.example/airlock/".into(),
+    ));
+    sb.start();
+    sb.submit_json(&insert_customer("insert-1", "run-a", 1, "Ada"));
+    sb.outcome_in("insert-1", "applied");
+    sb.submit_json(&delete("delete-1", "run-a", 1));
+    sb.outcome_in("delete-1", "awaiting_review");
+    let url = sb.review_url();
+    let token = sb.token("alice", "approver");
+    let signed_in = Client::new(&url)
+        .with("Origin", "https://review.example")
+        .post("/v1/session", &json!({"token": token}));
+    assert_eq!(signed_in.status, 200, "{}", signed_in.text());
+    let session = signed_in
+        .header("set-cookie")
+        .unwrap()
+        .split(';')
+        .next()
+        .unwrap()
+        .to_owned();
+    let csrf = signed_in.json()["csrf"].as_str().unwrap().to_owned();
+    let browser = Client::new(&url)
+        .with("Cookie", &session)
+        .with("X-Airlock-CSRF", &csrf);
+    let d = digest(&browser, "delete-1");
+    let elsewhere = browser
+        .with("Origin", "https://review.example.evil")
+        .post("/v1/intents/delete-1/approve", &json!({"digest": d}));
+    assert_eq!(elsewhere.status, 403);
+    let proxied = browser
+        .with("Origin", "https://review.example")
+        .post("/v1/intents/delete-1/approve", &json!({"digest": d}));
+    assert_eq!(proxied.status, 200, "{}", proxied.text());
+    sb.outcome_in("delete-1", "applied");
+}
+
+#[test]
 fn revoking_a_token_ends_its_sessions() {
     let (sb, url) = awaiting_review();
     let token = sb.token("alice", "approver");

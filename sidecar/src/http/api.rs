@@ -260,10 +260,13 @@ fn cross_site(headers: &HeaderMap, state: &AppState) -> ApiResult<()> {
         )));
     }
     if let Some(origin) = headers.get(header::ORIGIN) {
+        let origin = origin.to_str().ok();
         let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
         let scheme = if state.tls { "https" } else { "http" };
         let ours = host.map(|h| format!("{scheme}://{h}"));
-        if ours.as_deref() != origin.to_str().ok() {
+        // Behind a proxy, the page's origin is the public address.
+        let public = state.public_origin.as_deref();
+        if origin.is_none() || (origin != ours.as_deref() && origin != public) {
             return Err(ApiError::forbidden(
                 "cross-origin request refused: Origin is not this endpoint",
             ));

@@ -109,6 +109,8 @@ pub struct Shared {
     changes: watch::Receiver<i64>,
     stop: watch::Receiver<bool>,
     tls: bool,
+    /// `scheme://host[:port]` of `review.public_url`, an origin the page may have.
+    public_origin: Option<String>,
     max_rows: u64,
     undo_lock: tokio::sync::Mutex<()>,
     penalty: Semaphore,
@@ -282,6 +284,7 @@ impl Endpoint {
             changes,
             stop: stop_rx.clone(),
             tls: acceptor.is_some(),
+            public_origin: config.review.public_url.as_deref().and_then(origin_of),
             max_rows: config.apply.max_rows,
             undo_lock: tokio::sync::Mutex::new(()),
             penalty: Semaphore::new(MAX_PENALISED),
@@ -412,6 +415,12 @@ where
             let _ = connection.await;
         }
     }
+}
+
+/// The origin (`scheme://authority`) of a URL.
+fn origin_of(url: &str) -> Option<String> {
+    let uri: axum::http::Uri = url.parse().ok()?;
+    Some(format!("{}://{}", uri.scheme_str()?, uri.authority()?))
 }
 
 /// Completes once the endpoint is told to stop.
