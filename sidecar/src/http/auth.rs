@@ -12,7 +12,7 @@
 //! and dies with its token: each request looks the token's entry up again. Requests
 //! that change something and arrive with the cookie must carry the session's CSRF
 //! token in `X-Airlock-CSRF` and, when the browser says where they come from
-//! (`Origin`, `Sec-Fetch-Site`), come from the endpoint's own origin.
+//! (`Origin`, `Sec-Fetch-Site`), come from the endpoint's own origin or `review.public_url`.
 //!
 //! Failed authentications are counted in a one-minute window. Past
 //! [`FAILURES_BEFORE_THROTTLE`], each further failure waits before its answer (longer
