@@ -62,7 +62,7 @@ fn intent(i: usize, runs: usize) -> Vec<u8> {
 fn airlock(dir: &Path, n: usize, runs: usize) -> Duration {
     let target = dir.join("target.db");
     drop(open_sqlite(&target));
-    let config = Config {
+    let mut config = Config {
         intents: dir.join("intents"),
         state: dir.join("state"),
         targets: BTreeMap::from([(
@@ -71,6 +71,8 @@ fn airlock(dir: &Path, n: usize, runs: usize) -> Duration {
         )]),
         ..Config::default()
     };
+    // The review endpoint idles here; a free port keeps the bench off 8080.
+    config.review.listen = "127.0.0.1:0".to_owned();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
