@@ -287,6 +287,30 @@ fn approvers_see_a_preview_and_approve_only_the_digest_they_saw() {
 }
 
 #[test]
+fn previews_are_shared_for_a_moment_then_fresh() {
+    let (sb, url) = awaiting_review();
+    let client = Client::new(&url).bearer(&sb.token("alice", "viewer"));
+    let name = |c: &Client| {
+        c.get("/v1/intents/delete-1").json()["preview"]["ops"][0]["before"][0]["name"].clone()
+    };
+    let asked = std::time::Instant::now();
+    assert_eq!(name(&client), "Ada");
+    // The row changes behind Airlock's back.
+    rusqlite::Connection::open(sb.target())
+        .unwrap()
+        .execute("UPDATE customers SET name = 'Ada B.' WHERE id = 1", [])
+        .unwrap();
+    let again = name(&client);
+    if asked.elapsed() < Duration::from_millis(1500) {
+        assert_eq!(again, "Ada", "a page refreshing at once reuses the preview");
+    }
+    // A preview lasts two seconds; then the target is asked again.
+    eventually("a fresh preview", || {
+        (name(&client) == "Ada B.").then_some(())
+    });
+}
+
+#[test]
 fn lists_filter_and_page() {
     let mut sb = Sandbox::new();
     sb.start();

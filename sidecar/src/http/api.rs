@@ -460,7 +460,10 @@ pub async fn intent(
         .map_err(|e| ApiError::internal("reading the stored intent", e))?;
     let target = state.targets.get(&row.target).cloned();
     let (preview, applied) = if row.state.blocks_run() {
-        (preview(target, &row, state.max_rows).await, Value::Null)
+        (
+            state.previews.get(target, &row, state.max_rows).await,
+            Value::Null,
+        )
     } else if matches!(row.state, IntentState::Applied | IntentState::Undone) {
         (Value::Null, applied_images(target, &row).await)
     } else {
@@ -833,6 +836,57 @@ fn record_json(record: &Record) -> Value {
         "data": body["data"],
         "digest": record.digest,
     })
+}
+
+/// Recent previews, so pages refreshing on every queue change do not each run a
+/// transaction on the target: at most one preview per intent per [`PREVIEW_FRESH`],
+/// and at most [`PREVIEWS_AT_ONCE`] in flight.
+#[derive(Debug)]
+pub struct Previews {
+    recent: std::sync::Mutex<BTreeMap<String, (std::time::Instant, Value)>>,
+    running: tokio::sync::Semaphore,
+}
+
+/// How long a preview is shown before it is computed again.
+const PREVIEW_FRESH: Duration = Duration::from_secs(2);
+/// Previews running on targets at once.
+const PREVIEWS_AT_ONCE: usize = 4;
+
+impl Default for Previews {
+    fn default() -> Self {
+        Self {
+            recent: std::sync::Mutex::new(BTreeMap::new()),
+            running: tokio::sync::Semaphore::new(PREVIEWS_AT_ONCE),
+        }
+    }
+}
+
+impl Previews {
+    async fn get(&self, target: Option<Arc<dyn Target>>, row: &IntentRow, max_rows: u64) -> Value {
+        // The digest is part of the key: a preview is of exact bytes.
+        let key = format!("{}\n{}", row.id, row.digest);
+        let cached = |recent: &std::sync::Mutex<BTreeMap<String, (std::time::Instant, Value)>>| {
+            let recent = recent.lock().ok()?;
+            let (at, value) = recent.get(&key)?;
+            (at.elapsed() < PREVIEW_FRESH).then(|| value.clone())
+        };
+        if let Some(value) = cached(&self.recent) {
+            return value;
+        }
+        let Ok(_permit) = self.running.acquire().await else {
+            return json!({ "error": { "message": "previews are shut down" } });
+        };
+        // Another request may have computed it while this one waited.
+        if let Some(value) = cached(&self.recent) {
+            return value;
+        }
+        let value = preview(target, row, max_rows).await;
+        if let Ok(mut recent) = self.recent.lock() {
+            recent.retain(|_, (at, _)| at.elapsed() < PREVIEW_FRESH);
+            recent.insert(key, (std::time::Instant::now(), value.clone()));
+        }
+        value
+    }
 }
 
 /// What the intent would do to its target now, from a rolled-back transaction.

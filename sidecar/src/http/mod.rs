@@ -112,6 +112,7 @@ pub struct Shared {
     /// `scheme://host[:port]` of `review.public_url`, an origin the page may have.
     public_origin: Option<String>,
     max_rows: u64,
+    previews: api::Previews,
     undo_lock: tokio::sync::Mutex<()>,
     penalty: Semaphore,
 }
@@ -286,6 +287,7 @@ impl Endpoint {
             tls: acceptor.is_some(),
             public_origin: config.review.public_url.as_deref().and_then(origin_of),
             max_rows: config.apply.max_rows,
+            previews: api::Previews::default(),
             undo_lock: tokio::sync::Mutex::new(()),
             penalty: Semaphore::new(MAX_PENALISED),
         }));
