@@ -190,7 +190,7 @@ impl Pipeline {
                 intent,
                 run_counts,
                 digest: &row.digest,
-                keyid: None,
+                keyid: row.keyid.as_deref(),
                 file: &row.file,
                 target: &row.target,
                 preview,

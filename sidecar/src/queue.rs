@@ -251,6 +251,8 @@ pub struct IntentRow {
     pub not_before: i64,
     pub received_at: i64,
     pub updated_at: i64,
+    /// The keyid of the key that sealed the intent's envelope at intake.
+    pub keyid: Option<String>,
 }
 
 impl IntentRow {
@@ -263,7 +265,8 @@ impl IntentRow {
 }
 
 const INTENT_COLUMNS: &str = "seq, id, run, target, digest, payload, file, state, decision, \
-     approvals_needed, review_deadline, error, attempts, not_before, received_at, updated_at";
+     approvals_needed, review_deadline, error, attempts, not_before, received_at, updated_at, \
+     json_extract(envelope, '$.signatures[0].keyid')";
 
 fn intent_row(
     row: &Row<'_>,
@@ -289,6 +292,7 @@ fn intent_row(
             not_before: row.get(13)?,
             received_at: row.get(14)?,
             updated_at: row.get(15)?,
+            keyid: row.get(16)?,
         },
         state,
         decision,

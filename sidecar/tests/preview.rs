@@ -100,3 +100,34 @@ fn a_policy_reading_the_preview_reviews_gold_customers_and_denies_failures() {
     );
     assert!(sb.stop().success());
 }
+
+#[test]
+fn the_policy_sees_which_key_sealed_the_intent() {
+    let mut sb = Sandbox::new();
+    let policies = sb.dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(
+        policies.join("keyid.rego"),
+        "package airlock.authz\n\nallow := true\n\nreasons := [sprintf(\"sealed by %v\", [input.envelope.keyid])]\n",
+    )
+    .unwrap();
+    sb.extra_args = vec!["--policy".into(), policies.display().to_string()];
+    sb.start();
+    sb.submit_json(&set_tier("k-1", "run-k", 1, "gold"));
+    let outcome = sb.outcome_where("k-1", |o| o["decision"].is_object());
+    // The key that sealed it, as its `received` record names it.
+    let export = sb.cli(&["export", "--run", "run-k", "--out", "-"]);
+    let received = String::from_utf8(export.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+        .find(|r| r["event"] == "received")
+        .expect("a received record");
+    let keyid = received["data"]["keyid"].as_str().unwrap().to_owned();
+    assert!(keyid.starts_with("sha256:"), "{keyid}");
+    assert_eq!(
+        outcome["decision"]["reasons"],
+        json!([format!("sealed by {keyid}")]),
+        "{outcome:#}"
+    );
+}
