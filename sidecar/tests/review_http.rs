@@ -587,6 +587,37 @@ fn events_announce_changes() {
 }
 
 #[test]
+fn a_neighbour_hoarding_connections_starves_only_the_endpoint() {
+    let (sb, url) = awaiting_review();
+    let client = Client::new(&url).bearer(&sb.token("alice", "viewer"));
+    let authority = url.trim_start_matches("http://").to_owned();
+    // Fill every connection slot with sockets that never send a request.
+    let mut hoard: Vec<std::net::TcpStream> = Vec::new();
+    for _ in 0..256 {
+        hoard.push(std::net::TcpStream::connect(&authority).unwrap());
+    }
+    // One more is closed without an answer once the endpoint has seen them all.
+    eventually("the endpoint to refuse connections over its limit", || {
+        use std::io::{Read, Write};
+        let mut extra = std::net::TcpStream::connect(&authority).ok()?;
+        extra.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        let _ = extra.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+        let mut buf = [0u8; 64];
+        matches!(extra.read(&mut buf), Ok(0) | Err(_)).then_some(())
+    });
+    assert!(sb.log().contains("connection limit"));
+    // The rest of Airlock carries on: intents still arrive and apply.
+    sb.submit_json(&insert_customer("insert-2", "run-b", 2, "Grace"));
+    sb.outcome_in("insert-2", "applied");
+    // Once the hoard lets go, approvers get in again.
+    drop(hoard);
+    eventually("the endpoint to serve again", || {
+        let answer = std::panic::catch_unwind(|| client.get("/v1/intents").status).ok()?;
+        (answer == 200).then_some(())
+    });
+}
+
+#[test]
 fn the_openapi_document_lists_exactly_the_routes_served() {
     let doc: Value = serde_json::from_str(OPENAPI).unwrap();
     assert_eq!(doc["openapi"], "3.1.0");

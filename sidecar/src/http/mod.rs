@@ -53,6 +53,11 @@ const CHANGE_POLL: Duration = Duration::from_millis(250);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request body accepted (decisions and sign-ins are small).
 const MAX_BODY: usize = 64 * 1024;
+/// Connections served at once. More are closed as soon as they are accepted, so a
+/// neighbour opening sockets can starve the endpoint but never the rest of Airlock
+/// of file descriptors. Idle connections close after 30 s (hyper's header read
+/// timeout, which also bounds the wait between requests on a kept-alive connection).
+pub const MAX_CONNECTIONS: usize = 256;
 /// Failed sign-ins held waiting at once; past that they are answered at once.
 const MAX_PENALISED: usize = 64;
 
@@ -360,6 +365,7 @@ async fn accept_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut connections = tokio::task::JoinSet::new();
+    let mut saturated = false;
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -374,6 +380,20 @@ async fn accept_loop(
                 continue;
             }
         };
+        // Reap finished connections, then make room or refuse.
+        while connections.try_join_next().is_some() {}
+        if connections.len() >= MAX_CONNECTIONS {
+            if !saturated {
+                warn!(
+                    message = "review endpoint at its connection limit; closing new connections",
+                    limit = MAX_CONNECTIONS
+                );
+                saturated = true;
+            }
+            drop(stream);
+            continue;
+        }
+        saturated = false;
         let app = app.clone();
         let stop = stop.clone();
         let tls = tls.clone();
@@ -389,8 +409,6 @@ async fn accept_loop(
                 }
             }
         });
-        // Reap finished connections so the set does not grow.
-        while connections.try_join_next().is_some() {}
     }
     drop(listener);
     while connections.join_next().await.is_some() {}
