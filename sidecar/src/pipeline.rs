@@ -308,9 +308,10 @@ impl Pipeline {
     }
 
     /// Applies, for every run, the approved intents at its front: runs concurrently,
-    /// each run's chain in queue order, each intent in its own target transaction. A
-    /// chain stops at its first error, so nothing overtakes an intent that has to be
-    /// retried. Every result is then recorded in one queue commit.
+    /// each run's chain in queue order, in one target transaction per target (one
+    /// savepoint per intent). A chain stops at its first error, so nothing overtakes
+    /// an intent that has to be retried. Every result is then recorded in one queue
+    /// commit.
     fn apply(&mut self, report: &mut StepReport) -> Result<(), QueueError> {
         let chains = self.queue.apply_chains(now_ms(), CHAIN, BATCH)?;
         if chains.is_empty() {
@@ -442,16 +443,34 @@ impl Pipeline {
 
 /// Applies one run's chain in order, stopping after the first error (its result is
 /// the last one returned; the intents after it are left for a later step).
+/// Consecutive intents for the same target go to [`Target::apply_chain`] together,
+/// which applies them in one target transaction; a run that mixes targets is split
+/// where the target changes. A target's answer that ends in an error (or covers
+/// fewer intents than it was given) ends the chain: when a chain's transaction may
+/// not have committed, every intent it held is a transient error, and all of them
+/// are recorded.
 async fn apply_chain(chain: Vec<Job>) -> Vec<Result<Applied, ApplyError>> {
     let mut results = Vec::with_capacity(chain.len());
-    for job in chain {
-        let result = match job {
-            Ok((target, intent, meta)) => target.apply(&intent, &meta).await,
-            Err(error) => Err(error),
+    let mut jobs = chain.into_iter().peekable();
+    while let Some(job) = jobs.next() {
+        let (target, intent, meta) = match job {
+            Ok(job) => job,
+            Err(error) => {
+                results.push(Err(error));
+                break;
+            }
         };
-        let failed = result.is_err();
-        results.push(result);
-        if failed {
+        let mut group = vec![(intent, meta)];
+        while let Some(Ok((_, intent, meta))) =
+            jobs.next_if(|job| matches!(job, Ok((next, _, _)) if next.name() == target.name()))
+        {
+            group.push((intent, meta));
+        }
+        let group_results = target.apply_chain(&group).await;
+        let complete =
+            group_results.len() == group.len() && group_results.iter().all(Result::is_ok);
+        results.extend(group_results);
+        if !complete {
             break;
         }
     }
