@@ -506,6 +506,71 @@ pub fn backoff_ms(attempts: u32, max_ms: u64, id: &str) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::apply::SqliteTarget;
+
+    fn job(target: &Arc<dyn Target>, id: &str, table: &str) -> Job {
+        let intent: Intent = serde_json::from_value(json!({
+            "version": 1, "id": id, "run": "r", "target": target.name(),
+            "ops": [{"op": "insert", "table": table, "values": {"id": id}}],
+            "reason": "test", "provenance": {"agent": "test"},
+        }))
+        .unwrap();
+        Ok((
+            Arc::clone(target),
+            intent,
+            ApplyMeta::new(format!("sha256:{id}")),
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_chain_is_split_where_its_target_changes_and_stops_at_the_first_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = |name: &str| -> Arc<dyn Target> {
+            let target = SqliteTarget::open(name, dir.path().join(format!("{name}.db"))).unwrap();
+            let conn = rusqlite::Connection::open(target.path()).unwrap();
+            conn.execute_batch("CREATE TABLE t(id TEXT PRIMARY KEY)")
+                .unwrap();
+            Arc::new(target)
+        };
+        let (a, b) = (open("a"), open("b"));
+        let results = apply_chain(vec![
+            job(&a, "1", "t"),
+            job(&a, "2", "t"),
+            job(&b, "3", "t"),
+            job(&a, "4", "t"),
+        ])
+        .await;
+        let ids: Vec<&str> = results
+            .iter()
+            .map(|r| r.as_ref().unwrap().ledger.intent_id.as_str())
+            .collect();
+        assert_eq!(ids, ["1", "2", "3", "4"]);
+        assert!(b.ledger_entry("3").await.unwrap().is_some());
+        assert!(a.ledger_entry("4").await.unwrap().is_some());
+
+        // A failure in one group ends the chain: later groups are not tried.
+        let results = apply_chain(vec![
+            job(&a, "5", "t"),
+            job(&a, "6", "missing"),
+            job(&b, "7", "t"),
+        ])
+        .await;
+        assert_eq!(results.len(), 2);
+        assert!(results[0].is_ok());
+        assert_eq!(results[1].as_ref().unwrap_err().kind, ErrorKind::Permanent);
+        assert!(b.ledger_entry("7").await.unwrap().is_none());
+
+        // So does a job that cannot be prepared.
+        let results = apply_chain(vec![
+            job(&b, "8", "t"),
+            Err(ApplyError::permanent("unknown target")),
+            job(&b, "9", "t"),
+        ])
+        .await;
+        assert_eq!(results.len(), 2);
+        assert!(results[1].is_err());
+        assert!(b.ledger_entry("9").await.unwrap().is_none());
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {
