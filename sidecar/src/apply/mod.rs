@@ -17,6 +17,15 @@
 //! classifying driver errors are each target module's. The ledger is the table
 //! `airlock_ledger` in an SQLite target and `airlock.ledger` in a PostgreSQL one.
 //!
+//! A run's consecutive intents can share one transaction ([`Target::apply_chain`]):
+//! each runs exactly what [`Target::apply`] runs inside a savepoint of its own, an
+//! intent that fails is rolled back to its savepoint (its writes and its ledger row
+//! vanish; the intents before it stay) and ends the chain, and one commit makes the
+//! rest durable. Each intent is still all-or-nothing with its ledger row, so the
+//! ledger still makes every retry exactly-once; a chain only saves commits. When the
+//! commit's outcome is unknown (connection lost, an I/O error), every intent of the
+//! chain that is not certain is reported as a transient error, never as applied.
+//!
 //! Undo ([`Target::undo`]) reverts intents from their ledger rows' images in one
 //! transaction per call, checking each row still holds its after-image first, and
 //! marks each ledger row undone (`undone_at_ms`, ledger version 2) in that same

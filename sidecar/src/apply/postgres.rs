@@ -3,11 +3,22 @@
 //!
 //! What it guarantees in the database:
 //! - **One transaction per intent.** Every op, and the ledger row, run in one
-//!   `READ COMMITTED` transaction. Rows an update or delete touches are first read
-//!   `FOR UPDATE` (their before-images), then written by their physical address
-//!   (`tableoid`, `ctid`), so the images and the writes are the same row versions
-//!   whatever other sessions do. Any error rolls the transaction back: there are
+//!   `READ COMMITTED` transaction (or in one savepoint of a chain's, below). Rows an
+//!   update or delete touches are first read `FOR UPDATE` (their before-images),
+//!   then written by their physical address (`tableoid`, `ctid`), so the images
+//!   and the writes are the same row versions whatever other sessions do. Any error rolls the transaction back: there are
 //!   never partial writes.
+//! - **A chain is one transaction.** [`Target::apply_chain`] runs a run's
+//!   consecutive intents in one transaction (at most 64 intents each), each
+//!   under `SAVEPOINT airlock_intent` running exactly what apply runs; a failing
+//!   intent is rolled back to its savepoint and ends the chain, and one COMMIT makes
+//!   the rest durable. If the connection is lost, the rollback to the savepoint
+//!   fails, or the COMMIT gets no answer, every intent of the chain not already in
+//!   the ledger before it is a transient error (the retry waits on the intent locks
+//!   the old transaction holds until the server has finished it, then finds the
+//!   ledger rows of a commit that landed). If the server refuses the COMMIT (a
+//!   deferred constraint), nothing was written and the chain is applied again one
+//!   transaction per intent, so the intent to blame fails alone.
 //! - **Exactly once.** The ledger (`airlock.ledger`, one row per applied intent with
 //!   its undo images) is written in that same transaction. Before reading it, the
 //!   transaction takes an advisory lock on the intent id, so a concurrent apply of

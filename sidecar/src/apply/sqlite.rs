@@ -365,6 +365,11 @@ fn chain_transaction(conn: &mut Connection, name: &str, chain: &[(Intent, ApplyM
     };
     let mut results = Vec::with_capacity(chain.len());
     for (intent, meta) in chain {
+        // Defensive: a SAVEPOINT outside a transaction would begin one of its own,
+        // which its RELEASE would commit.
+        if tx.is_autocommit() {
+            return ChainEnd::RolledBack;
+        }
         if let Err(error) = check_target(name, intent) {
             results.push(Err(error));
             break;
