@@ -6,8 +6,8 @@
 //!   `READ COMMITTED` transaction (or in one savepoint of a chain's, below). Rows an
 //!   update or delete touches are first read `FOR UPDATE` (their before-images),
 //!   then written by their physical address (`tableoid`, `ctid`), so the images
-//!   and the writes are the same row versions whatever other sessions do. Any error rolls the transaction back: there are
-//!   never partial writes.
+//!   and the writes are the same row versions whatever other sessions do. Any error
+//!   rolls the transaction back: there are never partial writes.
 //! - **A chain is one transaction.** [`Target::apply_chain`] runs a run's
 //!   consecutive intents in one transaction (at most 64 intents each), each
 //!   under `SAVEPOINT airlock_intent` running exactly what apply runs; a failing
