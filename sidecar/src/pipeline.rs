@@ -308,9 +308,10 @@ impl Pipeline {
     }
 
     /// Applies, for every run, the approved intents at its front: runs concurrently,
-    /// each run's chain in queue order, each intent in its own target transaction. A
-    /// chain stops at its first error, so nothing overtakes an intent that has to be
-    /// retried. Every result is then recorded in one queue commit.
+    /// each run's chain in queue order, in one target transaction per target (one
+    /// savepoint per intent). A chain stops at its first error, so nothing overtakes
+    /// an intent that has to be retried. Every result is then recorded in one queue
+    /// commit.
     fn apply(&mut self, report: &mut StepReport) -> Result<(), QueueError> {
         let chains = self.queue.apply_chains(now_ms(), CHAIN, BATCH)?;
         if chains.is_empty() {
@@ -442,16 +443,34 @@ impl Pipeline {
 
 /// Applies one run's chain in order, stopping after the first error (its result is
 /// the last one returned; the intents after it are left for a later step).
+/// Consecutive intents for the same target go to [`Target::apply_chain`] together,
+/// which applies them in one target transaction; a run that mixes targets is split
+/// where the target changes. A target's answer that ends in an error (or covers
+/// fewer intents than it was given) ends the chain: when a chain's transaction may
+/// not have committed, every intent it held is a transient error, and all of them
+/// are recorded.
 async fn apply_chain(chain: Vec<Job>) -> Vec<Result<Applied, ApplyError>> {
     let mut results = Vec::with_capacity(chain.len());
-    for job in chain {
-        let result = match job {
-            Ok((target, intent, meta)) => target.apply(&intent, &meta).await,
-            Err(error) => Err(error),
+    let mut jobs = chain.into_iter().peekable();
+    while let Some(job) = jobs.next() {
+        let (target, intent, meta) = match job {
+            Ok(job) => job,
+            Err(error) => {
+                results.push(Err(error));
+                break;
+            }
         };
-        let failed = result.is_err();
-        results.push(result);
-        if failed {
+        let mut group = vec![(intent, meta)];
+        while let Some(Ok((_, intent, meta))) =
+            jobs.next_if(|job| matches!(job, Ok((next, _, _)) if next.name() == target.name()))
+        {
+            group.push((intent, meta));
+        }
+        let group_results = target.apply_chain(&group).await;
+        let complete =
+            group_results.len() == group.len() && group_results.iter().all(Result::is_ok);
+        results.extend(group_results);
+        if !complete {
             break;
         }
     }
@@ -487,6 +506,71 @@ pub fn backoff_ms(attempts: u32, max_ms: u64, id: &str) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::apply::SqliteTarget;
+
+    fn job(target: &Arc<dyn Target>, id: &str, table: &str) -> Job {
+        let intent: Intent = serde_json::from_value(json!({
+            "version": 1, "id": id, "run": "r", "target": target.name(),
+            "ops": [{"op": "insert", "table": table, "values": {"id": id}}],
+            "reason": "test", "provenance": {"agent": "test"},
+        }))
+        .unwrap();
+        Ok((
+            Arc::clone(target),
+            intent,
+            ApplyMeta::new(format!("sha256:{id}")),
+        ))
+    }
+
+    #[tokio::test]
+    async fn a_chain_is_split_where_its_target_changes_and_stops_at_the_first_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = |name: &str| -> Arc<dyn Target> {
+            let target = SqliteTarget::open(name, dir.path().join(format!("{name}.db"))).unwrap();
+            let conn = rusqlite::Connection::open(target.path()).unwrap();
+            conn.execute_batch("CREATE TABLE t(id TEXT PRIMARY KEY)")
+                .unwrap();
+            Arc::new(target)
+        };
+        let (a, b) = (open("a"), open("b"));
+        let results = apply_chain(vec![
+            job(&a, "1", "t"),
+            job(&a, "2", "t"),
+            job(&b, "3", "t"),
+            job(&a, "4", "t"),
+        ])
+        .await;
+        let ids: Vec<&str> = results
+            .iter()
+            .map(|r| r.as_ref().unwrap().ledger.intent_id.as_str())
+            .collect();
+        assert_eq!(ids, ["1", "2", "3", "4"]);
+        assert!(b.ledger_entry("3").await.unwrap().is_some());
+        assert!(a.ledger_entry("4").await.unwrap().is_some());
+
+        // A failure in one group ends the chain: later groups are not tried.
+        let results = apply_chain(vec![
+            job(&a, "5", "t"),
+            job(&a, "6", "missing"),
+            job(&b, "7", "t"),
+        ])
+        .await;
+        assert_eq!(results.len(), 2);
+        assert!(results[0].is_ok());
+        assert_eq!(results[1].as_ref().unwrap_err().kind, ErrorKind::Permanent);
+        assert!(b.ledger_entry("7").await.unwrap().is_none());
+
+        // So does a job that cannot be prepared.
+        let results = apply_chain(vec![
+            job(&b, "8", "t"),
+            Err(ApplyError::permanent("unknown target")),
+            job(&b, "9", "t"),
+        ])
+        .await;
+        assert_eq!(results.len(), 2);
+        assert!(results[1].is_err());
+        assert!(b.ledger_entry("9").await.unwrap().is_none());
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {

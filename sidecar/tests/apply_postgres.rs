@@ -1302,3 +1302,461 @@ async fn preview_of_a_failing_intent_is_its_error_and_writes_nothing() {
     assert_eq!(err.code.as_deref(), Some("23514"), "{err}");
     assert_eq!(snapshot(&db.db).await, before);
 }
+
+// ---- Chains: several intents of a run in one transaction ----------------------------
+
+/// Each intent with its metadata, as a chain.
+fn chain(intents: &[Intent]) -> Vec<(Intent, ApplyMeta)> {
+    intents.iter().map(|i| (i.clone(), meta(i))).collect()
+}
+
+/// Five intents where each depends on the ones before it.
+fn five_in_order() -> Vec<Intent> {
+    vec![
+        intent(
+            "c-1",
+            json!([{"op": "insert", "table": "customers", "values": {"id": 30, "name": "Edsger"}}]),
+        ),
+        intent(
+            "c-2",
+            json!([{"op": "insert", "table": "orders",
+                    "values": {"id": 10, "customer_id": 30, "total_cents": 100, "status": "open"}}]),
+        ),
+        intent(
+            "c-3",
+            json!([{"op": "update", "table": "orders", "key": {"id": 10},
+                    "expect": {"status": "open"}, "set": {"status": "paid"}}]),
+        ),
+        intent(
+            "c-4",
+            json!([{"op": "insert", "table": "events", "values": {"message": "c-4"}}]),
+        ),
+        intent(
+            "c-5",
+            json!([{"op": "delete", "table": "orders", "key": {"id": 10}, "expect": {"status": "paid"}}]),
+        ),
+    ]
+}
+
+async fn ledger_ids(db: &TestDb) -> Vec<Value> {
+    db.rows("SELECT intent_id FROM airlock.ledger ORDER BY intent_id")
+        .await
+        .into_iter()
+        .map(|r| r["intent_id"].clone())
+        .collect()
+}
+
+/// Applies `chain` as the pipeline does until every intent is applied: the `Ok`s
+/// of an answer are done, the intents from its first error on are tried again.
+/// Every error on the way must be transient, and no `Ok` may follow an error.
+/// Answers each intent's final result and the errors met.
+async fn apply_chain_until_ok(
+    target: &dyn Target,
+    chain: &[(Intent, ApplyMeta)],
+) -> (Vec<Applied>, Vec<ApplyError>) {
+    let mut done = Vec::new();
+    let mut failures = Vec::new();
+    for _ in 0..50 {
+        if done.len() == chain.len() {
+            return (done, failures);
+        }
+        let results = target.apply_chain(&chain[done.len()..]).await;
+        assert!(!results.is_empty());
+        assert!(results.len() <= chain.len() - done.len());
+        let mut failed = false;
+        for result in results {
+            match result {
+                Ok(applied) => {
+                    assert!(!failed, "an applied intent after a failed one");
+                    done.push(applied);
+                }
+                Err(e) => {
+                    assert_eq!(e.kind, ErrorKind::Transient, "{e}");
+                    failed = true;
+                    failures.push(e);
+                }
+            }
+        }
+    }
+    panic!("the chain did not apply in 50 attempts: {failures:?}");
+}
+
+#[tokio::test]
+async fn a_chain_applies_in_order_with_every_ledger_row() {
+    let db = setup().await;
+    // Note the (top-level) transaction of every ledger row written.
+    db.target.ledger_entry("-").await.unwrap();
+    db.db
+        .client
+        .batch_execute(
+            "CREATE TABLE txs(tx bigint);
+             CREATE FUNCTION note_tx() RETURNS trigger LANGUAGE plpgsql AS
+               $$ BEGIN INSERT INTO public.txs VALUES (txid_current()); RETURN NEW; END $$;
+             CREATE TRIGGER note_tx AFTER INSERT ON airlock.ledger
+               FOR EACH ROW EXECUTE FUNCTION note_tx();",
+        )
+        .await
+        .unwrap();
+    let intents = five_in_order();
+    let results = db.target.apply_chain(&chain(&intents)).await;
+    assert_eq!(results.len(), 5);
+    for (result, i) in results.iter().zip(&intents) {
+        let applied = result.as_ref().unwrap();
+        assert!(!applied.already);
+        assert_eq!(applied.ledger.intent_id, i.id.as_str());
+        assert_eq!(applied.ops.len(), 1);
+        assert_eq!(applied.ops[0].rows, 1);
+    }
+    assert_eq!(
+        db.db
+            .value("SELECT name FROM customers WHERE id = 30")
+            .await,
+        json!("Edsger")
+    );
+    assert_eq!(
+        db.db
+            .value("SELECT count(*) FROM orders WHERE id = 10")
+            .await,
+        json!(0)
+    );
+    assert_eq!(events_named(&db.db, "c-4").await, json!(1));
+    assert_eq!(
+        ledger_ids(&db.db).await,
+        vec![
+            json!("c-1"),
+            json!("c-2"),
+            json!("c-3"),
+            json!("c-4"),
+            json!("c-5")
+        ]
+    );
+    // One transaction wrote every ledger row.
+    assert_eq!(
+        db.db
+            .rows("SELECT count(*) AS rows, count(DISTINCT tx) AS txs FROM txs")
+            .await,
+        vec![json!({"rows": 5, "txs": 1})]
+    );
+    let third = db.target.ledger_entry("c-3").await.unwrap().unwrap();
+    assert_eq!(third.digest, meta(&intents[2]).digest);
+    assert_eq!(third.undo.len(), 1);
+    assert_eq!(
+        third.undo[0].before.as_ref().unwrap()["status"],
+        json!("open")
+    );
+    assert_eq!(
+        third.undo[0].after.as_ref().unwrap()["status"],
+        json!("paid")
+    );
+    let again = db.target.apply_chain(&chain(&intents)).await;
+    assert_eq!(again.len(), 5);
+    assert!(again.iter().all(|r| r.as_ref().unwrap().already));
+}
+
+#[tokio::test]
+async fn a_chain_stops_at_a_failing_intent_and_commits_the_ones_before() {
+    let db = setup().await;
+    let mut intents = five_in_order();
+    // The third intent writes an event, then breaks a CHECK constraint.
+    intents[2] = intent(
+        "c-3",
+        json!([
+            {"op": "insert", "table": "events", "values": {"message": "c-3"}},
+            {"op": "update", "table": "orders", "key": {"id": 10}, "set": {"total_cents": -1}},
+        ]),
+    );
+    let results = db.target.apply_chain(&chain(&intents)).await;
+    assert_eq!(results.len(), 3, "{results:?}");
+    assert!(!results[0].as_ref().unwrap().already);
+    assert!(!results[1].as_ref().unwrap().already);
+    let err = results[2].as_ref().unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Permanent, "{err}");
+    assert_eq!(err.op, Some(1), "{err}");
+    assert_eq!(err.code.as_deref(), Some("23514"), "{err}");
+    assert_eq!(
+        db.db
+            .rows("SELECT id, total_cents, status FROM orders WHERE id = 10")
+            .await,
+        vec![json!({"id": 10, "total_cents": 100, "status": "open"})]
+    );
+    assert_eq!(events_named(&db.db, "c-3").await, json!(0));
+    assert_eq!(events_named(&db.db, "c-4").await, json!(0));
+    assert_eq!(ledger_ids(&db.db).await, vec![json!("c-1"), json!("c-2")]);
+}
+
+#[tokio::test]
+async fn a_value_that_does_not_convert_in_a_chain_is_explained_after_the_commit() {
+    let db = setup().await;
+    let intents = [
+        intent(
+            "v-1",
+            json!([{"op": "insert", "table": "events", "values": {"message": "v-1"}}]),
+        ),
+        intent(
+            "v-2",
+            json!([
+                {"op": "insert", "table": "events", "values": {"message": "v-2"}},
+                {"op": "insert", "table": "typed", "values": {"id": UUID, "i4": "abc"}},
+            ]),
+        ),
+    ];
+    let results = db.target.apply_chain(&chain(&intents)).await;
+    assert_eq!(results.len(), 2, "{results:?}");
+    assert!(results[0].is_ok());
+    let err = results[1].as_ref().unwrap_err();
+    assert_eq!(err.code.as_deref(), Some("22P02"), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("op 1 (insert typed): values: column \"i4\" of type integer cannot take"),
+        "{err}"
+    );
+    assert_eq!(events_named(&db.db, "v-1").await, json!(1));
+    assert_eq!(events_named(&db.db, "v-2").await, json!(0));
+}
+
+#[tokio::test]
+async fn a_chain_answers_already_for_an_intent_in_the_ledger() {
+    let db = setup().await;
+    let intents = five_in_order();
+    let first = db
+        .target
+        .apply(&intents[0], &meta(&intents[0]))
+        .await
+        .unwrap();
+    let results = db.target.apply_chain(&chain(&intents[..3])).await;
+    assert_eq!(results.len(), 3);
+    let already = results[0].as_ref().unwrap();
+    assert!(already.already);
+    assert!(already.ops.is_empty());
+    assert_eq!(already.ledger, first.ledger);
+    assert!(!results[1].as_ref().unwrap().already);
+    assert!(!results[2].as_ref().unwrap().already);
+    let results = db.target.apply_chain(&chain(&intents[2..])).await;
+    let flags: Vec<bool> = results
+        .iter()
+        .map(|r| r.as_ref().unwrap().already)
+        .collect();
+    assert_eq!(flags, vec![true, false, false]);
+    assert_eq!(ledger_ids(&db.db).await.len(), 5);
+    assert_eq!(
+        db.db
+            .value("SELECT count(*) FROM customers WHERE id = 30")
+            .await,
+        json!(1)
+    );
+}
+
+#[tokio::test]
+async fn a_deferred_constraint_refused_at_commit_fails_only_its_intent() {
+    let db = setup().await;
+    db.db
+        .client
+        .batch_execute(
+            "CREATE TABLE lines(id integer PRIMARY KEY, order_id integer
+                 REFERENCES orders(id) DEFERRABLE INITIALLY DEFERRED)",
+        )
+        .await
+        .unwrap();
+    let line = |id: &str, line: i64, order: i64| {
+        intent(
+            id,
+            json!([{"op": "insert", "table": "lines", "values": {"id": line, "order_id": order}}]),
+        )
+    };
+    let intents = [line("l-1", 1, 7), line("l-2", 2, 999), line("l-3", 3, 8)];
+    let results = db.target.apply_chain(&chain(&intents)).await;
+    assert_eq!(results.len(), 2, "{results:?}");
+    assert!(!results[0].as_ref().unwrap().already);
+    let err = results[1].as_ref().unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Permanent, "{err}");
+    assert_eq!(err.code.as_deref(), Some("23503"), "{err}");
+    assert_eq!(
+        db.db.rows("SELECT id FROM lines").await,
+        vec![json!({"id": 1})]
+    );
+    assert_eq!(ledger_ids(&db.db).await, vec![json!("l-1")]);
+}
+
+#[tokio::test]
+async fn a_connection_cut_mid_chain_is_transient_for_every_intent_and_the_retries_apply_once() {
+    let db = setup().await;
+    let (proxy, target) = through_proxy(&db.db, 2).await;
+    target.ledger_entry("-").await.unwrap();
+
+    // Hold order 7, so the chain stops in its third intent, mid-transaction.
+    let mut holder = pg::connect(&db.db.url).await;
+    let hold = holder.transaction().await.unwrap();
+    hold.batch_execute("SELECT * FROM orders WHERE id = 7 FOR UPDATE")
+        .await
+        .unwrap();
+    let intents = [
+        two_step_free("k-1"),
+        two_step_free("k-2"),
+        two_step("k-3"),
+        two_step_free("k-4"),
+    ];
+    let links = chain(&intents);
+    let task = {
+        let (target, links) = (Arc::clone(&target), links.clone());
+        tokio::spawn(async move { target.apply_chain(&links).await })
+    };
+    db.db.wait_for_airlock_blocked().await;
+    proxy.cut_all();
+    let results = task.await.unwrap();
+    // The first two ran in the lost transaction: they are not applied, and say so.
+    assert_eq!(results.len(), 3, "{results:?}");
+    for result in &results {
+        let err = result.as_ref().unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Transient, "{err}");
+    }
+    assert!(ledger_ids(&db.db).await.is_empty());
+    assert_eq!(events_named(&db.db, "k-1").await, json!(0));
+    hold.rollback().await.unwrap();
+
+    let (applied, _) = apply_chain_until_ok(&*target, &links).await;
+    assert!(applied.iter().all(|a| !a.already));
+    for i in &intents {
+        assert_eq!(events_named(&db.db, i.id.as_str()).await, json!(1));
+    }
+    assert_eq!(ledger_ids(&db.db).await.len(), 4);
+    let again = target.apply_chain(&links).await;
+    assert!(again.iter().all(|r| r.as_ref().unwrap().already));
+}
+
+#[tokio::test]
+async fn a_chain_commit_lost_in_flight_is_transient_and_the_retry_finds_the_ledger() {
+    let db = setup().await;
+    let (proxy, target) = through_proxy(&db.db, 1).await;
+    target.ledger_entry("-").await.unwrap();
+
+    // COMMIT reaches the server, the answer never comes back: it did commit.
+    let intents = [
+        two_step_free("a-1"),
+        two_step_free("a-2"),
+        two_step_free("a-3"),
+    ];
+    let links = chain(&intents);
+    proxy.cut_on(b"COMMIT", true);
+    let results = target.apply_chain(&links).await;
+    assert_eq!(proxy.cuts(), 1);
+    assert_eq!(results.len(), 3, "{results:?}");
+    for result in &results {
+        let err = result.as_ref().unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Transient, "{err}");
+        assert!(err.to_string().contains("may or may not be"), "{err}");
+    }
+    // The retry waits on the intents' locks until the server has finished the old
+    // transaction, then finds their ledger rows.
+    let (applied, _) = apply_chain_until_ok(&*target, &links).await;
+    assert!(applied.iter().all(|a| a.already), "{applied:?}");
+    for i in &intents {
+        assert_eq!(events_named(&db.db, i.id.as_str()).await, json!(1));
+    }
+
+    // COMMIT never reaches the server: nothing committed, the retry applies.
+    let intents = [two_step_free("b-1"), two_step_free("b-2")];
+    let links = chain(&intents);
+    proxy.cut_on(b"COMMIT", false);
+    let results = target.apply_chain(&links).await;
+    assert_eq!(proxy.cuts(), 2);
+    assert_eq!(results.len(), 2, "{results:?}");
+    assert!(
+        results
+            .iter()
+            .all(|r| r.as_ref().unwrap_err().is_transient())
+    );
+    let (applied, _) = apply_chain_until_ok(&*target, &links).await;
+    assert!(applied.iter().all(|a| !a.already));
+    for i in &intents {
+        assert_eq!(events_named(&db.db, i.id.as_str()).await, json!(1));
+    }
+    assert_eq!(ledger_ids(&db.db).await.len(), 5);
+}
+
+#[tokio::test]
+async fn cutting_a_chain_at_every_few_bytes_never_applies_twice_or_loses_an_intent() {
+    let db = setup().await;
+    let (proxy, target) = through_proxy(&db.db, 1).await;
+    target.ledger_entry("-").await.unwrap();
+    // Ids of one length, tags keyed by name: every chain sends as many bytes.
+    let links = |round: &str| {
+        chain(
+            &(1..=3)
+                .map(|k| {
+                    let id = format!("x-{round}-{k}");
+                    intent(
+                        &id,
+                        json!([{"op": "insert", "table": "tags", "values": {"name": id}}]),
+                    )
+                })
+                .collect::<Vec<_>>(),
+        )
+    };
+    let mut per_chain = 0;
+    for probe in ["p0001", "p0002"] {
+        let start = proxy.sent();
+        let results = target.apply_chain(&links(probe)).await;
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+        per_chain = proxy.sent() - start;
+    }
+    assert!(per_chain > 300, "{per_chain}");
+    // Every 7th byte, and every byte of the end (COMMIT) and past it.
+    let offsets: Vec<u64> = (0..per_chain.saturating_sub(48))
+        .step_by(7)
+        .chain(per_chain.saturating_sub(48)..=per_chain + 24)
+        .collect();
+    let mut ambiguous = 0;
+    for &n in &offsets {
+        let round = format!("{n:05}");
+        let chain = links(&round);
+        proxy.cut_after(n);
+        let first = target.apply_chain(&chain).await;
+        proxy.disarm();
+        let mut failed = false;
+        for result in &first {
+            match result {
+                Ok(applied) => assert!(!failed && !applied.already, "{round}: {first:?}"),
+                Err(e) => {
+                    assert_eq!(e.kind, ErrorKind::Transient, "{round}: {e}");
+                    failed = true;
+                }
+            }
+        }
+        let done = first.iter().take_while(|r| r.is_ok()).count();
+        let (rest, _) = apply_chain_until_ok(&*target, &chain[done..]).await;
+        if rest.iter().any(|a| a.already) {
+            ambiguous += 1;
+        }
+        for (i, _) in &chain {
+            let count = format!("SELECT count(*) FROM tags WHERE name = '{}'", i.id.as_str());
+            assert_eq!(db.db.value(&count).await, json!(1), "{round}");
+        }
+    }
+    let within = offsets.iter().filter(|&&n| n <= per_chain).count() as u64;
+    assert!(
+        proxy.cuts() >= within,
+        "{} cuts, {within} offsets",
+        proxy.cuts()
+    );
+    assert!(
+        ambiguous > 0,
+        "no cut landed between COMMIT reaching the server and its answer"
+    );
+    assert_eq!(
+        db.db
+            .value("SELECT count(*) FROM airlock.ledger WHERE intent_id LIKE 'x-%'")
+            .await,
+        json!(3 * (offsets.len() + 2))
+    );
+}
+
+/// An intent that inserts two events and touches no shared row.
+fn two_step_free(id: &str) -> Intent {
+    intent(
+        id,
+        json!([
+            {"op": "insert", "table": "events", "values": {"message": id}},
+            {"op": "insert", "table": "events", "values": {"message": format!("{id}/2")}},
+        ]),
+    )
+}

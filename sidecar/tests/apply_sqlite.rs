@@ -802,3 +802,239 @@ async fn preview_of_a_failing_intent_is_its_error_and_writes_nothing() {
     assert_eq!(snapshot(&db.path), before);
     assert!(ledger_rows(&db.path).is_empty());
 }
+
+// ---- Chains: several intents of a run in one transaction ----------------------------
+
+/// Each intent with its metadata, as a chain.
+fn chain(intents: &[Intent]) -> Vec<(Intent, ApplyMeta)> {
+    intents.iter().map(|i| (i.clone(), meta(i))).collect()
+}
+
+/// Five intents where each depends on the ones before it.
+fn five_in_order() -> Vec<Intent> {
+    vec![
+        intent(
+            "c-1",
+            json!([{"op": "insert", "table": "customers", "values": {"id": 3, "name": "Edsger"}}]),
+        ),
+        intent(
+            "c-2",
+            json!([{"op": "insert", "table": "orders",
+                    "values": {"id": 10, "customer_id": 3, "total_cents": 100, "status": "open"}}]),
+        ),
+        intent(
+            "c-3",
+            json!([{"op": "update", "table": "orders", "key": {"id": 10},
+                    "expect": {"status": "open"}, "set": {"status": "paid"}}]),
+        ),
+        intent(
+            "c-4",
+            json!([{"op": "insert", "table": "events", "values": {"message": "c-4"}}]),
+        ),
+        intent(
+            "c-5",
+            json!([{"op": "delete", "table": "orders", "key": {"id": 10}, "expect": {"status": "paid"}}]),
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn a_chain_applies_in_order_with_every_ledger_row() {
+    let db = setup();
+    let intents = five_in_order();
+    let results = db.target.apply_chain(&chain(&intents)).await;
+    assert_eq!(results.len(), 5);
+    for (result, i) in results.iter().zip(&intents) {
+        let applied = result.as_ref().unwrap();
+        assert!(!applied.already);
+        assert_eq!(applied.ledger.intent_id, i.id.as_str());
+        assert_eq!(applied.ops.len(), 1);
+        assert_eq!(applied.ops[0].rows, 1);
+    }
+    // c-3 saw c-2's row and c-5 saw c-3's update: they ran in order.
+    assert_eq!(
+        rows(&db.path, "SELECT id, name FROM customers WHERE id = 3"),
+        vec![json!([3, "Edsger"])]
+    );
+    assert!(rows(&db.path, "SELECT * FROM orders WHERE id = 10").is_empty());
+    assert_eq!(
+        rows(&db.path, "SELECT message FROM events"),
+        vec![json!(["c-4"])]
+    );
+    let ledger = ledger_rows(&db.path);
+    assert_eq!(ledger.len(), 5);
+    for (row, i) in ledger.iter().zip(&intents) {
+        assert_eq!(row[0], json!(i.id.as_str()));
+        assert_eq!(row[2], json!(meta(i).digest));
+    }
+    // Each ledger row holds its own intent's images.
+    let third = db.target.ledger_entry("c-3").await.unwrap().unwrap();
+    assert_eq!(third.undo.len(), 1);
+    assert_eq!(
+        third.undo[0].before.as_ref().unwrap()["status"],
+        json!("open")
+    );
+    assert_eq!(
+        third.undo[0].after.as_ref().unwrap()["status"],
+        json!("paid")
+    );
+    // Applying the chain again writes nothing.
+    let again = db.target.apply_chain(&chain(&intents)).await;
+    assert_eq!(again.len(), 5);
+    assert!(again.iter().all(|r| r.as_ref().unwrap().already));
+    assert_eq!(ledger_rows(&db.path).len(), 5);
+}
+
+#[tokio::test]
+async fn a_chain_stops_at_a_failing_intent_and_commits_the_ones_before() {
+    let db = setup();
+    let mut intents = five_in_order();
+    // The third intent writes an event, then fails: order 99 does not exist.
+    intents[2] = intent(
+        "c-3",
+        json!([
+            {"op": "insert", "table": "events", "values": {"message": "c-3"}},
+            {"op": "update", "table": "orders", "key": {"id": 99}, "set": {"status": "paid"}},
+        ]),
+    );
+    let results = db.target.apply_chain(&chain(&intents)).await;
+    assert_eq!(results.len(), 3, "{results:?}");
+    assert!(!results[0].as_ref().unwrap().already);
+    assert!(!results[1].as_ref().unwrap().already);
+    let err = results[2].as_ref().unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Permanent, "{err}");
+    assert_eq!(err.op, Some(1), "{err}");
+    assert_eq!(err.code.as_deref(), Some(codes::NO_ROW), "{err}");
+    // The first two are committed; the third's event and the rest are not written.
+    assert_eq!(
+        rows(&db.path, "SELECT id, status FROM orders WHERE id = 10"),
+        vec![json!([10, "open"])]
+    );
+    assert!(rows(&db.path, "SELECT * FROM events").is_empty());
+    assert_eq!(
+        ledger_rows(&db.path)
+            .iter()
+            .map(|r| r[0].clone())
+            .collect::<Vec<_>>(),
+        vec![json!("c-1"), json!("c-2")]
+    );
+    // A fresh connection sees the same: the commit is durable.
+    let reopened = open("default", &format!("sqlite://{}", db.path.display())).unwrap();
+    assert!(reopened.ledger_entry("c-3").await.unwrap().is_none());
+    assert!(reopened.ledger_entry("c-2").await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn a_chain_answers_already_for_an_intent_in_the_ledger() {
+    let db = setup();
+    let intents = five_in_order();
+    let first = db
+        .target
+        .apply(&intents[0], &meta(&intents[0]))
+        .await
+        .unwrap();
+    let results = db.target.apply_chain(&chain(&intents[..3])).await;
+    assert_eq!(results.len(), 3);
+    let already = results[0].as_ref().unwrap();
+    assert!(already.already);
+    assert!(already.ops.is_empty());
+    assert_eq!(already.ledger, first.ledger);
+    assert!(!results[1].as_ref().unwrap().already);
+    assert!(!results[2].as_ref().unwrap().already);
+    assert_eq!(
+        rows(&db.path, "SELECT count(*) FROM customers WHERE id = 3"),
+        vec![json!([1])]
+    );
+    // Already in the middle of a chain, too.
+    let results = db.target.apply_chain(&chain(&intents[2..])).await;
+    let flags: Vec<bool> = results
+        .iter()
+        .map(|r| r.as_ref().unwrap().already)
+        .collect();
+    assert_eq!(flags, vec![true, false, false]);
+    assert_eq!(ledger_rows(&db.path).len(), 5);
+}
+
+#[tokio::test]
+async fn a_trigger_rolling_back_the_whole_transaction_fails_only_its_intent() {
+    let db = setup();
+    Connection::open(&db.path)
+        .unwrap()
+        .execute_batch(
+            "CREATE TABLE guarded(x INTEGER);
+             CREATE TRIGGER guard BEFORE INSERT ON guarded WHEN NEW.x < 0
+             BEGIN SELECT RAISE(ROLLBACK, 'no negative x'); END;",
+        )
+        .unwrap();
+    let insert = |id: &str, x: i64| {
+        intent(
+            id,
+            json!([{"op": "insert", "table": "guarded", "values": {"x": x}}]),
+        )
+    };
+    let intents = [
+        insert("g-1", 1),
+        insert("g-2", 2),
+        insert("g-3", -3),
+        insert("g-4", 4),
+    ];
+    let results = db.target.apply_chain(&chain(&intents)).await;
+    assert_eq!(results.len(), 3, "{results:?}");
+    assert!(results[0].is_ok() && results[1].is_ok(), "{results:?}");
+    let err = results[2].as_ref().unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Permanent, "{err}");
+    assert!(err.to_string().contains("no negative x"), "{err}");
+    assert_eq!(
+        rows(&db.path, "SELECT x FROM guarded ORDER BY x"),
+        vec![json!([1]), json!([2])]
+    );
+    assert_eq!(ledger_rows(&db.path).len(), 2);
+}
+
+#[tokio::test]
+async fn a_deferred_foreign_key_refused_at_commit_fails_only_its_intent() {
+    let db = setup();
+    Connection::open(&db.path)
+        .unwrap()
+        .execute_batch(
+            "CREATE TABLE lines(id INTEGER PRIMARY KEY, order_id INTEGER
+                 REFERENCES orders(id) DEFERRABLE INITIALLY DEFERRED);",
+        )
+        .unwrap();
+    let line = |id: &str, line: i64, order: i64| {
+        intent(
+            id,
+            json!([{"op": "insert", "table": "lines", "values": {"id": line, "order_id": order}}]),
+        )
+    };
+    let intents = [line("l-1", 1, 7), line("l-2", 2, 999), line("l-3", 3, 8)];
+    let results = db.target.apply_chain(&chain(&intents)).await;
+    assert_eq!(results.len(), 2, "{results:?}");
+    assert!(!results[0].as_ref().unwrap().already);
+    let err = results[1].as_ref().unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Permanent, "{err}");
+    assert_eq!(
+        err.code.as_deref(),
+        Some("SQLITE_CONSTRAINT_FOREIGNKEY"),
+        "{err}"
+    );
+    assert_eq!(rows(&db.path, "SELECT id FROM lines"), vec![json!([1])]);
+    assert_eq!(ledger_rows(&db.path).len(), 1);
+}
+
+#[tokio::test]
+async fn a_chain_on_a_locked_database_is_one_transient_error() {
+    let db = setup();
+    let target = SqliteTarget::open_with_busy_timeout("default", &db.path, Duration::ZERO).unwrap();
+    let holder = Connection::open(&db.path).unwrap();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let intents = five_in_order();
+    let results = target.apply_chain(&chain(&intents)).await;
+    assert_eq!(results.len(), 1, "{results:?}");
+    let err = results[0].as_ref().unwrap_err();
+    assert_eq!(err.kind, ErrorKind::Transient, "{err}");
+    holder.execute_batch("ROLLBACK").unwrap();
+    let results = target.apply_chain(&chain(&intents)).await;
+    assert_eq!(results.len(), 5);
+    assert!(results.iter().all(|r| !r.as_ref().unwrap().already));
+}

@@ -17,6 +17,15 @@
 //! classifying driver errors are each target module's. The ledger is the table
 //! `airlock_ledger` in an SQLite target and `airlock.ledger` in a PostgreSQL one.
 //!
+//! A run's consecutive intents can share one transaction ([`Target::apply_chain`]):
+//! each runs exactly what [`Target::apply`] runs inside a savepoint of its own, an
+//! intent that fails is rolled back to its savepoint (its writes and its ledger row
+//! vanish; the intents before it stay) and ends the chain, and one commit makes the
+//! rest durable. Each intent is still all-or-nothing with its ledger row, so the
+//! ledger still makes every retry exactly-once; a chain only saves commits. When the
+//! commit's outcome is unknown (connection lost, an I/O error), every intent of the
+//! chain that is not certain is reported as a transient error, never as applied.
+//!
 //! Undo ([`Target::undo`]) reverts intents from their ledger rows' images in one
 //! transaction per call, checking each row still holds its after-image first, and
 //! marks each ledger row undone (`undone_at_ms`, ledger version 2) in that same
@@ -56,6 +65,26 @@ pub trait Target: Send + Sync + fmt::Debug {
     /// An intent whose `target` is not [`Target::name`] is refused.
     async fn apply(&self, intent: &Intent, meta: &ApplyMeta) -> Result<Applied, ApplyError>;
 
+    /// Applies `chain` (consecutive intents of one run, in queue order) in order, as
+    /// [`Target::apply`] applies each one, and stops at the first that fails: nothing
+    /// overtakes an intent that failed or must be retried.
+    ///
+    /// The answer has one result per intent for a prefix of the chain: first the
+    /// intents that are applied (durably, or [`Applied::already`]), then the errors;
+    /// the intents past its end were not tried and are left as they were. Each `Ok`
+    /// is certain. Normally at most one error ends the answer; when the outcome of
+    /// intents already run is not certain (the connection was lost, or the commit
+    /// failed without saying whether it landed), each of them is reported as a
+    /// transient error (a retry finds a committed intent in the ledger and answers
+    /// `already`).
+    ///
+    /// The default applies one intent per transaction ([`apply_each`]). Targets that
+    /// can do better run the chain in one transaction with one savepoint per intent,
+    /// so a chain costs one commit.
+    async fn apply_chain(&self, chain: &[(Intent, ApplyMeta)]) -> Vec<Result<Applied, ApplyError>> {
+        apply_each(self, chain).await
+    }
+
     /// Runs exactly what [`Target::apply`] runs (same checks, same images) and rolls
     /// the transaction back instead of writing the ledger row and committing: the
     /// database and its ledger are left as they were. An intent the ledger already
@@ -78,6 +107,80 @@ pub trait Target: Send + Sync + fmt::Debug {
     /// before-images anyway and the conflicts are reported with `committed: true`.
     /// An id the ledger does not hold is an error, and nothing changes.
     async fn undo(&self, intent_ids: &[String], force: bool) -> Result<UndoReport, ApplyError>;
+}
+
+/// Applies `chain` one intent per transaction with [`Target::apply`], in order,
+/// stopping after the first error: the default [`Target::apply_chain`], and what a
+/// target falls back to when its chain transaction was rolled back as a whole.
+pub async fn apply_each<T: Target + ?Sized>(
+    target: &T,
+    chain: &[(Intent, ApplyMeta)],
+) -> Vec<Result<Applied, ApplyError>> {
+    let mut results = Vec::with_capacity(chain.len());
+    for (intent, meta) in chain {
+        let result = target.apply(intent, meta).await;
+        let failed = result.is_err();
+        results.push(result);
+        if failed {
+            break;
+        }
+    }
+    results
+}
+
+/// The answer for a chain whose transaction did not commit, or may not have (`why`
+/// says what happened): the `already` results that lead it stay (they were in the
+/// ledger before this transaction began, so they are certain), and every other
+/// intent run in the transaction becomes a transient error, to be retried. Never
+/// `applied` for writes that might not be committed; never a permanent failure
+/// decided against writes that might not be committed.
+pub(crate) fn uncommitted(
+    results: Vec<Result<Applied, ApplyError>>,
+    why: &ApplyError,
+) -> Vec<Result<Applied, ApplyError>> {
+    let mut leading = true;
+    results
+        .into_iter()
+        .map(|result| match result {
+            Ok(applied) if leading && applied.already => Ok(applied),
+            Ok(_) => {
+                leading = false;
+                let mut error = why.clone().context(
+                    "the chain's transaction did not commit for certain (a retry finds this \
+                     intent in the ledger if it did)",
+                );
+                error.kind = ErrorKind::Transient;
+                error.op = None;
+                error.op_label = None;
+                Err(error)
+            }
+            Err(mut error) => {
+                leading = false;
+                if error.kind == ErrorKind::Permanent {
+                    // Decided against writes that are not committed: may differ later.
+                    error = error.context(&format!(
+                        "the chain's transaction did not commit ({why}); this error may not \
+                         hold once the intents before it are applied"
+                    ));
+                    error.kind = ErrorKind::Transient;
+                }
+                Err(error)
+            }
+        })
+        .collect()
+}
+
+/// Refuses an intent that names another target than `name`.
+pub(crate) fn check_target(name: &str, intent: &Intent) -> Result<(), ApplyError> {
+    if intent.target.as_str() == name {
+        return Ok(());
+    }
+    Err(ApplyError::permanent(format!(
+        "intent {:?} is for target {:?}, not {name:?}",
+        intent.id.as_str(),
+        intent.target.as_str()
+    ))
+    .with_code(codes::WRONG_TARGET))
 }
 
 /// What [`Target::undo`] did.

@@ -3,11 +3,22 @@
 //!
 //! What it guarantees in the database:
 //! - **One transaction per intent.** Every op, and the ledger row, run in one
-//!   `READ COMMITTED` transaction. Rows an update or delete touches are first read
-//!   `FOR UPDATE` (their before-images), then written by their physical address
-//!   (`tableoid`, `ctid`), so the images and the writes are the same row versions
-//!   whatever other sessions do. Any error rolls the transaction back: there are
-//!   never partial writes.
+//!   `READ COMMITTED` transaction (or in one savepoint of a chain's, below). Rows an
+//!   update or delete touches are first read `FOR UPDATE` (their before-images),
+//!   then written by their physical address (`tableoid`, `ctid`), so the images
+//!   and the writes are the same row versions whatever other sessions do. Any error
+//!   rolls the transaction back: there are never partial writes.
+//! - **A chain is one transaction.** [`Target::apply_chain`] runs a run's
+//!   consecutive intents in one transaction (at most 64 intents each), each
+//!   under `SAVEPOINT airlock_intent` running exactly what apply runs; a failing
+//!   intent is rolled back to its savepoint and ends the chain, and one COMMIT makes
+//!   the rest durable. If the connection is lost, the rollback to the savepoint
+//!   fails, or the COMMIT gets no answer, every intent of the chain not already in
+//!   the ledger before it is a transient error (the retry waits on the intent locks
+//!   the old transaction holds until the server has finished it, then finds the
+//!   ledger rows of a commit that landed). If the server refuses the COMMIT (a
+//!   deferred constraint), nothing was written and the chain is applied again one
+//!   transaction per intent, so the intent to blame fails alone.
 //! - **Exactly once.** The ledger (`airlock.ledger`, one row per applied intent with
 //!   its undo images) is written in that same transaction. Before reading it, the
 //!   transaction takes an advisory lock on the intent id, so a concurrent apply of
@@ -68,12 +79,14 @@ use deadpool_postgres::{
     Transaction,
 };
 use serde_json::Value;
+use tokio_postgres::error::{Severity, SqlState};
 use tokio_postgres::types::{ToSql, Type};
 
 use super::sql::{self, Dialect, pg};
 use super::{
     Applied, ApplyError, ApplyMeta, ErrorKind, Finish, Image, LedgerEntry, OpResult, Preview,
-    Target, UndoConflict, UndoImage, UndoReport, codes, holds_after, image_table, show,
+    Target, UndoConflict, UndoImage, UndoReport, apply_each, check_target, codes, holds_after,
+    image_table, show, uncommitted,
 };
 
 const DIALECT: Dialect = Dialect::Postgres;
@@ -243,34 +256,52 @@ impl PostgresTarget {
 }
 
 impl PostgresTarget {
-    /// Apply or preview: the one path both take.
-    async fn run_intent(
+    /// Apply or preview of one intent, in a transaction of its own.
+    async fn apply_one(
         &self,
         intent: &Intent,
         meta: &ApplyMeta,
         finish: Finish,
     ) -> Result<Applied, ApplyError> {
-        if intent.target.as_str() != self.name {
-            return Err(ApplyError::permanent(format!(
-                "intent {:?} is for target {:?}, not {:?}",
-                intent.id.as_str(),
-                intent.target.as_str(),
-                self.name
-            ))
-            .with_code(codes::WRONG_TARGET));
-        }
+        check_target(&self.name, intent)?;
         let mut client = self.client().await?;
         match apply_intent(&mut client, intent, meta, finish).await {
             Ok(applied) => Ok(applied),
-            Err(Failure {
+            Err(failure) => Err(self.report(&client, failure).await),
+        }
+    }
+
+    /// The error to report for a failure, once its transaction has ended: for a
+    /// value PostgreSQL could not convert, explained on the same connection
+    /// outside any transaction; a missing ledger noted.
+    async fn report(&self, client: &Object, failure: Failure<'_>) -> ApplyError {
+        match failure {
+            Failure {
                 error,
                 diagnose: Some(diagnosis),
-            }) => {
-                // The transaction was dropped (rolled back); explain on the same
-                // connection, outside any transaction.
-                Err(diagnosis.explain(&client, error).await)
+            } => diagnosis.explain(client, error).await,
+            Failure { error, .. } => self.ledger_missing(error),
+        }
+    }
+
+    /// At most [`SUBTRANSACTIONS`] intents of a chain in one transaction.
+    async fn apply_part(&self, part: &[(Intent, ApplyMeta)]) -> Vec<Result<Applied, ApplyError>> {
+        let mut client = match self.client().await {
+            Ok(client) => client,
+            Err(error) => return vec![Err(error)],
+        };
+        match chain_transaction(&mut client, &self.name, part).await {
+            ChainEnd::Done(mut results, failure) => {
+                if let Some(failure) = failure {
+                    results.push(Err(self.report(&client, failure).await));
+                }
+                results
             }
-            Err(Failure { error, .. }) => Err(self.ledger_missing(error)),
+            ChainEnd::Uncommitted(results, why) => uncommitted(results, &self.ledger_missing(why)),
+            ChainEnd::RolledBack => {
+                drop(client);
+                apply_each(self, part).await
+            }
         }
     }
 }
@@ -282,11 +313,25 @@ impl Target for PostgresTarget {
     }
 
     async fn apply(&self, intent: &Intent, meta: &ApplyMeta) -> Result<Applied, ApplyError> {
-        self.run_intent(intent, meta, Finish::Commit).await
+        self.apply_one(intent, meta, Finish::Commit).await
+    }
+
+    async fn apply_chain(&self, chain: &[(Intent, ApplyMeta)]) -> Vec<Result<Applied, ApplyError>> {
+        let mut results = Vec::with_capacity(chain.len());
+        for part in chain.chunks(SUBTRANSACTIONS) {
+            let part_results = self.apply_part(part).await;
+            let complete =
+                part_results.len() == part.len() && part_results.iter().all(Result::is_ok);
+            results.extend(part_results);
+            if !complete {
+                break;
+            }
+        }
+        results
     }
 
     async fn preview(&self, intent: &Intent, meta: &ApplyMeta) -> Result<Preview, ApplyError> {
-        self.run_intent(intent, meta, Finish::Rollback)
+        self.apply_one(intent, meta, Finish::Rollback)
             .await
             .map(Preview::from_applied)
     }
@@ -644,36 +689,167 @@ fn is_conversion(e: &ApplyError) -> bool {
         .is_some_and(|c| c.starts_with("22") || c == "42804")
 }
 
-/// The whole of one apply (or preview, with [`Finish::Rollback`]), inside one
-/// transaction; dropping the transaction on any
-/// error rolls it back.
+/// One apply (or preview, with [`Finish::Rollback`]) in a transaction of its own;
+/// dropping the transaction on any error rolls it back.
 async fn apply_intent<'i>(
     client: &mut Object,
     intent: &'i Intent,
     meta: &ApplyMeta,
     finish: Finish,
 ) -> Result<Applied, Failure<'i>> {
-    let id = intent.id.as_str();
     let tx = client
         .transaction()
         .await
         .map_err(|e| pg_error(&e).context("beginning the transaction"))?;
+    let applied = run_intent(&tx, intent, meta, finish, None).await?;
+    match finish {
+        // Nothing was written for an intent already in the ledger.
+        Finish::Commit if applied.already => {}
+        Finish::Commit => tx.commit().await.map_err(|e| commit_error(&e))?,
+        Finish::Rollback => tx
+            .rollback()
+            .await
+            .map_err(|e| pg_error(&e).context("rolling the preview back"))?,
+    }
+    Ok(applied)
+}
 
-    // One round trip: the intent's lock, then the ledger look-up (each sent when
-    // first polled, so in this order, and run by the server in order: the look-up's
-    // snapshot is taken after the lock is held), and every table's catalog entry.
+/// Why the COMMIT of `intent`'s (or a chain's) transaction failed. Without an
+/// answer from the server, nobody knows whether it landed: the error is transient
+/// and says so.
+fn commit_error(e: &tokio_postgres::Error) -> ApplyError {
+    let mut error = pg_error(e).context("committing");
+    if error.code.is_none() {
+        error = error.context(
+            "the connection was lost while committing: the intent may or may not be \
+             applied; retrying finds it in the ledger if it was",
+        );
+    }
+    error
+}
+
+/// Whether the server refused a COMMIT with an ERROR, which means the transaction
+/// was rolled back (a deferred constraint, a serialization failure). A FATAL, a
+/// lost connection, or "statement completion unknown" (CockroachDB's ambiguous
+/// commit) leave the outcome unknown.
+fn commit_refused(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        db.parsed_severity() == Some(Severity::Error)
+            && *db.code() != SqlState::T_R_STATEMENT_COMPLETION_UNKNOWN
+    })
+}
+
+/// How many intents share one transaction at most. Each intent's savepoint is a
+/// subtransaction with its own id once it writes; PostgreSQL caches 64 per backend
+/// (`PGPROC_MAX_CACHED_SUBXIDS`), and beyond that every other session's snapshot
+/// checks get slower (a "suboverflowed" transaction).
+const SUBTRANSACTIONS: usize = 64;
+
+/// How a chain's transaction ended.
+enum ChainEnd<'i> {
+    /// Committed: the results are final, followed by the failure that stopped the
+    /// chain, if any (explained only now that the transaction is over).
+    Done(Vec<Result<Applied, ApplyError>>, Option<Failure<'i>>),
+    /// Not committed, or maybe not (the error says why): the results are not final.
+    Uncommitted(Vec<Result<Applied, ApplyError>>, ApplyError),
+    /// The server refused the COMMIT: nothing of the chain is written. It is applied
+    /// again one intent per transaction, so the intent to blame (a deferred
+    /// constraint it broke) fails alone instead of failing the chain at every retry.
+    RolledBack,
+}
+
+/// Applies a chain in one transaction, one savepoint per intent (see
+/// [`Target::apply_chain`]). Each intent's `SAVEPOINT` is sent in the same round
+/// trip as its intent lock and ledger look-up, and released in the next one's.
+async fn chain_transaction<'i>(
+    client: &mut Object,
+    name: &str,
+    chain: &'i [(Intent, ApplyMeta)],
+) -> ChainEnd<'i> {
+    // Dropping `tx` without commit rolls back.
+    let tx = match client.transaction().await {
+        Ok(tx) => tx,
+        Err(e) => {
+            let error = pg_error(&e).context("beginning the transaction");
+            return ChainEnd::Done(Vec::new(), Some(error.into()));
+        }
+    };
+    let mut results = Vec::with_capacity(chain.len());
+    let mut failure = None;
+    let mut release = false;
+    let savepoint = format!("{}; {}", sql::RELEASE_SAVEPOINT, sql::SAVEPOINT);
+    for (intent, meta) in chain {
+        if let Err(error) = check_target(name, intent) {
+            failure = Some(Failure::from(error));
+            break;
+        }
+        let prelude = if release { &savepoint } else { sql::SAVEPOINT };
+        match run_intent(&tx, intent, meta, Finish::Commit, Some(prelude)).await {
+            Ok(applied) => {
+                results.push(Ok(applied));
+                release = true;
+            }
+            Err(error) => {
+                // Its writes and its ledger row vanish; the intents before it stay.
+                if let Err(e) = tx.batch_execute(sql::ROLLBACK_TO_SAVEPOINT).await {
+                    results.push(Err(error.error));
+                    let why = pg_error(&e).context("rolling the failed intent back");
+                    return ChainEnd::Uncommitted(results, why);
+                }
+                failure = Some(error);
+                break;
+            }
+        }
+    }
+    match tx.commit().await {
+        Ok(()) => ChainEnd::Done(results, failure),
+        Err(e) if commit_refused(&e) => ChainEnd::RolledBack,
+        Err(e) => {
+            if let Some(failure) = failure {
+                results.push(Err(failure.error));
+            }
+            ChainEnd::Uncommitted(results, commit_error(&e))
+        }
+    }
+}
+
+/// The body of one apply (or preview), inside a transaction the caller owns and
+/// ends: the intent lock, the ledger look-up, the checks, the ops with their
+/// images, and with [`Finish::Commit`] the ledger row. An intent already in the
+/// ledger writes nothing. `prelude` (a chain's savepoint) is sent first, in the
+/// same round trip.
+async fn run_intent<'i>(
+    tx: &Transaction<'_>,
+    intent: &'i Intent,
+    meta: &ApplyMeta,
+    finish: Finish,
+    prelude: Option<&str>,
+) -> Result<Applied, Failure<'i>> {
+    let id = intent.id.as_str();
+    // One round trip: the prelude, the intent's lock, then the ledger look-up (each
+    // sent when first polled, so in this order, and run by the server in order: the
+    // look-up's snapshot is taken after the lock is held), and every table's catalog
+    // entry.
     let mut tables: Vec<&TableName> = Vec::new();
     for op in &intent.ops {
         if !tables.contains(&op.table()) {
             tables.push(op.table());
         }
     }
+    let prelude = async {
+        match prelude {
+            Some(sql) => tx.batch_execute(sql).await,
+            None => Ok(()),
+        }
+    };
     let id_param: [(&(dyn ToSql + Sync), Type); 1] = [(&id, Type::TEXT)];
     let lock = tx.query_typed(pg::LOCK_INTENT, &id_param);
     let ledger_sql = DIALECT.ledger_select();
     let ledger = tx.query_typed(&ledger_sql, &id_param);
-    let catalog = futures_util::future::join_all(tables.iter().map(|t| table_info(&tx, t)));
-    let (lock, ledger, catalog) = futures_util::future::join3(lock, ledger, catalog).await;
+    let catalog = futures_util::future::join_all(tables.iter().map(|t| table_info(tx, t)));
+    let (prelude, lock, ledger, catalog) =
+        futures_util::future::join4(prelude, lock, ledger, catalog).await;
+    prelude.map_err(|e| pg_error(&e).context("opening the intent's savepoint"))?;
     lock.map_err(|e| pg_error(&e).context("locking the intent id"))?;
     let ledger = ledger.map_err(|e| pg_error(&e).context("reading the ledger"))?;
     if let Some(row) = ledger.first() {
@@ -709,7 +885,7 @@ async fn apply_intent<'i>(
             }
         };
         let mut step = Step {
-            tx: &tx,
+            tx,
             info,
             index,
             max_rows: meta.max_rows,
@@ -725,27 +901,9 @@ async fn apply_intent<'i>(
         applied_at_ms: now_ms(),
         undo,
     };
-    if finish == Finish::Rollback {
-        tx.rollback()
-            .await
-            .map_err(|e| pg_error(&e).context("rolling the preview back"))?;
-        return Ok(Applied {
-            already: false,
-            ledger: entry,
-            ops,
-        });
+    if finish == Finish::Commit {
+        write_ledger(tx, &entry).await?;
     }
-    write_ledger(&tx, &entry).await?;
-    tx.commit().await.map_err(|e| {
-        let mut error = pg_error(&e).context("committing");
-        if error.code.is_none() {
-            error = error.context(
-                "the connection was lost while committing: the intent may or may not be \
-                 applied; retrying finds it in the ledger if it was",
-            );
-        }
-        error
-    })?;
     Ok(Applied {
         already: false,
         ledger: entry,

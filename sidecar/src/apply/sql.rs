@@ -43,6 +43,18 @@ pub const PG_SCHEMA: &str = "airlock";
 pub const PG_LEDGER_TABLE: &str = "airlock.ledger";
 /// The table recording the version of Airlock's tables in a PostgreSQL target.
 pub const PG_VERSION_TABLE: &str = "airlock.schema_version";
+/// Opens the savepoint one intent of a chain runs under (both dialects). Chains
+/// release it after each intent, so the name is never nested.
+pub const SAVEPOINT: &str = "SAVEPOINT airlock_intent";
+
+/// Keeps the writes of the intent run under [`SAVEPOINT`] in the transaction.
+pub const RELEASE_SAVEPOINT: &str = "RELEASE SAVEPOINT airlock_intent";
+
+/// Undoes the writes (ledger row included) of the intent run under [`SAVEPOINT`],
+/// keeping those before it, and releases the savepoint.
+pub const ROLLBACK_TO_SAVEPOINT: &str =
+    "ROLLBACK TO SAVEPOINT airlock_intent; RELEASE SAVEPOINT airlock_intent";
+
 /// Version of the ledger table this code reads and writes. Bump it, and add a
 /// migration, whenever the ledger's columns change.
 pub const LEDGER_VERSION: i64 = 2;

@@ -5,6 +5,18 @@
 //!   anything is read, so the images captured and the rows written are the same
 //!   rows, and no other writer interleaves. Any error (and any panic) rolls back:
 //!   there are never partial writes.
+//! - **A chain is one transaction.** [`Target::apply_chain`] runs a run's
+//!   consecutive intents under one `BEGIN IMMEDIATE`, each inside
+//!   `SAVEPOINT airlock_intent` running exactly what apply runs; a failing intent
+//!   is rolled back to its savepoint (its writes and ledger row vanish, earlier
+//!   intents stay), the chain stops there, and one COMMIT (one fsync) makes the rest
+//!   durable. If SQLite rolled the whole transaction back because of one intent
+//!   (`RAISE(ROLLBACK)`, `ON CONFLICT ROLLBACK`, I/O errors) or refused the COMMIT
+//!   (a deferred foreign key), nothing of the chain was written and it is applied
+//!   again one transaction per intent, so the intent to blame fails alone. A COMMIT
+//!   that fails otherwise (busy, I/O) may or may not be on disk: every intent of the
+//!   chain is then a transient error, and the retry finds the committed ones in the
+//!   ledger.
 //! - **Exactly once.** The ledger row (`airlock_ledger`) is inserted in that same
 //!   transaction, after the ops. An intent id already in the ledger is not applied
 //!   again; the stored entry is returned instead. If the caller's future is dropped
@@ -50,7 +62,8 @@ use serde_json::Value;
 use super::sql::{self, Arg, Dialect, Statement};
 use super::{
     Applied, ApplyError, ApplyMeta, ErrorKind, Finish, Image, LedgerEntry, OpResult, Preview,
-    Target, UndoConflict, UndoImage, UndoReport, codes, holds_after, image_table, show,
+    Target, UndoConflict, UndoImage, UndoReport, check_target, codes, holds_after, image_table,
+    show, uncommitted,
 };
 
 const DIALECT: Dialect = Dialect::Sqlite;
@@ -135,6 +148,16 @@ impl Target for SqliteTarget {
         let name = self.name.clone();
         self.with_conn(move |conn| apply_intent(conn, &name, &intent, &meta, Finish::Commit))
             .await
+    }
+
+    async fn apply_chain(&self, chain: &[(Intent, ApplyMeta)]) -> Vec<Result<Applied, ApplyError>> {
+        let chain = chain.to_vec();
+        let name = self.name.clone();
+        self.with_conn(move |conn| Ok(apply_chain(conn, &name, &chain)))
+            .await
+            // The task did not finish (it panicked, and its transaction rolled
+            // back): nothing is certain; the first intent waits for a retry.
+            .unwrap_or_else(|error| vec![Err(error)])
     }
 
     async fn preview(&self, intent: &Intent, meta: &ApplyMeta) -> Result<Preview, ApplyError> {
@@ -272,8 +295,7 @@ fn write_ledger(conn: &Connection, entry: &LedgerEntry) -> Result<(), ApplyError
     Ok(())
 }
 
-/// The whole of one apply (or preview, with [`Finish::Rollback`]), inside one
-/// transaction.
+/// One apply (or preview, with [`Finish::Rollback`]) in a transaction of its own.
 fn apply_intent(
     conn: &mut Connection,
     name: &str,
@@ -281,19 +303,128 @@ fn apply_intent(
     meta: &ApplyMeta,
     finish: Finish,
 ) -> Result<Applied, ApplyError> {
-    if intent.target.as_str() != name {
-        return Err(ApplyError::permanent(format!(
-            "intent {:?} is for target {:?}, not {name:?}",
-            intent.id.as_str(),
-            intent.target.as_str()
-        ))
-        .with_code(codes::WRONG_TARGET));
-    }
+    check_target(name, intent)?;
     // Dropping `tx` without commit rolls back: every `?` below undoes everything.
     let tx = conn
         .transaction_with_behavior(TransactionBehavior::Immediate)
         .map_err(|e| db_error(e).context("beginning the transaction"))?;
-    if let Some(entry) = read_ledger(&tx, intent.id.as_str())? {
+    let applied = run_intent(&tx, intent, meta, finish)?;
+    match finish {
+        // Nothing was written for an intent already in the ledger.
+        Finish::Commit if applied.already => {}
+        Finish::Commit => tx.commit().map_err(|e| db_error(e).context("committing"))?,
+        Finish::Rollback => tx
+            .rollback()
+            .map_err(|e| db_error(e).context("rolling the preview back"))?,
+    }
+    Ok(applied)
+}
+
+/// How a chain's transaction ended.
+enum ChainEnd {
+    /// The results are final (see [`Target::apply_chain`]).
+    Done(Vec<Result<Applied, ApplyError>>),
+    /// SQLite rolled the whole transaction back because of one intent (a trigger's
+    /// `RAISE(ROLLBACK)`, an `ON CONFLICT ROLLBACK` clause, an I/O error), or the
+    /// commit was refused (a deferred foreign key): nothing of the chain is written,
+    /// and the chain must be applied again one intent per transaction so the intent
+    /// to blame fails alone instead of failing the chain at every retry.
+    RolledBack,
+}
+
+/// Applies a chain in one transaction, one savepoint per intent (see
+/// [`Target::apply_chain`]); falls back to one transaction per intent when SQLite
+/// rolled the chain's transaction back as a whole.
+fn apply_chain(
+    conn: &mut Connection,
+    name: &str,
+    chain: &[(Intent, ApplyMeta)],
+) -> Vec<Result<Applied, ApplyError>> {
+    if let ChainEnd::Done(results) = chain_transaction(conn, name, chain) {
+        return results;
+    }
+    let mut results = Vec::with_capacity(chain.len());
+    for (intent, meta) in chain {
+        let result = apply_intent(conn, name, intent, meta, Finish::Commit);
+        let failed = result.is_err();
+        results.push(result);
+        if failed {
+            break;
+        }
+    }
+    results
+}
+
+fn chain_transaction(conn: &mut Connection, name: &str, chain: &[(Intent, ApplyMeta)]) -> ChainEnd {
+    // Dropping `tx` without commit rolls back (unless SQLite already did).
+    let tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => {
+            return ChainEnd::Done(vec![Err(db_error(e).context("beginning the transaction"))]);
+        }
+    };
+    let mut results = Vec::with_capacity(chain.len());
+    for (intent, meta) in chain {
+        // Defensive: a SAVEPOINT outside a transaction would begin one of its own,
+        // which its RELEASE would commit.
+        if tx.is_autocommit() {
+            return ChainEnd::RolledBack;
+        }
+        if let Err(error) = check_target(name, intent) {
+            results.push(Err(error));
+            break;
+        }
+        if let Err(e) = tx.execute_batch(sql::SAVEPOINT) {
+            let why = db_error(e).context("opening the intent's savepoint");
+            results.push(Err(why.clone()));
+            return ChainEnd::Done(uncommitted(results, &why));
+        }
+        match run_intent(&tx, intent, meta, Finish::Commit) {
+            Ok(applied) => {
+                results.push(Ok(applied));
+                if let Err(e) = tx.execute_batch(sql::RELEASE_SAVEPOINT) {
+                    let why = db_error(e).context("releasing the intent's savepoint");
+                    return ChainEnd::Done(uncommitted(results, &why));
+                }
+            }
+            Err(error) => {
+                // The intent's error may have ended the whole transaction.
+                if tx.is_autocommit() {
+                    return ChainEnd::RolledBack;
+                }
+                if let Err(e) = tx.execute_batch(sql::ROLLBACK_TO_SAVEPOINT) {
+                    if tx.is_autocommit() {
+                        return ChainEnd::RolledBack;
+                    }
+                    let why = db_error(e).context("rolling the failed intent back");
+                    results.push(Err(error));
+                    return ChainEnd::Done(uncommitted(results, &why));
+                }
+                results.push(Err(error));
+                break;
+            }
+        }
+    }
+    // A failed COMMIT drops `tx`, which rolls back what SQLite left open.
+    match tx.commit().map_err(db_error) {
+        Ok(()) => ChainEnd::Done(results),
+        // Refused (a deferred foreign key): nothing was written.
+        Err(error) if error.kind == ErrorKind::Permanent => ChainEnd::RolledBack,
+        // Busy or I/O trouble: treat the commit as possibly on disk.
+        Err(error) => ChainEnd::Done(uncommitted(results, &error.context("committing the chain"))),
+    }
+}
+
+/// The body of one apply (or preview), inside a transaction the caller owns and
+/// ends: the ledger look-up, the checks, the ops with their images, and with
+/// [`Finish::Commit`] the ledger row. An intent already in the ledger writes nothing.
+fn run_intent(
+    tx: &Connection,
+    intent: &Intent,
+    meta: &ApplyMeta,
+    finish: Finish,
+) -> Result<Applied, ApplyError> {
+    if let Some(entry) = read_ledger(tx, intent.id.as_str())? {
         if entry.digest != meta.digest {
             return Err(ApplyError::permanent(format!(
                 "intent {:?} was already applied with digest {}, and this one has digest \
@@ -317,11 +448,11 @@ fn apply_intent(
         let info = match tables.entry(op.table().clone()) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => {
-                e.insert(table_info(&tx, op.table()).map_err(|e| e.at_op(index, op))?)
+                e.insert(table_info(tx, op.table()).map_err(|e| e.at_op(index, op))?)
             }
         };
         let mut step = Step {
-            conn: &tx,
+            conn: tx,
             info,
             index,
             max_rows: meta.max_rows,
@@ -337,14 +468,8 @@ fn apply_intent(
         applied_at_ms: now_ms(),
         undo,
     };
-    match finish {
-        Finish::Commit => {
-            write_ledger(&tx, &entry)?;
-            tx.commit().map_err(|e| db_error(e).context("committing"))?;
-        }
-        Finish::Rollback => tx
-            .rollback()
-            .map_err(|e| db_error(e).context("rolling the preview back"))?,
+    if finish == Finish::Commit {
+        write_ledger(tx, &entry)?;
     }
     Ok(Applied {
         already: false,
