@@ -23,7 +23,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -275,10 +275,6 @@ impl Auth {
         };
         auth.tokens();
         auth
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     pub fn session_ttl(&self) -> Duration {
