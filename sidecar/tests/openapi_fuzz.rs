@@ -37,7 +37,7 @@ fn schemathesis_finds_the_api_as_documented() {
     let out = Command::new("schemathesis")
         .args(["run", &format!("{url}/v1/openapi.json")])
         .args(["--header", &format!("Authorization: Bearer {token}")])
-        .args(["--max-examples", "25", "--seed", "20261129"])
+        .args(["--max-examples", "100", "--seed", "20261129"])
         .arg("--generation-deterministic")
         .args(["--request-timeout", "10", "--workers", "1", "--no-color"])
         // The event stream never ends by design; tests/review_http.rs covers it.

@@ -240,6 +240,14 @@ fn approvers_see_a_preview_and_approve_only_the_digest_they_saw() {
         extra.status, 400,
         "the reviewer is the token's holder, never the body"
     );
+    let array = alice.send(
+        "POST",
+        "/v1/intents/delete-1/approve",
+        &[],
+        Some(json!([detail["digest"], "ok"]).to_string().as_bytes()),
+    );
+    assert_eq!(array.status, 400, "a body is an object, never a tuple");
+    assert!(array.text().contains("JSON object"), "{}", array.text());
     let not_json = alice.send(
         "POST",
         "/v1/intents/delete-1/approve",
@@ -367,6 +375,8 @@ fn lists_filter_and_page() {
         ("limit=0", "limit"),
         ("limit=501", "limit"),
         ("before=x", "before"),
+        ("before=-1", "before"),
+        ("before=9999999999999999999", "before"),
         ("colour=red", "colour"),
     ] {
         let answer = client.get(&format!("/v1/intents?{query}"));

@@ -134,10 +134,17 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Body<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(value)) => Ok(Body(value)),
-            Err(rejection) => Err(json_rejection(rejection)),
+        // Parsed as a value first: serde would also take a struct from an array.
+        let value = match Json::<Value>::from_request(req, state).await {
+            Ok(Json(value)) => value,
+            Err(rejection) => return Err(json_rejection(rejection)),
+        };
+        if !value.is_object() {
+            return Err(ApiError::bad_request("the body must be a JSON object"));
         }
+        serde_json::from_value(value).map(Body).map_err(|e| {
+            ApiError::bad_request(format!("the body is not what this route takes: {e}"))
+        })
     }
 }
 
@@ -399,11 +406,20 @@ pub async fn list_intents(
                     })?;
             }
             "before" => {
-                before = Some(value.parse::<i64>().map_err(|_| {
-                    ApiError::bad_request(format!(
-                        "before: {value:?} is not a cursor from a previous page's `next`"
-                    ))
-                })?);
+                // A queue position: 1 to 18 digits (always fits an i64).
+                let cursor =
+                    (1..=18).contains(&value.len()) && value.bytes().all(|b| b.is_ascii_digit());
+                before = Some(
+                    value
+                        .parse::<i64>()
+                        .ok()
+                        .filter(|_| cursor)
+                        .ok_or_else(|| {
+                            ApiError::bad_request(format!(
+                                "before: {value:?} is not a cursor from a previous page's `next`"
+                            ))
+                        })?,
+                );
             }
             other => {
                 return Err(ApiError::bad_request(format!(
