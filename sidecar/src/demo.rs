@@ -153,7 +153,13 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
         config.key_path().display(),
         config.state.display()
     );
-    println!("Run Airlock for real with `airlock run` (see README.md).");
+    println!(
+        "Run Airlock for real with `airlock run` (see README.md). To review risky writes in a"
+    );
+    println!(
+        "browser: `airlock token add --name you --role approver`, then `airlock run` and open"
+    );
+    println!("http://127.0.0.1:8080 and sign in with the token it printed.");
     Ok(())
 }
 
