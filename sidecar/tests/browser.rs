@@ -17,26 +17,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::{Sandbox, insert_customer, intent};
-
-/// Deletes need two distinct approvers; everything else is allowed.
-const QUORUM_POLICY: &str = r#"package airlock.authz
-
-default allow := false
-
-default review := false
-
-approvals := 2
-
-review if {
-	some op in input.ops
-	op.kind == "delete"
-}
-
-allow if not review
-
-reasons := ["deletes need two approvers"] if review
-"#;
+use support::{QUORUM_POLICY, Sandbox, insert_customer, intent};
 
 /// How long the whole browser script may take (it waits on each condition for at
 /// most 30 s itself; this only stops a hung browser from hanging the test).
@@ -258,10 +239,7 @@ fn approver_reviews_and_approves_in_the_browser() {
 fn viewers_read_and_admins_undo_and_reject_in_the_browser() {
     let browser = Browser::find();
     let mut sb = Sandbox::new();
-    let policies = sb.dir.path().join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
-    std::fs::write(policies.join("quorum.rego"), QUORUM_POLICY).unwrap();
-    sb.extra_args = vec!["--policy".into(), policies.display().to_string()];
+    sb.use_policy("quorum.rego", QUORUM_POLICY);
     rusqlite::Connection::open(sb.target())
         .unwrap()
         .execute("INSERT INTO customers (id, name) VALUES (3, 'Lin')", [])

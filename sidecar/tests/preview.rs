@@ -59,10 +59,7 @@ fn a_policy_reading_the_preview_reviews_gold_customers_and_denies_failures() {
              (2, 'Grace', 'standard');",
         )
         .unwrap();
-    let policies = sb.dir.path().join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
-    std::fs::write(policies.join("preview.rego"), POLICY).unwrap();
-    sb.extra_args = vec!["--policy".into(), policies.display().to_string()];
+    sb.use_policy("preview.rego", POLICY);
     sb.env = vec![("AIRLOCK_POLICY__PREVIEW".into(), "true".into())];
     sb.start();
 
@@ -104,14 +101,10 @@ fn a_policy_reading_the_preview_reviews_gold_customers_and_denies_failures() {
 #[test]
 fn the_policy_sees_which_key_sealed_the_intent() {
     let mut sb = Sandbox::new();
-    let policies = sb.dir.path().join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
-    std::fs::write(
-        policies.join("keyid.rego"),
+    sb.use_policy(
+        "keyid.rego",
         "package airlock.authz\n\nallow := true\n\nreasons := [sprintf(\"sealed by %v\", [input.envelope.keyid])]\n",
-    )
-    .unwrap();
-    sb.extra_args = vec!["--policy".into(), policies.display().to_string()];
+    );
     sb.start();
     sb.submit_json(&set_tier("k-1", "run-k", 1, "gold"));
     let outcome = sb.outcome_where("k-1", |o| o["decision"].is_object());

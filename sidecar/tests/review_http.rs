@@ -17,7 +17,14 @@ use support::{Sandbox, eventually, insert_customer, intent};
 /// A sandbox with customer 1 applied and `delete-1` (which the default policy sends
 /// to review) waiting; returns the sandbox and the endpoint's URL.
 fn awaiting_review() -> (Sandbox, String) {
+    awaiting_review_with(&[])
+}
+
+/// [`awaiting_review`], with `AIRLOCK_*` settings.
+fn awaiting_review_with(env: &[(&str, &str)]) -> (Sandbox, String) {
     let mut sb = Sandbox::new();
+    sb.env
+        .extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
     sb.start();
     sb.submit_json(&insert_customer("insert-1", "run-a", 1, "Ada"));
     sb.outcome_in("insert-1", "applied");
@@ -33,6 +40,21 @@ fn delete(id: &str, run: &str, customer: i64) -> Value {
         run,
         json!({"op": "delete", "table": "customers", "key": {"id": customer}}),
     )
+}
+
+/// Signs in through `client` as the page does; a client carrying the session cookie
+/// and, with `csrf`, the session's CSRF token.
+fn web_session(client: &Client, token: &str, csrf: bool) -> Client {
+    let signed_in = client.post("/v1/session", &json!({"token": token}));
+    assert_eq!(signed_in.status, 200, "{}", signed_in.text());
+    let cookie = signed_in.header("set-cookie").unwrap();
+    let session = cookie.split(';').next().unwrap();
+    let browser = Client::new(&client.base).with("Cookie", session);
+    if csrf {
+        browser.with("X-Airlock-CSRF", signed_in.json()["csrf"].as_str().unwrap())
+    } else {
+        browser
+    }
 }
 
 fn customers(sb: &Sandbox) -> Vec<Vec<Value>> {
@@ -479,33 +501,13 @@ fn web_sessions_need_their_csrf_token_and_the_same_origin() {
 
 #[test]
 fn behind_a_proxy_the_public_origin_is_the_page_s_own() {
-    let mut sb = Sandbox::new();
-    sb.env.push((
-        "AIRLOCK_REVIEW__PUBLIC_URL".into(),
-        "https://review.example/airlock/".into(),
-    ));
-    sb.start();
-    sb.submit_json(&insert_customer("insert-1", "run-a", 1, "Ada"));
-    sb.outcome_in("insert-1", "applied");
-    sb.submit_json(&delete("delete-1", "run-a", 1));
-    sb.outcome_in("delete-1", "awaiting_review");
-    let url = sb.review_url();
+    let (sb, url) = awaiting_review_with(&[(
+        "AIRLOCK_REVIEW__PUBLIC_URL",
+        "https://review.example/airlock/",
+    )]);
     let token = sb.token("alice", "approver");
-    let signed_in = Client::new(&url)
-        .with("Origin", "https://review.example")
-        .post("/v1/session", &json!({"token": token}));
-    assert_eq!(signed_in.status, 200, "{}", signed_in.text());
-    let session = signed_in
-        .header("set-cookie")
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_owned();
-    let csrf = signed_in.json()["csrf"].as_str().unwrap().to_owned();
-    let browser = Client::new(&url)
-        .with("Cookie", &session)
-        .with("X-Airlock-CSRF", &csrf);
+    let page = Client::new(&url).with("Origin", "https://review.example");
+    let browser = web_session(&page, &token, true);
     let d = digest(&browser, "delete-1");
     let elsewhere = browser
         .with("Origin", "https://review.example.evil")
@@ -524,15 +526,7 @@ fn revoking_a_token_ends_its_sessions() {
     let token = sb.token("alice", "approver");
     let _other = sb.token("bob", "viewer");
     let bearer = Client::new(&url).bearer(&token);
-    let signed_in = Client::new(&url).post("/v1/session", &json!({"token": token}));
-    let session = signed_in
-        .header("set-cookie")
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_owned();
-    let browser = Client::new(&url).with("Cookie", &session);
+    let browser = web_session(&Client::new(&url), &token, false);
     assert_eq!(browser.get("/v1/intents").status, 200);
 
     // Remove alice's entry (as editing the Secret would).

@@ -7,26 +7,7 @@
 mod support;
 
 use serde_json::{Value, json};
-use support::{Sandbox, insert_customer, intent};
-
-/// Deletes need two distinct approvers; everything else is allowed.
-const QUORUM_POLICY: &str = r#"package airlock.authz
-
-default allow := false
-
-default review := false
-
-approvals := 2
-
-review if {
-	some op in input.ops
-	op.kind == "delete"
-}
-
-allow if not review
-
-reasons := ["deletes need two approvers"] if review
-"#;
+use support::{QUORUM_POLICY, Sandbox, insert_customer, intent};
 
 fn delete(id: &str, run: &str, customer: i64) -> Value {
     intent(
@@ -79,10 +60,7 @@ fn ids(rows: Vec<Vec<Value>>) -> Vec<i64> {
 fn a_quorum_needs_distinct_approvers_and_one_rejection_rejects() {
     let mut sb = Sandbox::new();
     with_customers(&sb);
-    let policies = sb.dir.path().join("policies");
-    std::fs::create_dir_all(&policies).unwrap();
-    std::fs::write(policies.join("quorum.rego"), QUORUM_POLICY).unwrap();
-    sb.extra_args = vec!["--policy".into(), policies.display().to_string()];
+    sb.use_policy("quorum.rego", QUORUM_POLICY);
     sb.start();
 
     sb.submit_json(&delete("q-1", "run-q", 1));

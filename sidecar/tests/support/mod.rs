@@ -164,6 +164,15 @@ impl Sandbox {
         }
     }
 
+    /// Makes the daemon decide with `rego` (written to `<sandbox>/policies/<file>`)
+    /// instead of the built-in policy. Call before `start`.
+    pub fn use_policy(&mut self, file: &str, rego: &str) {
+        let policies = self.dir.path().join("policies");
+        std::fs::create_dir_all(&policies).expect("policies dir");
+        std::fs::write(policies.join(file), rego).expect("policy file");
+        self.extra_args = vec!["--policy".into(), policies.display().to_string()];
+    }
+
     /// The running daemon's review endpoint, `http(s)://127.0.0.1:<port>`, once it
     /// listens.
     pub fn review_url(&self) -> String {
@@ -317,3 +326,22 @@ pub fn insert_customer(id: &str, run: &str, customer: i64, name: &str) -> Value 
 pub fn path_exists(path: &Path) -> bool {
     path.symlink_metadata().is_ok()
 }
+
+/// Deletes need two distinct approvers; everything else is allowed.
+pub const QUORUM_POLICY: &str = r#"package airlock.authz
+
+default allow := false
+
+default review := false
+
+approvals := 2
+
+review if {
+	some op in input.ops
+	op.kind == "delete"
+}
+
+allow if not review
+
+reasons := ["deletes need two approvers"] if review
+"#;
