@@ -186,11 +186,12 @@ impl Pipeline {
             let Some(run_counts) = counts.get(&row.run) else {
                 continue;
             };
+            let keyid = self.queue.keyid(&row.id)?;
             let input = build_input(&InputContext {
                 intent,
                 run_counts,
                 digest: &row.digest,
-                keyid: row.keyid.as_deref(),
+                keyid: keyid.as_deref(),
                 file: &row.file,
                 target: &row.target,
                 preview,

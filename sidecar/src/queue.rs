@@ -251,8 +251,6 @@ pub struct IntentRow {
     pub not_before: i64,
     pub received_at: i64,
     pub updated_at: i64,
-    /// The keyid of the key that sealed the intent's envelope at intake.
-    pub keyid: Option<String>,
 }
 
 impl IntentRow {
@@ -265,8 +263,7 @@ impl IntentRow {
 }
 
 const INTENT_COLUMNS: &str = "seq, id, run, target, digest, payload, file, state, decision, \
-     approvals_needed, review_deadline, error, attempts, not_before, received_at, updated_at, \
-     json_extract(envelope, '$.signatures[0].keyid')";
+     approvals_needed, review_deadline, error, attempts, not_before, received_at, updated_at";
 
 fn intent_row(
     row: &Row<'_>,
@@ -292,7 +289,6 @@ fn intent_row(
             not_before: row.get(13)?,
             received_at: row.get(14)?,
             updated_at: row.get(15)?,
-            keyid: row.get(16)?,
         },
         state,
         decision,
@@ -666,6 +662,18 @@ impl Queue {
                 limit as i64
             ],
         )
+    }
+
+    /// The keyid of the key that sealed intent `id`'s envelope at intake.
+    pub fn keyid(&self, id: &str) -> Result<Option<String>, QueueError> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT json_extract(envelope, '$.signatures[0].keyid') FROM intents WHERE id = ?1",
+            )?
+            .query_row([id], |row| row.get(0))
+            .optional()?
+            .flatten())
     }
 
     /// The records about one intent, in log order.
