@@ -12,7 +12,6 @@
 //! number of intents, default 2000).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // A broken bench should stop loudly.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -62,15 +61,7 @@ fn intent(i: usize, runs: usize) -> Vec<u8> {
 fn airlock(dir: &Path, n: usize, runs: usize) -> Duration {
     let target = dir.join("target.db");
     drop(open_sqlite(&target));
-    let mut config = Config {
-        intents: dir.join("intents"),
-        state: dir.join("state"),
-        targets: BTreeMap::from([(
-            "default".to_owned(),
-            format!("sqlite://{}", target.display()),
-        )]),
-        ..Config::default()
-    };
+    let mut config = Config::in_dir(dir, &target);
     // The review endpoint idles here; a free port keeps the bench off 8080.
     config.review.listen = "127.0.0.1:0".to_owned();
     let runtime = tokio::runtime::Builder::new_multi_thread()

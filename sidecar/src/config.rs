@@ -404,6 +404,21 @@ impl Config {
             .unwrap_or_else(|| self.state.join("signing.key"))
     }
 
+    /// A self-contained installation in `dir`: intents in `dir/intents`, state in
+    /// `dir/state`, and the SQLite database `target` as the default target. The demo
+    /// and the benchmarks run on it.
+    pub fn in_dir(dir: &Path, target: &Path) -> Self {
+        Self {
+            intents: dir.join("intents"),
+            state: dir.join("state"),
+            targets: BTreeMap::from([(
+                "default".to_owned(),
+                format!("sqlite://{}", target.display()),
+            )]),
+            ..Self::default()
+        }
+    }
+
     /// The review time to live.
     pub fn review_ttl(&self) -> Duration {
         Duration::from_secs(self.review.ttl_secs)

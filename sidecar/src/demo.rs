@@ -63,15 +63,7 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
         .and_then(|db| db.execute_batch(SANDBOX_SCHEMA))
         .with_context(|| format!("creating the demo database {}", target.display()))?;
 
-    let mut config = Config {
-        intents: dir.join("intents"),
-        state: dir.join("state"),
-        targets: BTreeMap::from([(
-            "default".to_owned(),
-            format!("sqlite://{}", target.display()),
-        )]),
-        ..Config::default()
-    };
+    let mut config = Config::in_dir(&dir, &target);
     // The demo decides its reviews itself; `airlock run` serves the review endpoint.
     config.review.listen = "off".to_owned();
     let results = config.results_dir();
