@@ -987,6 +987,22 @@ async fn pool_size_comes_from_the_url() {
 // ---- Faults -----------------------------------------------------------------------
 
 /// A target that reaches the test database through a fault proxy.
+/// The proxy cut the connection at every offset up to `limit` (the bytes one apply,
+/// or chain, sends), and at least one cut fell between the COMMIT reaching the
+/// server and its answer arriving (`ambiguous` applies answered `already` later).
+fn assert_cuts_landed(proxy: &Proxy, offsets: &[u64], limit: u64, ambiguous: usize) {
+    let within = offsets.iter().filter(|&&n| n <= limit).count() as u64;
+    assert!(
+        proxy.cuts() >= within,
+        "{} cuts, {within} offsets",
+        proxy.cuts()
+    );
+    assert!(
+        ambiguous > 0,
+        "no cut landed between COMMIT reaching the server and its answer"
+    );
+}
+
 async fn through_proxy(db: &TestDb, pool_size: usize) -> (Proxy, Arc<dyn Target>) {
     let proxy = Proxy::start(pg::server_addr().await).await;
     let url = pg::with_address(&db.url, proxy.addr);
@@ -1137,16 +1153,7 @@ async fn cutting_the_connection_at_every_byte_never_applies_twice_or_loses_an_in
     }
     // Every offset within the apply cut it (a few past it may too: the driver's
     // prepared-statement names grow longer as it numbers more of them).
-    let within = offsets.iter().filter(|&&n| n <= per_apply).count() as u64;
-    assert!(
-        proxy.cuts() >= within,
-        "{} cuts, {within} offsets",
-        proxy.cuts()
-    );
-    assert!(
-        ambiguous > 0,
-        "no cut landed between COMMIT reaching the server and its answer"
-    );
+    assert_cuts_landed(&proxy, &offsets, per_apply, ambiguous);
     assert_eq!(
         db.db
             .value("SELECT count(*) FROM airlock.ledger WHERE intent_id LIKE 'i-cut-%'")
@@ -1732,16 +1739,7 @@ async fn cutting_a_chain_at_every_few_bytes_never_applies_twice_or_loses_an_inte
             assert_eq!(db.db.value(&count).await, json!(1), "{round}");
         }
     }
-    let within = offsets.iter().filter(|&&n| n <= per_chain).count() as u64;
-    assert!(
-        proxy.cuts() >= within,
-        "{} cuts, {within} offsets",
-        proxy.cuts()
-    );
-    assert!(
-        ambiguous > 0,
-        "no cut landed between COMMIT reaching the server and its answer"
-    );
+    assert_cuts_landed(&proxy, &offsets, per_chain, ambiguous);
     assert_eq!(
         db.db
             .value("SELECT count(*) FROM airlock.ledger WHERE intent_id LIKE 'x-%'")
