@@ -1,0 +1,1 @@
+//! Attacks: approval (filled in by its change).

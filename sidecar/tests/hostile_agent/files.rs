@@ -1,0 +1,1 @@
+//! Attacks: files (filled in by its change).

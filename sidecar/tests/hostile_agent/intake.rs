@@ -1,0 +1,1 @@
+//! Attacks: intake (filled in by its change).

@@ -1,0 +1,1 @@
+//! Attacks: review_port (filled in by its change).
