@@ -12,12 +12,13 @@
 //! - Every file Airlock creates in it is mode 0600, without relying on the umask:
 //!   files are opened with an explicit mode. SQLite creates `queue.db-wal` and
 //!   `queue.db-shm` with the mode of `queue.db`, so `queue.db` is created 0600 before
-//!   SQLite opens it, and an older, looser one is tightened.
+//!   SQLite opens it, and an older, looser one is tightened (by path: see
+//!   [`private_file`] for why those files are never opened here).
 //!
 //! Directories outside the state directory (the results directory in particular)
 //! are the agent's: see [`crate::outcome`] for how Airlock writes there.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::{self, ErrorKind, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -76,40 +77,44 @@ pub fn check(dir: &Path) -> io::Result<()> {
 /// Creates `path` empty with mode 0600 if it is missing, and takes group and other
 /// permissions away from it if it exists with them (a file from an older Airlock).
 /// Used for files another library creates (SQLite databases), so they start private.
+///
+/// An existing file is never opened, only changed by path: closing any descriptor
+/// of a file drops every POSIX lock this process holds on it, which would release
+/// the locks of the process's own SQLite connections to the same database (and let
+/// another process truncate the shared memory they map).
 pub fn private_file(path: &Path) -> io::Result<()> {
-    let file = OpenOptions::new()
+    match OpenOptions::new()
         .write(true)
-        .create(true)
+        .create_new(true)
         .mode(0o600)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(path)?;
-    tighten(&file)
+        .open(path)
+    {
+        Ok(_new) => Ok(()),
+        Err(error) if error.kind() == ErrorKind::AlreadyExists => tighten(path),
+        Err(error) => Err(error),
+    }
 }
 
 /// Like [`private_file`], but only for a file that already exists (SQLite's `-wal`
 /// and `-shm` of a database created by an older Airlock).
 pub fn tighten_if_present(path: &Path) -> io::Result<()> {
-    match OpenOptions::new()
-        .read(true)
-        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
-        .open(path)
-    {
-        Ok(file) => tighten(&file),
+    match fs::symlink_metadata(path) {
+        Ok(_) => tighten(path),
         Err(error) if error.kind() == ErrorKind::NotFound => Ok(()),
         Err(error) => Err(error),
     }
 }
 
-fn tighten(file: &File) -> io::Result<()> {
-    let meta = file.metadata()?;
+fn tighten(path: &Path) -> io::Result<()> {
+    let meta = fs::symlink_metadata(path)?;
     if !meta.is_file() {
         return Err(io::Error::new(
             ErrorKind::InvalidInput,
-            "is not a regular file",
+            format!("{} is not a regular file", path.display()),
         ));
     }
     if meta.mode() & 0o077 != 0 {
-        file.set_permissions(fs::Permissions::from_mode(0o600))?;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600))?;
     }
     Ok(())
 }
