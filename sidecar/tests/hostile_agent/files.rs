@@ -294,8 +294,12 @@ fn a_directory_under_an_outcome_name_does_not_wedge_the_daemon() {
     let mut sandbox = running_sandbox();
     let blocked = sandbox.results().join("blocked.json");
     std::fs::create_dir_all(blocked.join("full")).unwrap();
+    // An empty directory under the name is replaced by the outcome.
+    std::fs::create_dir(sandbox.results().join("emptied.json")).unwrap();
     sandbox.submit_json(&insert_customer("blocked", "r1", 11, "Wendy"));
+    sandbox.submit_json(&insert_customer("emptied", "r1", 13, "Wanda"));
     applied(&sandbox, 11);
+    sandbox.outcome_in("emptied", "applied");
     // Later outcomes still arrive: the blocked one did not hold the pipeline.
     sandbox.submit_json(&insert_customer("after", "r1", 12, "Walter"));
     sandbox.outcome_in("after", "applied");
