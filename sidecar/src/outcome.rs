@@ -9,6 +9,9 @@
 //!
 //! Outcome files are a view of the queue, not a record: the queue flags each change
 //! until its file is written, so a crash in between rewrites it at the next start.
+//!
+//! The results directory is the agent's: [`Outcomes`] never writes through a link
+//! planted there, and holds outcomes back while the directory is swapped.
 
 use std::fs;
 use std::io::{self, Write};
