@@ -44,6 +44,16 @@ pub enum StartError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("state directory {path}: {source}")]
+    State {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("results directory {path}: {source}")]
+    Results {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("target {name}: {message}")]
     Target { name: String, message: String },
     #[error("policy: {0}")]
@@ -68,18 +78,44 @@ pub struct Resources {
     pub policy: Arc<Policy>,
     pub targets: BTreeMap<String, Arc<dyn Target>>,
     pub sealer: Arc<Sealer>,
+    /// The results directory, opened and checked.
+    pub outcomes: Outcomes,
 }
 
 impl Resources {
     /// Opens targets, loads the policy and creates directories. Fails before anything
     /// runs, with a message naming what is wrong.
     pub fn open(config: Config) -> Result<Self, StartError> {
-        for dir in [config.intents.clone(), config.results_dir()] {
-            std::fs::create_dir_all(&dir)
-                .map_err(|source| StartError::Dir { path: dir, source })?;
-        }
-        // The default SQLite target lives in the state directory.
+        // The state directory first: the results directory is checked against it.
+        crate::state::prepare(&config.state).map_err(|source| StartError::State {
+            path: config.state.clone(),
+            source,
+        })?;
+        std::fs::create_dir_all(&config.intents).map_err(|source| StartError::Dir {
+            path: config.intents.clone(),
+            source,
+        })?;
+        let results = config.results_dir();
+        let outcomes = Outcomes::open(results.clone(), &config.state).map_err(|source| {
+            StartError::Results {
+                path: results,
+                source,
+            }
+        })?;
         Queue::open(&config.state)?;
+        // SQLite targets kept in the state directory (the default one) are private
+        // like every other file there: created 0600 before SQLite opens them.
+        for url in config.targets.values() {
+            let Some(path) = crate::state::sqlite_path(url) else {
+                continue;
+            };
+            if in_state_dir(&path, &config.state) {
+                crate::state::private_file(&path).map_err(|source| StartError::State {
+                    path: path.clone(),
+                    source,
+                })?;
+            }
+        }
         let mut targets = BTreeMap::new();
         for (name, url) in &config.targets {
             let target = apply::open(name, url).map_err(|e| StartError::Target {
@@ -96,7 +132,20 @@ impl Resources {
             policy: Arc::new(policy),
             targets,
             sealer: Arc::new(sealer),
+            outcomes,
         })
+    }
+}
+
+/// Whether the file `path` would be created directly in the state directory `state`.
+fn in_state_dir(path: &std::path::Path, state: &std::path::Path) -> bool {
+    let parent = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => std::path::Path::new("."),
+    };
+    match (parent.canonicalize(), state.canonicalize()) {
+        (Ok(parent), Ok(state)) => parent == state,
+        _ => false,
     }
 }
 
@@ -137,6 +186,7 @@ pub async fn run(
         policy,
         targets,
         sealer,
+        outcomes,
     } = resources;
     let checkpoints = checkpoint_policy(&config);
     let validator = airlock_intent::Validator::new(config.intent_limits());
@@ -147,10 +197,6 @@ pub async fn run(
         Queue::open(&config.state)?.with_sealer(sealer.clone(), checkpoints),
         sealer.clone(),
     );
-    let outcomes = Outcomes::new(config.results_dir()).map_err(|source| StartError::Dir {
-        path: config.results_dir(),
-        source,
-    })?;
     let (intake_tx, intake_rx) = mpsc::channel();
     let (pipeline_tx, pipeline_rx) = mpsc::channel();
     let endpoint = Endpoint::start(

@@ -26,6 +26,7 @@ pub mod queue;
 pub mod replay;
 pub mod review;
 pub mod seal;
+pub mod state;
 pub mod submit;
 pub mod telemetry;
 pub mod undo;

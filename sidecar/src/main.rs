@@ -836,7 +836,15 @@ fn token(command: TokenCommand) -> Result<ExitCode> {
                     if let Some(dir) = state.state {
                         config.state = dir;
                     }
-                    config.tokens_path()
+                    let path = config.tokens_path();
+                    // A tokens file in the state directory: create the directory as
+                    // `run` would (0700), and refuse one others could change.
+                    if path.parent() == Some(config.state.as_path()) {
+                        airlock::state::prepare(&config.state).with_context(|| {
+                            format!("state directory {}", config.state.display())
+                        })?;
+                    }
+                    path
                 }
             };
             let existing = match std::fs::read_to_string(&path) {
@@ -849,7 +857,7 @@ fn token(command: TokenCommand) -> Result<ExitCode> {
             // Refuse to write a file the endpoint would refuse to read.
             auth::Tokens::parse(&updated)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-            write_private(&path, updated.as_bytes())
+            airlock::state::write_private(&path, updated.as_bytes())
                 .with_context(|| format!("writing {}", path.display()))?;
             println!("{token}");
             eprintln!(
@@ -869,24 +877,6 @@ fn token(command: TokenCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-/// Writes `bytes` to `path` (mode 0600 on Unix) through a temporary file, so a crash
-/// leaves the old file or the new one.
-fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    let tmp = path.with_extension("tmp");
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

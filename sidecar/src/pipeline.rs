@@ -434,6 +434,8 @@ impl Pipeline {
     fn write(&self, outcome: &Outcome) -> bool {
         match self.outcomes.write(outcome) {
             Ok(_) => true,
+            // Held while the results directory is unusable: logged once by `Outcomes`.
+            Err(error) if Outcomes::is_held(&error) => false,
             Err(error) => {
                 warn!(message = "cannot write outcome file", dir = %self.outcomes.dir().display(), file = %outcome.file_name(), %error);
                 false

@@ -138,7 +138,7 @@ pub const UNATTRIBUTED_RUN: &str = "unattributed";
 /// Why a queue operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
-    #[error("cannot create state directory {path}: {source}")]
+    #[error("state directory {path}: {source}")]
     StateDir {
         path: PathBuf,
         source: std::io::Error,
@@ -388,7 +388,9 @@ pub struct Queue {
 
 impl Queue {
     /// Opens (creating and migrating as needed) `<state_dir>/queue.db`. The state
-    /// directory is created with mode 0700: it is Airlock's, not the agent's.
+    /// directory is created with mode 0700 and refused if others could change it, and
+    /// the queue's files are 0600: they are Airlock's, not the agent's
+    /// ([`crate::state`]).
     pub fn open(state_dir: &Path) -> Result<Self, QueueError> {
         create_private_dir(state_dir)?;
         let path = state_dir.join("queue.db");
@@ -870,20 +872,22 @@ fn get_intent(conn: &Connection, id: &str) -> Result<Option<IntentRow>, QueueErr
     row.map(finish_row).transpose()
 }
 
+/// Prepares the state directory (created 0700, checked: see [`crate::state`]) and
+/// makes `queue.db` and any `-wal`/`-shm` of it mode 0600 before SQLite opens it
+/// (SQLite gives those the database's mode).
 fn create_private_dir(dir: &Path) -> Result<(), QueueError> {
-    use std::os::unix::fs::DirBuilderExt;
-    let err = |source| QueueError::StateDir {
-        path: dir.to_owned(),
-        source,
+    let err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| QueueError::StateDir { path, source }
     };
-    if dir.is_dir() {
-        return Ok(());
+    crate::state::prepare(dir).map_err(err(dir))?;
+    let db = dir.join("queue.db");
+    crate::state::private_file(&db).map_err(err(&db))?;
+    for suffix in ["queue.db-wal", "queue.db-shm"] {
+        let path = dir.join(suffix);
+        crate::state::tighten_if_present(&path).map_err(err(&path))?;
     }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(err)
+    Ok(())
 }
 
 /// What a policy evaluation produced, to be recorded.

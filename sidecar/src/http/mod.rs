@@ -476,8 +476,7 @@ fn watch_changes(queue: Queue, stop: Arc<AtomicBool>) -> watch::Receiver<i64> {
     rx
 }
 
+/// The endpoint file is in the state directory: mode 0600 like every file there.
 fn write_atomically(path: &std::path::Path, text: &str) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
+    crate::state::write_private(path, text.as_bytes())
 }

@@ -88,7 +88,9 @@ impl Sealer {
     }
 
     /// Loads the key at `path`, or, if there is no file there, generates one as
-    /// [`keygen`] does. The flag is `true` when the key was created.
+    /// [`keygen`] does, except that the public key is mode 0600 too (this is the
+    /// state directory's key, and every file there is private). The flag is `true`
+    /// when the key was created.
     ///
     /// This is the zero-configuration default. Any other problem (permissions, bad
     /// PEM) is an error, never a reason to replace the key. The directory must
@@ -97,7 +99,8 @@ impl Sealer {
     pub fn load_or_create(path: &Path) -> Result<(Self, bool), SealError> {
         match Self::load(path) {
             Ok(sealer) => Ok((sealer, false)),
-            Err(SealError::KeyMissing { .. }) => match create(path) {
+            // The default key lives in the state directory, where every file is 0600.
+            Err(SealError::KeyMissing { .. }) => match create(path, 0o600) {
                 Ok(sealer) => Ok((sealer, true)),
                 Err(SealError::KeyExists { .. }) => Ok((Self::load(path)?, false)),
                 Err(e) => Err(e),
@@ -324,9 +327,9 @@ fn strict_verify(key: &VerifyingKey, msg: &[u8], sig: &[u8]) -> bool {
 }
 
 /// Generates a key and writes it to `path` (private, mode 0600, never
-/// overwriting) and `path.pub` (public). Returns the public key.
+/// overwriting) and `path.pub` (public, mode 0644). Returns the public key.
 pub fn keygen(path: &Path) -> Result<Verifier, SealError> {
-    create(path).map(|sealer| sealer.verifier.clone())
+    create(path, 0o644).map(|sealer| sealer.verifier.clone())
 }
 
 /// Where the public key of the private key file `path` is written: `path.pub`.
@@ -341,7 +344,7 @@ pub fn public_key_path(path: &Path) -> PathBuf {
 /// temporary file, flushed, and hard-linked into place, which fails if `path`
 /// already exists. A crash at any moment leaves either no private key (the next
 /// attempt starts over) or a complete one; never a truncated key file.
-fn create(path: &Path) -> Result<Sealer, SealError> {
+fn create(path: &Path, public_mode: u32) -> Result<Sealer, SealError> {
     let sealer = Sealer::generate()?;
     let private_pem = sealer.private_pem()?;
     let write_error = |source| SealError::Write {
@@ -355,12 +358,15 @@ fn create(path: &Path) -> Result<Sealer, SealError> {
         });
     }
     let public_path = public_key_path(path);
-    write_public(&public_path, sealer.verifier.to_pem().as_bytes()).map_err(|source| {
-        SealError::Write {
-            what: "public key",
-            path: public_path.clone(),
-            source,
-        }
+    write_public(
+        &public_path,
+        sealer.verifier.to_pem().as_bytes(),
+        public_mode,
+    )
+    .map_err(|source| SealError::Write {
+        what: "public key",
+        path: public_path.clone(),
+        source,
     })?;
 
     let mut tmp_name = path.as_os_str().to_owned();
@@ -391,13 +397,17 @@ fn create(path: &Path) -> Result<Sealer, SealError> {
     Ok(sealer)
 }
 
-fn write_public(path: &Path, pem: &[u8]) -> std::io::Result<()> {
+fn write_public(path: &Path, pem: &[u8], mode: u32) -> std::io::Result<()> {
     let mut file = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(0o644)
+        .mode(mode)
         .open(path)?;
+    // A stale file keeps its mode through `open`: set it.
+    if file.metadata()?.permissions().mode() & 0o7777 != mode {
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    }
     file.write_all(pem)?;
     file.sync_all()
 }
