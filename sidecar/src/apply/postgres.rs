@@ -682,7 +682,18 @@ async fn migrate(client: &mut Object) -> Result<(), ApplyError> {
     if version == sql::LEDGER_VERSION {
         return Ok(());
     }
+    let schema_exists: bool = tx
+        .query_one(
+            &format!("SELECT to_regnamespace('{}') IS NOT NULL", sql::PG_SCHEMA),
+            &[],
+        )
+        .await
+        .and_then(|row| row.try_get(0))
+        .map_err(|e| pg_error(&e))?;
     for statement in DIALECT.version_ddl() {
+        if schema_exists && statement == sql::PG_CREATE_SCHEMA {
+            continue;
+        }
         tx.batch_execute(&statement)
             .await
             .map_err(|e| pg_error(&e))?;

@@ -39,6 +39,11 @@ pub const SCHEMA_TABLE: &str = "airlock_schema";
 /// The schema holding Airlock's own tables in a PostgreSQL target. Intents may not
 /// write it.
 pub const PG_SCHEMA: &str = "airlock";
+/// Creates Airlock's schema in a PostgreSQL target. Migrations skip it when the
+/// schema exists, because PostgreSQL checks `CREATE` on the database even for `IF NOT
+/// EXISTS`: a least-privilege role can then own a schema an administrator created
+/// for it (see `docs/postgres-role.md`).
+pub const PG_CREATE_SCHEMA: &str = "CREATE SCHEMA IF NOT EXISTS airlock";
 /// The ledger table in a PostgreSQL target.
 pub const PG_LEDGER_TABLE: &str = "airlock.ledger";
 /// The table recording the version of Airlock's tables in a PostgreSQL target.
@@ -114,7 +119,7 @@ impl Dialect {
         let int64 = self.int64();
         let mut statements = Vec::new();
         if self == Self::Postgres {
-            statements.push(format!("CREATE SCHEMA IF NOT EXISTS {PG_SCHEMA}"));
+            statements.push(PG_CREATE_SCHEMA.to_owned());
         }
         statements.push(format!(
             "CREATE TABLE IF NOT EXISTS {} (\
