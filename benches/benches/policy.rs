@@ -47,6 +47,7 @@ fn policy(c: &mut Criterion) {
         file: "intent-0001.json",
         target: "default",
         preview: None,
+        names: None,
     };
     let policy = EmbeddedPolicy::load(PolicySource::Default).expect("the default policy loads");
     let input = build_input(&ctx);

@@ -2,8 +2,11 @@
 #
 # Airlock evaluates the whole document of this package (`data.airlock.authz`, the
 # same path OPA serves at /v1/data/airlock/authz) once per intent, with the policy
-# input document v1 as `input` (see README.md). It reads four keys and ignores the
-# rest, so helper rules may live here freely:
+# input document v2 as `input` (see README.md). Each input.ops entry names its
+# table as the target database resolves it (`schema`, `table`, `columns` as stored
+# in the catalog), never only as the agent spelled it (`spelled`), so rules compare
+# canonical names. It reads four keys and ignores the rest, so helper rules may
+# live here freely:
 #
 #   allow     (bool)      apply without review
 #   review    (bool)      hold for human approval; never true together with allow
@@ -16,8 +19,10 @@
 package airlock.authz
 
 # Tables no agent may write, listed in data.json under airlock.deny_tables.
-# An entry matches a table as the agent wrote it ("public.audit_log") or its
-# unqualified name ("audit_log" also matches "archive.audit_log").
+# An entry matches a table by its canonical name, unqualified ("audit_log" matches
+# it in every schema) or qualified ("public.audit_log"). Canonical names are what
+# the database stores, so the agent's spelling (AUDIT_LOG, main.Audit_Log, an
+# unqualified name found through search_path) does not matter.
 default deny_tables := []
 
 deny_tables := data.airlock.deny_tables
@@ -48,15 +53,13 @@ deny if count(deny_reasons) > 0
 
 deny_reasons contains msg if {
 	some op in input.ops
-	op.table in deny_tables
-	msg := sprintf("table %s is listed in data.airlock.deny_tables: agents may not write it", [op.table])
+	denied_table(op)
+	msg := sprintf("table %s.%s is listed in data.airlock.deny_tables: agents may not write it", [op.schema, op.table])
 }
 
-deny_reasons contains msg if {
-	some op in input.ops
-	op.name in deny_tables
-	msg := sprintf("table %s is listed in data.airlock.deny_tables: agents may not write it", [op.table])
-}
+denied_table(op) if op.table in deny_tables
+
+denied_table(op) if sprintf("%s.%s", [op.schema, op.table]) in deny_tables
 
 deny_reasons contains msg if {
 	some op in input.ops

@@ -4,18 +4,18 @@ package airlock.authz_test
 
 import data.airlock.authz
 
-# One entry of input.ops for an unqualified table.
+# One entry of input.ops for a table of schema main, spelled as its canonical name.
 op(index, kind, table) := {
 	"index": index,
 	"kind": kind,
+	"schema": "main",
 	"table": table,
-	"schema": null,
-	"name": table,
 	"columns": [],
+	"spelled": table,
 }
 
 # An input document with just the ops (the default policy reads nothing else).
-with_ops(ops) := {"version": 1, "ops": ops}
+with_ops(ops) := {"version": 2, "ops": ops}
 
 inserts(n) := with_ops([op(i, "insert", "customers") | some i in numbers.range(0, n - 1)])
 
@@ -48,11 +48,25 @@ test_deny_table_is_denied_with_its_name if {
 
 test_deny_table_matches_qualified_names if {
 	x := with_ops([{
-		"index": 0, "kind": "update", "table": "archive.audit_log",
-		"schema": "archive", "name": "audit_log", "columns": ["note"],
+		"index": 0, "kind": "update", "schema": "archive", "table": "audit_log",
+		"columns": ["note"], "spelled": "archive.audit_log",
 	}])
 	authz.deny with input as x
 	not authz.allow with input as x
+	authz.deny with input as x with data.airlock.deny_tables as ["archive.audit_log"]
+	authz.allow with input as x with data.airlock.deny_tables as ["public.audit_log"]
+}
+
+# The policy reads the canonical name; however the agent spelled it does not matter.
+test_deny_table_ignores_the_spelling if {
+	every spelled in ["AUDIT_LOG", "Audit_Log", "main.AUDIT_LOG", "MAIN.audit_log"] {
+		x := with_ops([{
+			"index": 0, "kind": "update", "schema": "main", "table": "audit_log",
+			"columns": ["message"], "spelled": spelled,
+		}])
+		authz.deny with input as x
+		not authz.allow with input as x
+	}
 }
 
 test_deny_beats_review if {

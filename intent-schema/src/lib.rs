@@ -11,6 +11,7 @@ mod validate;
 
 pub use types::{
     Column, Intent, IntentId, Op, OpKind, Provenance, Row, RunId, TableName, TargetName,
+    reserved_table,
 };
 pub use validate::{Invalid, Limits, Problem, Validator};
 

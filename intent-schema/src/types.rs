@@ -120,6 +120,50 @@ impl TableName {
     }
 }
 
+/// Why `table` names a table no intent may write, whatever the database role could
+/// do: a system catalog or Airlock's own bookkeeping. `None` for an ordinary name.
+///
+/// Compared without regard to ASCII case, so look-alikes are refused too (Airlock
+/// quotes identifiers, so in PostgreSQL `"PG_CATALOG"` would be another schema, but
+/// nobody needs one). Refused:
+/// - schemas `pg_*` (PostgreSQL's `pg_catalog`, `pg_toast`, `pg_temp_N`,
+///   `pg_toast_temp_N`, and every name PostgreSQL reserves for the system) and
+///   `information_schema`;
+/// - the schema `airlock` (Airlock's ledger in a PostgreSQL target);
+/// - tables `sqlite_*` in any schema (SQLite's `sqlite_schema`/`sqlite_master`,
+///   `sqlite_sequence`, `sqlite_stat1`, ...);
+/// - tables `airlock_ledger` and `airlock_schema` (Airlock's ledger in an SQLite
+///   target).
+///
+/// An unqualified name the target resolves into a system schema (in PostgreSQL,
+/// `pg_class` is `pg_catalog.pg_class`: `pg_catalog` is implicitly searched first) is
+/// refused when the sidecar resolves names against the target's catalog.
+pub fn reserved_table(table: &TableName) -> Option<&'static str> {
+    let starts = |s: &str, prefix: &str| {
+        s.get(..prefix.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
+    };
+    if let Some(schema) = table.schema() {
+        if starts(schema, "pg_") {
+            return Some("schema pg_* belongs to PostgreSQL's system catalogs");
+        }
+        if schema.eq_ignore_ascii_case("information_schema") {
+            return Some("information_schema is the SQL standard's system catalog");
+        }
+        if schema.eq_ignore_ascii_case("airlock") {
+            return Some("schema airlock holds Airlock's own ledger");
+        }
+    }
+    let name = table.name();
+    if starts(name, "sqlite_") {
+        return Some("tables sqlite_* are SQLite's internal tables");
+    }
+    if name.eq_ignore_ascii_case("airlock_ledger") || name.eq_ignore_ascii_case("airlock_schema") {
+        return Some("it holds Airlock's own ledger");
+    }
+    None
+}
+
 impl Default for TargetName {
     fn default() -> Self {
         Self("default".to_owned())

@@ -13,7 +13,10 @@
 //! 4. **Schema**: `intent.schema.json` (draft 2020-12), every error collected with
 //!    the JSON pointer of the offending value and a message naming the field.
 //! 5. **Sidecar limits**: more ops than [`Limits::max_ops`].
-//! 6. **Types**: deserialising into [`Intent`], which accepts exactly what the schema
+//! 6. **Reserved names**: an op naming a system catalog (`pg_catalog.*`,
+//!    `information_schema.*`, `sqlite_*`, ...) or Airlock's own ledger is refused
+//!    here, before any policy sees it (see [`reserved_table`](crate::reserved_table)).
+//! 7. **Types**: deserialising into [`Intent`], which accepts exactly what the schema
 //!    accepts (a failure here is a bug, reported as a problem rather than a panic).
 //!
 //! Problems are sorted by pointer (array indices numerically), so the output is
@@ -199,6 +202,9 @@ impl Validator {
                 ),
             ));
         }
+        if problems.is_empty() {
+            reserved_names(&document, &mut problems);
+        }
         let routing = routing(&document);
         if !problems.is_empty() {
             return Err(invalid(Some(routing), problems));
@@ -212,6 +218,32 @@ impl Validator {
                 )],
             )
         })
+    }
+}
+
+/// Adds a problem for every op whose table is a system catalog or Airlock's own
+/// (see [`reserved_table`](crate::reserved_table)). Runs on a document that passed
+/// the schema, so every `table` is a valid table name.
+fn reserved_names(document: &Value, problems: &mut Vec<Problem>) {
+    let Some(ops) = document.get("ops").and_then(Value::as_array) else {
+        return;
+    };
+    for (index, op) in ops.iter().enumerate() {
+        let Some(table) = op.get("table").and_then(Value::as_str) else {
+            continue;
+        };
+        let Ok(name) = crate::TableName::parse(table) else {
+            continue;
+        };
+        if let Some(why) = crate::reserved_table(&name) {
+            problems.push(Problem::new(
+                format!("/ops/{index}/table"),
+                format!(
+                    "table {} is reserved: {why}; intents may not write it",
+                    quoted(table)
+                ),
+            ));
+        }
     }
 }
 

@@ -452,3 +452,63 @@ fn schema_and_types_agree_on_edge_cases() {
         assert_eq!((by_schema, by_types), (valid, valid), "{what}");
     }
 }
+
+/// System catalogs and Airlock's own tables are refused at validation, in every
+/// spelling of case, each with the pointer of the op's table.
+#[test]
+fn system_catalogs_are_refused_in_every_case() {
+    let validator = Validator::new(Limits::default());
+    for table in [
+        "pg_catalog.pg_authid",
+        "PG_CATALOG.pg_class",
+        "Pg_Toast.pg_toast_1255",
+        "pg_temp_3.t",
+        "pg_toast_temp_1.t",
+        "information_schema.tables",
+        "INFORMATION_SCHEMA.columns",
+        "airlock.ledger",
+        "AIRLOCK.schema_version",
+        "sqlite_master",
+        "SQLITE_MASTER",
+        "main.sqlite_schema",
+        "temp.sqlite_temp_master",
+        "sqlite_sequence",
+        "airlock_ledger",
+        "main.Airlock_Schema",
+    ] {
+        let doc = serde_json::json!({
+            "version": 1, "id": "i", "run": "r",
+            "ops": [
+                {"op": "insert", "table": "customers", "values": {"id": 1}},
+                {"op": "delete", "table": table, "key": {"id": 1}}
+            ],
+            "reason": "r", "provenance": {"agent": "a"}
+        });
+        let invalid = validator
+            .validate(doc.to_string().as_bytes())
+            .expect_err(table);
+        assert_eq!(invalid.problems.len(), 1, "{table}: {invalid}");
+        assert_eq!(invalid.problems[0].pointer, "/ops/1/table", "{table}");
+        assert!(
+            invalid.problems[0].message.contains("is reserved"),
+            "{table}: {invalid}"
+        );
+    }
+    // Ordinary names that merely look alike pass.
+    for table in [
+        "pgx.t",
+        "public.pg_stats_copy",
+        "sqlitex",
+        "airlock_notes",
+        "airlockx.t",
+    ] {
+        let doc = serde_json::json!({
+            "version": 1, "id": "i", "run": "r",
+            "ops": [{"op": "delete", "table": table, "key": {"id": 1}}],
+            "reason": "r", "provenance": {"agent": "a"}
+        });
+        validator
+            .validate(doc.to_string().as_bytes())
+            .unwrap_or_else(|e| panic!("{table}: {e}"));
+    }
+}

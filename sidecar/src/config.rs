@@ -171,6 +171,11 @@ pub struct Apply {
     pub max_rows: u64,
     /// Longest backoff between retries of a transient failure, in ms.
     pub max_backoff_ms: u64,
+    /// Whether Airlock may apply as a PostgreSQL role with powers beyond applying
+    /// (superuser, `CREATEROLE`, `CREATEDB`, `BYPASSRLS`, `REPLICATION`, directly or
+    /// through membership). Default false: such a role stops start-up (and
+    /// `airlock run --check`) with the reason; see `docs/postgres-role.md`.
+    pub allow_privileged_role: bool,
 }
 
 /// Shutdown behaviour.
@@ -242,6 +247,7 @@ impl Default for Apply {
         Self {
             max_rows: 1,
             max_backoff_ms: 30_000,
+            allow_privileged_role: false,
         }
     }
 }
@@ -552,6 +558,13 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("policy.path and policy.url"), "{err}");
+        let config = Config::load(
+            None,
+            env(&[("AIRLOCK_APPLY__ALLOW_PRIVILEGED_ROLE", "true")]),
+        )
+        .unwrap();
+        assert!(config.apply.allow_privileged_role);
+        assert!(!Config::default().apply.allow_privileged_role);
         let config = Config::load(None, env(&[("AIRLOCK_POLICY__PREVIEW", "true")])).unwrap();
         assert!(config.policy.preview);
     }

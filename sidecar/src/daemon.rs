@@ -149,6 +149,37 @@ fn in_state_dir(path: &std::path::Path, state: &std::path::Path) -> bool {
     }
 }
 
+/// Checks every target's database role ([`Target::check_role`]): one with powers
+/// beyond applying stops start-up unless `[apply] allow_privileged_role` is set. A
+/// target that cannot be reached now is not a reason to refuse (it may come up
+/// later); it checks its role on its first connection and applies nothing until
+/// the role passes. With `reachable` (`airlock run --check`), it is refused too.
+pub async fn check_targets(
+    config: &Config,
+    targets: &BTreeMap<String, Arc<dyn Target>>,
+    reachable: bool,
+) -> Result<(), StartError> {
+    let allow = config.apply.allow_privileged_role;
+    for (name, target) in targets {
+        match target.check_role(allow).await {
+            Ok(found) if !found.is_empty() => {
+                warn!(message = "the target's database role has powers beyond applying; allowed by [apply] allow_privileged_role", target = %name, privileges = ?found);
+            }
+            Ok(_) => {}
+            Err(error) if error.is_transient() && !reachable => {
+                warn!(message = "cannot check the target's database role now; it is checked on the first connection", target = %name, %error);
+            }
+            Err(error) => {
+                return Err(StartError::Target {
+                    name: name.clone(),
+                    message: error.to_string(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Loads the configured signing key, refusing a missing or exposed one; without a
 /// configured key, uses (and on first start creates) `<state>/signing.key`.
 pub fn load_key(config: &Config) -> Result<Sealer, StartError> {
@@ -188,6 +219,7 @@ pub async fn run(
         sealer,
         outcomes,
     } = resources;
+    check_targets(&config, &targets, false).await?;
     let checkpoints = checkpoint_policy(&config);
     let validator = airlock_intent::Validator::new(config.intent_limits());
     let intake = Intake::new(

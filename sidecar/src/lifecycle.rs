@@ -4,7 +4,7 @@
 //! received ─▶ invalid (terminal; reason returned to the agent)
 //!    │
 //!    ▼
-//! queued ─▶ denied (terminal)
+//! queued ─▶ denied (terminal); failed when its names do not resolve
 //!    │  ╲
 //!    │   ▶ awaiting_review ─▶ rejected | expired (terminal)
 //!    ▼          │
@@ -113,6 +113,8 @@ impl State {
             (Queued, Event::Decided(Verdict::Allow)) => Approved,
             (Queued, Event::Decided(Verdict::Deny)) => Denied,
             (Queued, Event::Decided(Verdict::Review { .. })) => AwaitingReview,
+            // Its names do not resolve in the target: it fails before any policy.
+            (Queued, Event::Unresolvable) => Failed,
             (AwaitingReview, Event::Approval { quorum_met: false }) => AwaitingReview,
             (AwaitingReview, Event::Approval { quorum_met: true }) => Approved,
             (AwaitingReview, Event::Rejection) => Rejected,
@@ -173,6 +175,9 @@ pub enum Verdict {
 pub enum Event {
     /// The policy decided.
     Decided(Verdict),
+    /// Its tables or columns do not resolve in the target's catalog (missing, not
+    /// a table, a system catalog): nothing for a policy to decide on.
+    Unresolvable,
     /// One approver approved; `quorum_met` once enough distinct approvers have.
     Approval { quorum_met: bool },
     /// An approver rejected (one rejection rejects).
@@ -194,6 +199,7 @@ impl Event {
     pub fn name(&self) -> &'static str {
         match self {
             Event::Decided(_) => "decided",
+            Event::Unresolvable => "unresolvable",
             Event::Approval { .. } => "approval",
             Event::Rejection => "rejection",
             Event::Expiry => "expiry",
@@ -251,6 +257,7 @@ mod tests {
         for state in State::ALL.into_iter().filter(|s| s.is_final()) {
             for event in [
                 Event::Decided(Verdict::Allow),
+                Event::Unresolvable,
                 Event::Approval { quorum_met: true },
                 Event::Rejection,
                 Event::Expiry,

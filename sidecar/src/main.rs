@@ -207,6 +207,10 @@ struct RunArgs {
     target: Option<String>,
     #[command(flatten)]
     policy: PolicyArgs,
+    /// Check the configuration, the policy, the key and every target (its database
+    /// role included), then exit: 0 if Airlock would start, 64 if not.
+    #[arg(long)]
+    check: bool,
 }
 
 #[derive(Debug, Args)]
@@ -322,6 +326,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 let _context = runtime.enter();
                 shutdown_signal()
             };
+            let check = args.check;
             let config = match load_run_config(args) {
                 Ok(config) => config,
                 Err(error) => {
@@ -336,6 +341,19 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                     return Ok(ExitCode::from(EXIT_CONFIG));
                 }
             };
+            if check {
+                let checked = runtime.block_on(airlock::daemon::check_targets(
+                    &resources.config,
+                    &resources.targets,
+                    true,
+                ));
+                if let Err(error) = checked {
+                    eprintln!("airlock: cannot start: {error}");
+                    return Ok(ExitCode::from(EXIT_CONFIG));
+                }
+                println!("airlock: the configuration is good; airlock run would start");
+                return Ok(ExitCode::SUCCESS);
+            }
             if let Err(error) = runtime.block_on(airlock::daemon::run(resources, shutdown)) {
                 eprintln!("airlock: cannot start: {error}");
                 return Ok(ExitCode::from(EXIT_CONFIG));
@@ -600,6 +618,7 @@ fn undo(args: UndoArgs) -> Result<ExitCode> {
             policy: None,
             policy_url: None,
         },
+        check: false,
     })?;
     let mut queue = open_queue(StateArgs {
         config: args.config,

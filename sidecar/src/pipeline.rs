@@ -12,6 +12,14 @@
 //!   ledger row and only marks it (invariant 2).
 //! - A policy that cannot answer leaves the intent queued, retried with backoff
 //!   (invariant 4); a transient target error retries the same way.
+//! - The policy decides on the names the database will use (invariant 3): before
+//!   the decision, every op's table and columns are resolved against the target's
+//!   catalog ([`Target::resolve`]) and the policy input carries the canonical
+//!   schema, table and columns. An intent whose names do not resolve (no such table
+//!   or column, a view, a system catalog reached through `search_path`) fails
+//!   before policy, with the target's explanation in its outcome (error stage
+//!   `resolve`); a transient error while resolving is no decision: the intent
+//!   waits and is retried, never decided on unresolved names.
 //! - With `[policy] preview`, each intent is first run against its target in a
 //!   transaction that is rolled back, and the policy sees what it would write. A
 //!   transient preview error is no decision (the intent waits, as above); a permanent
@@ -30,7 +38,7 @@ use tracing::{info, warn};
 
 use airlock_intent::Intent;
 
-use crate::apply::{Applied, ApplyError, ApplyMeta, ErrorKind, Target};
+use crate::apply::{Applied, ApplyError, ApplyMeta, ErrorKind, ResolvedOp, Target};
 use crate::config::Config;
 use crate::decide::{InputContext, Policy, build_input, preview_json};
 use crate::lifecycle::{State, Verdict};
@@ -169,11 +177,16 @@ impl Pipeline {
         for row in &due {
             intents.push(row.intent()?);
         }
+        let names = self.resolve(&due, &intents);
         let previews = self.previews(&due, &intents);
         let mut inputs = Vec::with_capacity(due.len());
         let mut evaluated = Vec::with_capacity(due.len());
         let mut counts: BTreeMap<String, BTreeMap<String, u64>> = BTreeMap::new();
         for (index, (row, intent)) in due.iter().zip(&intents).enumerate() {
+            // Never decided on names that did not resolve.
+            let Ok(names) = &names[index] else {
+                continue;
+            };
             let preview = match &previews[index] {
                 Some(Ok(preview)) => Some(preview),
                 // A transient preview error is no decision: the intent waits.
@@ -195,6 +208,7 @@ impl Pipeline {
                 file: &row.file,
                 target: &row.target,
                 preview,
+                names: Some(names),
             });
             inputs.push(input);
             evaluated.push(index);
@@ -202,8 +216,10 @@ impl Pipeline {
         // A remote policy answers the batch concurrently; any error is no decision.
         let mut answers: Vec<Result<_, String>> = previews
             .iter()
-            .map(|preview| match preview {
-                Some(Err(message)) => Err(message.clone()),
+            .zip(&names)
+            .map(|(preview, names)| match (names, preview) {
+                (Err(error), _) => Err(format!("the names could not be resolved: {error}")),
+                (_, Some(Err(message))) => Err(message.clone()),
                 _ => Err("not evaluated".to_owned()),
             })
             .collect();
@@ -216,8 +232,21 @@ impl Pipeline {
         let max_backoff = self.max_backoff_ms;
         let announce = self.webhook.is_some();
         let mut reviews = Vec::new();
+        let mut unresolvable = 0;
         self.queue.write(|w| {
-            for ((row, answer), intent) in due.iter().zip(&answers).zip(&intents) {
+            for (((row, answer), intent), names) in
+                due.iter().zip(&answers).zip(&intents).zip(&names)
+            {
+                if let Err(error) = names
+                    && error.kind == ErrorKind::Permanent
+                {
+                    warn!(message = "intent names do not resolve in its target; it fails before policy", id = %row.id, run = %row.run, %error, code = ?error.code);
+                    let mut detail = error_json(error, None);
+                    detail["stage"] = "resolve".into();
+                    w.record_unresolvable(&row.id, detail)?;
+                    unresolvable += 1;
+                    continue;
+                }
                 match answer {
                     Ok(decision) => {
                         let state = w.record_decision(
@@ -261,6 +290,7 @@ impl Pipeline {
             Ok(())
         })?;
         report.decided += answers.iter().filter(|a| a.is_ok()).count();
+        report.failed += unresolvable;
         // Only now that the decisions are committed: a message never announces a
         // review the queue does not hold.
         if let Some(webhook) = &self.webhook {
@@ -269,6 +299,29 @@ impl Pipeline {
             }
         }
         Ok(())
+    }
+
+    /// Each intent's names resolved against its target ([`Target::resolve`]), asked
+    /// concurrently. An intent for a target that is not configured cannot resolve
+    /// (a permanent error).
+    fn resolve(
+        &self,
+        due: &[IntentRow],
+        intents: &[Intent],
+    ) -> Vec<Result<Vec<ResolvedOp>, ApplyError>> {
+        let asks = due.iter().zip(intents).map(|(row, intent)| {
+            let target = self.targets.get(&row.target).cloned();
+            async move {
+                match target {
+                    Some(target) => target.resolve(intent).await,
+                    None => Err(ApplyError::permanent(format!(
+                        "no target named {:?} is configured",
+                        intent.target.as_str()
+                    ))),
+                }
+            }
+        });
+        self.runtime.block_on(futures_util::future::join_all(asks))
     }
 
     /// With `[policy] preview`, each intent's preview (`preview_json`) from its target,

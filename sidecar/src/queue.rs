@@ -1086,6 +1086,20 @@ impl Writer<'_> {
         }
     }
 
+    /// Records that a queued intent's names do not resolve in its target (state
+    /// Failed, before any policy), with the error for the agent.
+    pub fn record_unresolvable(&mut self, id: &str, error: Value) -> Result<State, QueueError> {
+        let row = self.intent(id)?;
+        let next = row.state.next(&Event::Unresolvable)?;
+        self.tx
+            .prepare_cached(
+                "UPDATE intents SET state = ?2, error = ?3, updated_at = ?4, outcome_pending = 1 WHERE id = ?1",
+            )?
+            .execute(params![id, next.as_str(), serde_json::to_string(&error)?, self.now])?;
+        self.append_record(&row.run, Some(id), "failed", json!({ "error": error }))?;
+        Ok(next)
+    }
+
     /// Records one reviewer's approval. `digest`, when given, must be the intent's
     /// current digest: an approval is bound to the exact bytes the reviewer saw.
     pub fn approve(

@@ -829,6 +829,8 @@ impl Verification<'_> {
                 Ok(applying) => applying.next(&Event::ApplySucceeded),
                 Err(_) => from.next(&Event::ApplySucceeded),
             },
+            // From `queued`: its names did not resolve in the target, before policy.
+            "failed" if from == State::Queued => from.next(&Event::Unresolvable),
             "failed" => match from.next(&Event::ApplyStarted) {
                 Ok(applying) => applying.next(&Event::ApplyFailed { permanent: true }),
                 Err(_) => from.next(&Event::ApplyFailed { permanent: true }),

@@ -209,6 +209,9 @@ fn crash_test(target: Target) {
     let mut sb = Sandbox::new();
     if let Target::Postgres(pg) = &target {
         sb.target_url = Some(pg.0.url.clone());
+        // The test server's role is the superuser `postgres`.
+        sb.env
+            .push(("AIRLOCK_APPLY__ALLOW_PRIVILEGED_ROLE".into(), "true".into()));
     }
     let mut next = 0;
     let kills = 24;

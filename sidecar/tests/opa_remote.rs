@@ -169,7 +169,27 @@ fn input_of(intent: &Intent) -> Value {
         file: &format!("{}.json", intent.id.as_str()),
         target: intent.target.as_str(),
         preview: None,
+        names: Some(&canonical(intent)),
     })
+}
+
+/// The names a target would resolve for `intent` (as PostgreSQL folds an unquoted
+/// name: lowercase, `public` when unqualified), as the daemon gives the policy.
+fn canonical(intent: &Intent) -> Vec<airlock::apply::ResolvedOp> {
+    intent
+        .ops
+        .iter()
+        .map(|op| airlock::apply::ResolvedOp {
+            spelled: op.table().as_str().to_owned(),
+            schema: op.table().schema().unwrap_or("public").to_ascii_lowercase(),
+            table: op.table().name().to_ascii_lowercase(),
+            columns: op
+                .columns_written()
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+        })
+        .collect()
 }
 
 fn inserts(n: usize) -> Value {
@@ -721,7 +741,7 @@ fn policy_eval_prints_the_input_and_the_decision() {
     };
 
     let embedded = eval(&["--policy", examples().to_str().unwrap()]);
-    assert_eq!(embedded["input"]["version"], 1);
+    assert_eq!(embedded["input"]["version"], 2);
     assert_eq!(embedded["input"]["file"], "cancel.json");
     assert_eq!(embedded["input"]["ops"][0]["kind"], "delete");
     assert_eq!(embedded["decision"]["verdict"], "review");

@@ -717,10 +717,10 @@ fn illegal_lifecycles_fail() {
     let report = check(&log.lines, &log, Mode::Export);
     assert_failure(&report, 4, &["`applied` is not a legal step", "denied"]);
 
-    // Failed, expired and undone at the wrong moments; rejected then approved.
+    // Applied, expired and undone at the wrong moments; rejected then approved.
     let mut log = Log::new();
     log.receive("run-x", "x-1");
-    log.record("run-x", Some("x-1"), "failed", json!({ "error": "e" })); // line 3
+    log.record("run-x", Some("x-1"), "applied", json!({})); // line 3
     log.record("run-x", Some("x-1"), "expired", json!({})); // line 4
     log.record("run-x", Some("x-1"), "undone", json!({})); // line 5
     log.decide("run-x", "x-1", "review", Some(1), "awaiting_review");
@@ -733,11 +733,29 @@ fn illegal_lifecycles_fail() {
     log.approve("run-x", "x-1", "alice", 1, 1); // line 8
     log.checkpoint("run-x");
     let report = check(&log.lines, &log, Mode::Export);
-    assert_failure(&report, 3, &["`failed` is not a legal step"]);
+    assert_failure(&report, 3, &["`applied` is not a legal step"]);
     assert_failure(&report, 4, &["`expired` is not a legal step"]);
     assert_failure(&report, 5, &["`undone` is not a legal step"]);
     assert_failure(&report, 8, &["`approved` is not a legal step", "rejected"]);
     assert_eq!(report.all_failures().count(), 4, "{report:#?}");
+
+    // Failed from queued is an intent whose names did not resolve (before policy);
+    // failed after a denial is not a legal step.
+    let mut log = Log::new();
+    log.receive("run-x", "x-1");
+    log.record(
+        "run-x",
+        Some("x-1"),
+        "failed",
+        json!({ "error": {"stage": "resolve"} }),
+    );
+    log.receive("run-x", "x-2");
+    log.decide("run-x", "x-2", "deny", None, "denied");
+    log.record("run-x", Some("x-2"), "failed", json!({ "error": "e" })); // line 7
+    log.checkpoint("run-x");
+    let report = check(&log.lines, &log, Mode::Export);
+    assert_failure(&report, 7, &["`failed` is not a legal step", "denied"]);
+    assert_eq!(report.all_failures().count(), 1, "{report:#?}");
 }
 
 #[test]

@@ -31,6 +31,22 @@
 //! marks each ledger row undone (`undone_at_ms`, ledger version 2) in that same
 //! transaction, so undoing twice changes nothing.
 //!
+//! Names ([`Target::resolve`]): before any policy decides, every op's table and the
+//! columns it names are resolved against the target's catalog, the way the database
+//! itself resolves them (SQLite: case-insensitive, `temp` then `main` then attached
+//! databases; PostgreSQL: `search_path`, with `pg_catalog` implicitly first), and
+//! the policy is shown the canonical schema, table and columns ([`ResolvedOp`]). A
+//! name that resolves into a system catalog or Airlock's own schema, or does not
+//! resolve at all, is a permanent error before policy. Apply resolves the same
+//! spelling again inside its own transaction, with the same rules and the same
+//! checks, so what the policy saw is what is written unless the catalog itself
+//! changed in between (DDL by an administrator; agents cannot run DDL).
+//!
+//! Roles ([`Target::check_role`]): a PostgreSQL role with more power than applying
+//! needs (superuser, `CREATEROLE`, `CREATEDB`, `BYPASSRLS`, `REPLICATION`, held
+//! directly or through a role it is a member of) is refused unless the operator
+//! allows it (`[apply] allow_privileged_role`); see `docs/postgres-role.md`.
+//!
 //! Op indexes in errors and images count from 0, as in the JSON pointer `/ops/N`.
 
 pub mod postgres;
@@ -107,6 +123,136 @@ pub trait Target: Send + Sync + fmt::Debug {
     /// before-images anyway and the conflicts are reported with `committed: true`.
     /// An id the ledger does not hold is an error, and nothing changes.
     async fn undo(&self, intent_ids: &[String], force: bool) -> Result<UndoReport, ApplyError>;
+
+    /// Resolves every op's table, and every column it names, against the target's
+    /// catalog as the database would resolve them, and answers the canonical names,
+    /// one [`ResolvedOp`] per op in op order. Fails (permanently, blaming the op)
+    /// when a table does not exist, is not a plain table, lies in a system catalog
+    /// or in Airlock's own schema, or lacks a column the op names; transiently when
+    /// the database cannot be asked. Writes nothing.
+    async fn resolve(&self, intent: &Intent) -> Result<Vec<ResolvedOp>, ApplyError>;
+
+    /// Checks the database role Airlock connects as (start-up, `airlock run
+    /// --check`). Answers the powers beyond applying that the role holds (empty
+    /// when none), each as `ATTRIBUTE` or `ATTRIBUTE (through role R)`. With any
+    /// and without `allow_privileged`, a permanent error with code
+    /// [`codes::PRIVILEGED_ROLE`] saying which. A transient error means the
+    /// database could not be asked now; the target then checks again on its first
+    /// connection and refuses to apply until the role passes. Targets without roles
+    /// (SQLite) answer empty.
+    async fn check_role(&self, allow_privileged: bool) -> Result<Vec<String>, ApplyError> {
+        let _ = allow_privileged;
+        Ok(Vec::new())
+    }
+}
+
+/// One op's table and columns as the target's catalog stores them: what the policy
+/// decides on (DESIGN invariant 3), never the agent's spelling alone.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResolvedOp {
+    /// The table as the agent wrote it (`AUDIT_LOG`, `main.Audit_Log`).
+    pub spelled: String,
+    /// The schema the table is in (`main`, `temp` or an attached database's name in
+    /// SQLite; the namespace in PostgreSQL), never empty.
+    pub schema: String,
+    /// The table's name as stored in the catalog.
+    pub table: String,
+    /// The columns the op writes (`values` of insert and upsert, `set` of update;
+    /// empty for delete), as stored, in the op's order.
+    pub columns: Vec<String>,
+}
+
+/// Resolves the columns of `op` against `columns` (the table's, as stored): every
+/// column the op names must be one (compared exactly, as [`check_columns`] does);
+/// answers the op's [`ResolvedOp`]. `schema` and `table` are the canonical names the
+/// catalog gave; a system catalog or Airlock's own table is refused.
+pub(crate) fn resolve_op(
+    op: &Op,
+    schema: &str,
+    table: &str,
+    columns: &[String],
+) -> Result<ResolvedOp, ApplyError> {
+    check_canonical(op.table(), schema, table)?;
+    let spelled = op.table();
+    match op {
+        Op::Insert { values, .. } => {
+            check_columns(
+                columns,
+                spelled,
+                "values",
+                values.keys().map(String::as_str),
+            )?;
+        }
+        Op::Upsert { values, on, .. } => {
+            check_columns(
+                columns,
+                spelled,
+                "values",
+                values.keys().map(String::as_str),
+            )?;
+            check_columns(columns, spelled, "on", on.iter().map(|c| c.as_str()))?;
+        }
+        Op::Update {
+            key, set, expect, ..
+        } => {
+            check_columns(columns, spelled, "key", key.keys().map(String::as_str))?;
+            check_columns(columns, spelled, "set", set.keys().map(String::as_str))?;
+            if let Some(expect) = expect {
+                check_columns(
+                    columns,
+                    spelled,
+                    "expect",
+                    expect.keys().map(String::as_str),
+                )?;
+            }
+        }
+        Op::Delete { key, expect, .. } => {
+            check_columns(columns, spelled, "key", key.keys().map(String::as_str))?;
+            if let Some(expect) = expect {
+                check_columns(
+                    columns,
+                    spelled,
+                    "expect",
+                    expect.keys().map(String::as_str),
+                )?;
+            }
+        }
+    }
+    let written = op
+        .columns_written()
+        .into_iter()
+        .filter_map(|name| columns.iter().find(|c| *c == name).cloned())
+        .collect();
+    Ok(ResolvedOp {
+        spelled: spelled.as_str().to_owned(),
+        schema: schema.to_owned(),
+        table: table.to_owned(),
+        columns: written,
+    })
+}
+
+/// Refuses a table that resolved (whatever its spelling) into a system catalog or
+/// Airlock's own tables, by its canonical `schema.table`: the same rules the
+/// validator applies to spellings ([`airlock_intent::reserved_table`]), plus names
+/// that cannot even be written as an intent's table name.
+pub(crate) fn check_canonical(
+    spelled: &airlock_intent::TableName,
+    schema: &str,
+    table: &str,
+) -> Result<(), ApplyError> {
+    let canonical = format!("{schema}.{table}");
+    let why = match airlock_intent::TableName::parse(&canonical) {
+        Ok(name) => airlock_intent::reserved_table(&name),
+        Err(_) => Some("its canonical name is not one an intent can write"),
+    };
+    match why {
+        None => Ok(()),
+        Some(why) => Err(ApplyError::permanent(format!(
+            "table {spelled} resolves to {canonical}, which is reserved: {why}; intents \
+             may not write it"
+        ))
+        .with_code(codes::SYSTEM_TABLE)),
+    }
 }
 
 /// Applies `chain` one intent per transaction with [`Target::apply`], in order,
@@ -425,6 +571,12 @@ pub mod codes {
     pub const WRONG_TARGET: &str = "AIRLOCK_WRONG_TARGET";
     /// The target URL is not one Airlock supports.
     pub const UNSUPPORTED_URL: &str = "AIRLOCK_UNSUPPORTED_URL";
+    /// The op's table resolves into a system catalog (`pg_catalog`, `pg_toast`,
+    /// `information_schema`, `sqlite_*`) or Airlock's own tables.
+    pub const SYSTEM_TABLE: &str = "AIRLOCK_SYSTEM_TABLE";
+    /// The database role has powers beyond applying (superuser, `CREATEROLE`, ...)
+    /// and `[apply] allow_privileged_role` is not set.
+    pub const PRIVILEGED_ROLE: &str = "AIRLOCK_PRIVILEGED_ROLE";
 }
 
 /// Why an intent could not be applied. Nothing of it was written.

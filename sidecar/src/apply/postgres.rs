@@ -69,7 +69,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use airlock_intent::{Column, Intent, Op, Row, TableName};
@@ -85,8 +85,8 @@ use tokio_postgres::types::{ToSql, Type};
 use super::sql::{self, Dialect, pg};
 use super::{
     Applied, ApplyError, ApplyMeta, ErrorKind, Finish, Image, LedgerEntry, OpResult, Preview,
-    Target, UndoConflict, UndoImage, UndoReport, apply_each, check_target, codes, holds_after,
-    image_table, show, uncommitted,
+    ResolvedOp, Target, UndoConflict, UndoImage, UndoReport, apply_each, check_canonical,
+    check_target, codes, holds_after, image_table, resolve_op, show, uncommitted,
 };
 
 const DIALECT: Dialect = Dialect::Postgres;
@@ -107,7 +107,18 @@ pub struct PostgresTarget {
     ledger_ready: AtomicBool,
     /// Held while creating or migrating the ledger, so one task does it.
     ledger_init: tokio::sync::Mutex<()>,
+    /// Whether the role must still be checked before applying ([`ROLE_UNCHECKED`],
+    /// [`ROLE_REQUIRED`], [`ROLE_PASSED`]); see [`Target::check_role`].
+    role: AtomicU8,
 }
+
+/// Nobody asked for a role check (a library user, a CLI tool).
+const ROLE_UNCHECKED: u8 = 0;
+/// The daemon asked for a check that has not passed yet: every new connection
+/// checks the role, and a privileged one applies nothing.
+const ROLE_REQUIRED: u8 = 1;
+/// The role was checked and holds no powers beyond applying (or they are allowed).
+const ROLE_PASSED: u8 = 2;
 
 impl fmt::Debug for PostgresTarget {
     // Never the URL or the connection config: they may hold credentials.
@@ -208,6 +219,7 @@ impl PostgresTarget {
             tls: settings.tls,
             ledger_ready: AtomicBool::new(false),
             ledger_init: tokio::sync::Mutex::new(()),
+            role: AtomicU8::new(ROLE_UNCHECKED),
         })
     }
 
@@ -227,6 +239,16 @@ impl PostgresTarget {
             self.pool.get().await.map_err(|e| {
                 pool_error(e).context(&format!("target {:?}: connecting", self.name))
             })?;
+        if self.role.load(Ordering::Acquire) == ROLE_REQUIRED {
+            let found = role_privileges(&client).await?;
+            if !found.is_empty() {
+                // The operator must fix the role (or allow it); intents wait.
+                let mut error = privileged(&self.name, &found);
+                error.kind = ErrorKind::Transient;
+                return Err(error);
+            }
+            self.role.store(ROLE_PASSED, Ordering::Release);
+        }
         if !self.ledger_ready.load(Ordering::Acquire) {
             let _init = self.ledger_init.lock().await;
             if !self.ledger_ready.load(Ordering::Acquire) {
@@ -349,6 +371,108 @@ impl Target for PostgresTarget {
             .await
             .map_err(|e| self.ledger_missing(e))
     }
+
+    async fn resolve(&self, intent: &Intent) -> Result<Vec<ResolvedOp>, ApplyError> {
+        check_target(&self.name, intent)?;
+        let mut client = self.client().await?;
+        // The same catalog look-up apply makes ([`table_info`]), in a read-only
+        // transaction on a pooled connection, so with the same search_path.
+        let tx = client
+            .build_transaction()
+            .read_only(true)
+            .start()
+            .await
+            .map_err(|e| pg_error(&e).context("beginning the name look-up"))?;
+        let mut tables: HashMap<&TableName, TableInfo> = HashMap::new();
+        let mut resolved = Vec::with_capacity(intent.ops.len());
+        for (index, op) in intent.ops.iter().enumerate() {
+            let info = match tables.get(op.table()) {
+                Some(info) => info.clone(),
+                None => {
+                    let info = table_info(&tx, op.table())
+                        .await
+                        .map_err(|e| e.at_op(index, op))?;
+                    tables.insert(op.table(), info.clone());
+                    info
+                }
+            };
+            let names = resolve_op(op, &info.schema, &info.name, &info.columns)
+                .map_err(|e| e.at_op(index, op))?;
+            resolved.push(names);
+        }
+        tx.rollback()
+            .await
+            .map_err(|e| pg_error(&e).context("ending the name look-up"))?;
+        Ok(resolved)
+    }
+
+    async fn check_role(&self, allow_privileged: bool) -> Result<Vec<String>, ApplyError> {
+        if !allow_privileged {
+            // Until the check passes, the first connection checks again.
+            let _ = self.role.compare_exchange(
+                ROLE_UNCHECKED,
+                ROLE_REQUIRED,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
+        let client =
+            self.pool.get().await.map_err(|e| {
+                pool_error(e).context(&format!("target {:?}: connecting", self.name))
+            })?;
+        let found = role_privileges(&client).await?;
+        if !found.is_empty() && !allow_privileged {
+            return Err(privileged(&self.name, &found));
+        }
+        if !allow_privileged {
+            self.role.store(ROLE_PASSED, Ordering::Release);
+        }
+        Ok(found)
+    }
+}
+
+/// The powers beyond applying that the connection's role holds ([`pg::ROLE_PRIVILEGES`]),
+/// as `SUPERUSER` or `CREATEDB (through role admins)`.
+async fn role_privileges(client: &Object) -> Result<Vec<String>, ApplyError> {
+    let context = |e: tokio_postgres::Error| pg_error(&e).context("reading the role's attributes");
+    let rows = client
+        .query(pg::ROLE_PRIVILEGES, &[])
+        .await
+        .map_err(context)?;
+    let mut found = Vec::new();
+    for row in &rows {
+        let role: String = row.try_get(0).map_err(context)?;
+        let own: bool = row.try_get(1).map_err(context)?;
+        for (column, attribute) in [
+            (2, "SUPERUSER"),
+            (3, "CREATEROLE"),
+            (4, "CREATEDB"),
+            (5, "BYPASSRLS"),
+            (6, "REPLICATION"),
+        ] {
+            if row.try_get::<_, bool>(column).map_err(context)? {
+                found.push(if own {
+                    attribute.to_owned()
+                } else {
+                    format!("{attribute} (through role {role})")
+                });
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// The refusal of a role with powers beyond applying.
+fn privileged(name: &str, found: &[String]) -> ApplyError {
+    ApplyError::permanent(format!(
+        "target {name:?}: the database role Airlock connects as has {}; an agent's \
+         writes must not run with more power than they need. Connect as a \
+         least-privilege role (see docs/postgres-role.md), or set [apply] \
+         allow_privileged_role = true (AIRLOCK_APPLY__ALLOW_PRIVILEGED_ROLE=true) to \
+         accept the risk",
+        found.join(", ")
+    ))
+    .with_code(codes::PRIVILEGED_ROLE)
 }
 
 /// The whole of one undo, inside one transaction (see [`Target::undo`]).
@@ -558,7 +682,18 @@ async fn migrate(client: &mut Object) -> Result<(), ApplyError> {
     if version == sql::LEDGER_VERSION {
         return Ok(());
     }
+    let schema_exists: bool = tx
+        .query_one(
+            &format!("SELECT to_regnamespace('{}') IS NOT NULL", sql::PG_SCHEMA),
+            &[],
+        )
+        .await
+        .and_then(|row| row.try_get(0))
+        .map_err(|e| pg_error(&e))?;
     for statement in DIALECT.version_ddl() {
+        if schema_exists && statement == sql::PG_CREATE_SCHEMA {
+            continue;
+        }
         tx.batch_execute(&statement)
             .await
             .map_err(|e| pg_error(&e))?;
@@ -957,6 +1092,10 @@ fn now_ms() -> i64 {
 /// What Airlock needs to know about one table, read once per intent.
 #[derive(Clone, Debug)]
 struct TableInfo {
+    /// The schema the name resolved into.
+    schema: String,
+    /// The table's name as the catalog stores it.
+    name: String,
     /// All columns, in declaration order.
     columns: Vec<String>,
     /// Column name → type as `format_type` renders it.
@@ -988,9 +1127,12 @@ async fn table_info(tx: &Transaction<'_>, table: &TableName) -> Result<TableInfo
     let columns: Vec<String> = row.try_get(2).map_err(context)?;
     let types: Vec<String> = row.try_get(3).map_err(context)?;
     let pk: Vec<String> = row.try_get(4).map_err(context)?;
+    let name: String = row.try_get(5).map_err(context)?;
     if sql::is_reserved_schema(&schema) {
         return Err(reserved(table));
     }
+    // An unqualified `pg_class` is `pg_catalog.pg_class`: refused by where it is.
+    check_canonical(table, &schema, &name)?;
     if kind != "r" && kind != "p" {
         let what = match kind.as_str() {
             "v" => "view",
@@ -1007,7 +1149,13 @@ async fn table_info(tx: &Transaction<'_>, table: &TableName) -> Result<TableInfo
         .with_code(codes::NOT_A_TABLE));
     }
     let types = columns.iter().cloned().zip(types).collect();
-    Ok(TableInfo { columns, types, pk })
+    Ok(TableInfo {
+        schema,
+        name,
+        columns,
+        types,
+        pk,
+    })
 }
 
 fn reserved(table: &TableName) -> ApplyError {

@@ -39,6 +39,11 @@ pub const SCHEMA_TABLE: &str = "airlock_schema";
 /// The schema holding Airlock's own tables in a PostgreSQL target. Intents may not
 /// write it.
 pub const PG_SCHEMA: &str = "airlock";
+/// Creates Airlock's schema in a PostgreSQL target. Migrations skip it when the
+/// schema exists, because PostgreSQL checks `CREATE` on the database even for `IF NOT
+/// EXISTS`: a least-privilege role can then own a schema an administrator created
+/// for it (see `docs/postgres-role.md`).
+pub const PG_CREATE_SCHEMA: &str = "CREATE SCHEMA IF NOT EXISTS airlock";
 /// The ledger table in a PostgreSQL target.
 pub const PG_LEDGER_TABLE: &str = "airlock.ledger";
 /// The table recording the version of Airlock's tables in a PostgreSQL target.
@@ -114,7 +119,7 @@ impl Dialect {
         let int64 = self.int64();
         let mut statements = Vec::new();
         if self == Self::Postgres {
-            statements.push(format!("CREATE SCHEMA IF NOT EXISTS {PG_SCHEMA}"));
+            statements.push(PG_CREATE_SCHEMA.to_owned());
         }
         statements.push(format!(
             "CREATE TABLE IF NOT EXISTS {} (\
@@ -476,8 +481,9 @@ pub mod pg {
 
     /// One table's catalog entry, by the quoted name in parameter 1 (resolved like
     /// an SQL reference, through `search_path` when unqualified): schema, relkind,
-    /// column names and their types (`format_type`) in column order, and the
-    /// primary-key columns in key order. No row when there is no such relation.
+    /// column names and their types (`format_type`) in column order, the
+    /// primary-key columns in key order, and the table's name as stored. No row
+    /// when there is no such relation.
     pub const TABLE_INFO: &str = "\
         SELECT n.nspname::text, c.relkind::text, \
           array(SELECT a.attname::text FROM pg_attribute a \
@@ -490,7 +496,8 @@ pub mod pg {
                 FROM pg_index i \
                 CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) \
                 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum \
-                WHERE i.indrelid = c.oid AND i.indisprimary ORDER BY k.ord) \
+                WHERE i.indrelid = c.oid AND i.indisprimary ORDER BY k.ord), \
+          c.relname::text \
         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
         WHERE c.oid = to_regclass($1)";
 
@@ -502,6 +509,19 @@ pub mod pg {
     /// so a second apply of the same intent waits and then finds the first one's
     /// ledger row instead of racing it.
     pub const LOCK_INTENT: &str = "SELECT pg_advisory_xact_lock(1634300524, hashtext($1))";
+
+    /// The powers beyond applying that the current role holds, directly or through
+    /// a role it is a member of (and so may `SET ROLE` to): one row per such role,
+    /// with its name and whether it is superuser, may create roles, may create
+    /// databases, bypasses row-level security, may replicate.
+    pub const ROLE_PRIVILEGES: &str = "\
+        SELECT r.rolname::text, r.rolname = current_user, r.rolsuper, r.rolcreaterole, \
+          r.rolcreatedb, r.rolbypassrls, r.rolreplication \
+        FROM pg_roles r \
+        WHERE pg_has_role(current_user, r.oid, 'MEMBER') \
+          AND (r.rolsuper OR r.rolcreaterole OR r.rolcreatedb OR r.rolbypassrls \
+               OR r.rolreplication) \
+        ORDER BY r.rolname = current_user DESC, r.rolname";
 
     /// Serialises ledger migrations across every Airlock using the database.
     pub const LOCK_MIGRATION: &str = "SELECT pg_advisory_xact_lock(1634300524, 0)";

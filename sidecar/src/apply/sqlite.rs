@@ -62,8 +62,8 @@ use serde_json::Value;
 use super::sql::{self, Arg, Dialect, Statement};
 use super::{
     Applied, ApplyError, ApplyMeta, ErrorKind, Finish, Image, LedgerEntry, OpResult, Preview,
-    Target, UndoConflict, UndoImage, UndoReport, check_target, codes, holds_after, image_table,
-    show, uncommitted,
+    ResolvedOp, Target, UndoConflict, UndoImage, UndoReport, check_canonical, check_target, codes,
+    holds_after, image_table, resolve_op, show, uncommitted,
 };
 
 const DIALECT: Dialect = Dialect::Sqlite;
@@ -180,6 +180,37 @@ impl Target for SqliteTarget {
         self.with_conn(move |conn| undo_intents(conn, &intent_ids, force))
             .await
     }
+
+    async fn resolve(&self, intent: &Intent) -> Result<Vec<ResolvedOp>, ApplyError> {
+        let intent = intent.clone();
+        let name = self.name.clone();
+        self.with_conn(move |conn| resolve_names(conn, &name, &intent))
+            .await
+    }
+}
+
+/// Resolves every op's names with the same catalog look-up apply makes
+/// ([`table_info`]), outside any write transaction.
+fn resolve_names(
+    conn: &Connection,
+    name: &str,
+    intent: &Intent,
+) -> Result<Vec<ResolvedOp>, ApplyError> {
+    check_target(name, intent)?;
+    let mut tables: HashMap<TableName, TableInfo> = HashMap::new();
+    let mut resolved = Vec::with_capacity(intent.ops.len());
+    for (index, op) in intent.ops.iter().enumerate() {
+        let info = match tables.entry(op.table().clone()) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                e.insert(table_info(conn, op.table()).map_err(|e| e.at_op(index, op))?)
+            }
+        };
+        let names = resolve_op(op, &info.schema, &info.name, &info.columns)
+            .map_err(|e| e.at_op(index, op))?;
+        resolved.push(names);
+    }
+    Ok(resolved)
 }
 
 /// Locks the connection. A panic while it was held has already unwound through the
@@ -647,6 +678,11 @@ fn now_ms() -> i64 {
 /// What Airlock needs to know about one table, read once per intent.
 #[derive(Debug)]
 struct TableInfo {
+    /// The database holding the table (`main`, `temp` or an attached one's name).
+    schema: String,
+    /// The table's name as the catalog stores it (SQLite matches names without
+    /// regard to ASCII case).
+    name: String,
     /// All columns, in declaration order.
     columns: Vec<String>,
     /// Primary-key columns, in key order; empty when none is declared.
@@ -674,7 +710,7 @@ fn table_info(conn: &Connection, table: &TableName) -> Result<TableInfo, ApplyEr
             .or_else(|| found.iter().find(|f| f.0 == "main"))
             .or_else(|| found.first()),
     };
-    let Some((schema, kind, without_rowid)) = entry else {
+    let Some((schema, stored_name, kind, without_rowid)) = entry else {
         return Err(
             ApplyError::permanent(format!("table {table} does not exist"))
                 .with_code(codes::UNKNOWN_TABLE),
@@ -686,6 +722,7 @@ fn table_info(conn: &Connection, table: &TableName) -> Result<TableInfo, ApplyEr
         ))
         .with_code(codes::NOT_A_TABLE));
     }
+    check_canonical(table, schema, stored_name)?;
     let mut columns_pk = table_columns(conn, table.name(), schema)
         .map_err(|e| db_error(e).context("reading the table's columns"))?;
     let columns: Vec<String> = columns_pk.iter().map(|(name, _)| name.clone()).collect();
@@ -706,13 +743,25 @@ fn table_info(conn: &Connection, table: &TableName) -> Result<TableInfo, ApplyEr
         ))
         .with_code(codes::NO_ROW_IDENTITY));
     }
-    Ok(TableInfo { columns, pk, rowid })
+    Ok(TableInfo {
+        schema: schema.clone(),
+        name: stored_name.clone(),
+        columns,
+        pk,
+        rowid,
+    })
 }
 
-/// The databases holding a table of this name: (schema, type, without rowid).
-fn table_list(conn: &Connection, name: &str) -> rusqlite::Result<Vec<(String, String, bool)>> {
-    let mut stmt = conn.prepare_cached("SELECT schema, type, wr FROM pragma_table_list(?1)")?;
-    let rows = stmt.query_map([name], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?;
+/// The databases holding a table of this name (matched as SQLite matches names,
+/// without regard to ASCII case): (schema, name as stored, type, without rowid).
+type TableListEntry = (String, String, String, bool);
+
+fn table_list(conn: &Connection, name: &str) -> rusqlite::Result<Vec<TableListEntry>> {
+    let mut stmt =
+        conn.prepare_cached("SELECT schema, name, type, wr FROM pragma_table_list(?1)")?;
+    let rows = stmt.query_map([name], |row| {
+        Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
+    })?;
     rows.collect()
 }
 

@@ -1,22 +1,32 @@
-//! The policy input document, version 1: what a policy sees about one intent. Pure.
+//! The policy input document, version 2: what a policy sees about one intent. Pure.
 //!
 //! ```json
 //! {
-//!   "version": 1,
+//!   "version": 2,
 //!   "intent": { ...the intent exactly as the types serialise it... },
 //!   "run": {"id": "run-7", "counts": {"applied": 3, "awaiting_review": 1}},
 //!   "envelope": {"digest": "sha256:…", "keyid": "…"},
 //!   "file": "0001-add-customer.json",
 //!   "target": "default",
-//!   "ops": [{"index": 0, "kind": "insert", "table": "crm.customers",
-//!            "schema": "crm", "name": "customers", "columns": ["id", "name"]}]
+//!   "ops": [{"index": 0, "kind": "insert", "schema": "crm", "table": "customers",
+//!            "columns": ["id", "name"], "spelled": "CRM.Customers"}]
 //! }
 //! ```
 //!
 //! `ops` is a flattened view of `intent.ops` so policies need not know each op's
-//! shape: `schema` is null for an unqualified table, `columns` are the columns the op
-//! writes (empty for a delete). `examples/policies/README.md` documents every field
-//! for policy authors; changing the shape means a new `version`.
+//! shape, and it holds the names **the database will use** (DESIGN invariant 3):
+//! `schema`, `table` and `columns` (the columns the op writes, empty for a delete)
+//! as the target's catalog stores them, resolved before the decision
+//! ([`crate::apply::Target::resolve`]); `spelled` is the table as the agent wrote
+//! it. So a rule on `audit_log` holds for `AUDIT_LOG`, `main.Audit_Log` or an
+//! unqualified name found through PostgreSQL's `search_path` alike. Version 1 showed
+//! the spelling only, which SQLite's case-insensitive names let an agent bypass.
+//! `examples/policies/README.md` documents every field for policy authors; changing
+//! the shape means a new `version`.
+//!
+//! Without resolved names ([`InputContext::names`] is `None`: `airlock policy eval`
+//! with no target to ask) each op shows its spelling in their place, `schema` null
+//! when unqualified; the daemon never decides on such a document.
 //!
 //! This runs once per intent on the hot path, so the document is built directly as a
 //! [`serde_json::Value`], never through a string. The intent's fields are
@@ -28,10 +38,10 @@ use std::collections::BTreeMap;
 use airlock_intent::{Intent, Op, Provenance};
 use serde_json::{Map, Value};
 
-use crate::apply::{ApplyError, Preview};
+use crate::apply::{ApplyError, Preview, ResolvedOp};
 
 /// The version of the input document built by [`build_input`].
-pub const INPUT_VERSION: u64 = 1;
+pub const INPUT_VERSION: u64 = 2;
 
 /// Everything the input document is built from.
 #[derive(Clone, Copy, Debug)]
@@ -51,6 +61,10 @@ pub struct InputContext<'a> {
     /// The `preview` member (see [`preview_json`]), present only when the
     /// configuration asks for previews (`[policy] preview = true`).
     pub preview: Option<&'a Value>,
+    /// Each op's names resolved against the target's catalog, one per op in order
+    /// (see [`crate::apply::Target::resolve`]). The daemon always gives them; `None`
+    /// shows the agent's spelling instead (a tool without a target to ask).
+    pub names: Option<&'a [ResolvedOp]>,
 }
 
 /// Builds the input document, version 1, for one intent.
@@ -65,7 +79,7 @@ pub fn build_input(ctx: &InputContext<'_>) -> Value {
         .ops
         .iter()
         .enumerate()
-        .map(|(index, op)| op_summary(index, op))
+        .map(|(index, op)| op_summary(index, op, ctx.names.and_then(|n| n.get(index))))
         .collect();
 
     let mut run = Map::with_capacity(2);
@@ -140,20 +154,33 @@ pub fn preview_json(preview: Result<&Preview, &ApplyError>) -> Value {
     }
 }
 
-/// One entry of the flattened `ops` view.
-fn op_summary(index: usize, op: &Op) -> Value {
-    let table = op.table();
-    let columns: Vec<Value> = op.columns_written().into_iter().map(Value::from).collect();
+/// One entry of the flattened `ops` view: the canonical names when resolved, else
+/// the spelling.
+fn op_summary(index: usize, op: &Op, names: Option<&ResolvedOp>) -> Value {
+    let spelled = op.table();
+    let (schema, table, columns) = match names {
+        Some(names) => (
+            Value::from(names.schema.as_str()),
+            Value::from(names.table.as_str()),
+            names
+                .columns
+                .iter()
+                .map(|c| Value::from(c.as_str()))
+                .collect(),
+        ),
+        None => (
+            spelled.schema().map_or(Value::Null, Value::from),
+            Value::from(spelled.name()),
+            op.columns_written().into_iter().map(Value::from).collect(),
+        ),
+    };
     let mut summary = Map::with_capacity(6);
     summary.insert("index".into(), index.into());
     summary.insert("kind".into(), op.kind().as_str().into());
-    summary.insert("table".into(), table.as_str().into());
-    summary.insert(
-        "schema".into(),
-        table.schema().map_or(Value::Null, Value::from),
-    );
-    summary.insert("name".into(), table.name().into());
+    summary.insert("schema".into(), schema);
+    summary.insert("table".into(), table);
     summary.insert("columns".into(), Value::Array(columns));
+    summary.insert("spelled".into(), spelled.as_str().into());
     Value::Object(summary)
 }
 
@@ -296,6 +323,7 @@ mod tests {
             file: "0001.json",
             target: "crm",
             preview: None,
+            names: None,
         })
     }
 
@@ -318,7 +346,7 @@ mod tests {
         let intent = every_field();
         let counts = BTreeMap::from([("applied".to_owned(), 3), ("queued".to_owned(), 1)]);
         let doc = build(&intent, &counts, Some("key-1"));
-        assert_eq!(doc["version"], 1);
+        assert_eq!(doc["version"], 2);
         assert_eq!(
             doc["run"],
             json!({"id": "run-7", "counts": {"applied": 3, "queued": 1}})
@@ -329,21 +357,22 @@ mod tests {
         );
         assert_eq!(doc["file"], "0001.json");
         assert_eq!(doc["target"], "crm");
+        // Without resolved names: the spelling.
         assert_eq!(
             doc["ops"],
             json!([
-                {"index": 0, "kind": "insert", "table": "crm.customers", "schema": "crm",
-                 "name": "customers", "columns": ["id", "name"]},
-                {"index": 1, "kind": "update", "table": "customers", "schema": null,
-                 "name": "customers", "columns": ["name", "tier"]},
-                {"index": 2, "kind": "update", "table": "customers", "schema": null,
-                 "name": "customers", "columns": ["x"]},
-                {"index": 3, "kind": "delete", "table": "orders", "schema": null,
-                 "name": "orders", "columns": []},
-                {"index": 4, "kind": "delete", "table": "orders", "schema": null,
-                 "name": "orders", "columns": []},
-                {"index": 5, "kind": "upsert", "table": "public.tags", "schema": "public",
-                 "name": "tags", "columns": ["k", "v"]}
+                {"index": 0, "kind": "insert", "schema": "crm", "table": "customers",
+                 "columns": ["id", "name"], "spelled": "crm.customers"},
+                {"index": 1, "kind": "update", "schema": null, "table": "customers",
+                 "columns": ["name", "tier"], "spelled": "customers"},
+                {"index": 2, "kind": "update", "schema": null, "table": "customers",
+                 "columns": ["x"], "spelled": "customers"},
+                {"index": 3, "kind": "delete", "schema": null, "table": "orders",
+                 "columns": [], "spelled": "orders"},
+                {"index": 4, "kind": "delete", "schema": null, "table": "orders",
+                 "columns": [], "spelled": "orders"},
+                {"index": 5, "kind": "upsert", "schema": "public", "table": "tags",
+                 "columns": ["k", "v"], "spelled": "public.tags"}
             ])
         );
         let mut keys: Vec<&str> = doc
@@ -359,6 +388,50 @@ mod tests {
                 "envelope", "file", "intent", "ops", "run", "target", "version"
             ]
         );
+    }
+
+    #[test]
+    fn resolved_names_replace_the_spelling() {
+        let intent = intent(json!({
+            "version": 1, "id": "i-3", "run": "r",
+            "ops": [
+                {"op": "update", "table": "main.AUDIT_LOG", "key": {"id": 1},
+                 "set": {"message": "x"}},
+                {"op": "delete", "table": "Audit_Log", "key": {"id": 1}}
+            ],
+            "reason": "r", "provenance": {"agent": "a"}
+        }));
+        let resolved = |spelled: &str, columns: &[&str]| ResolvedOp {
+            spelled: spelled.to_owned(),
+            schema: "main".to_owned(),
+            table: "audit_log".to_owned(),
+            columns: columns.iter().map(|c| (*c).to_owned()).collect(),
+        };
+        let names = [
+            resolved("main.AUDIT_LOG", &["message"]),
+            resolved("Audit_Log", &[]),
+        ];
+        let doc = build_input(&InputContext {
+            intent: &intent,
+            run_counts: &BTreeMap::new(),
+            digest: "sha256:abcd",
+            keyid: None,
+            file: "f.json",
+            target: "default",
+            preview: None,
+            names: Some(&names),
+        });
+        assert_eq!(
+            doc["ops"],
+            json!([
+                {"index": 0, "kind": "update", "schema": "main", "table": "audit_log",
+                 "columns": ["message"], "spelled": "main.AUDIT_LOG"},
+                {"index": 1, "kind": "delete", "schema": "main", "table": "audit_log",
+                 "columns": [], "spelled": "Audit_Log"}
+            ])
+        );
+        // The intent itself is still exactly what the agent wrote.
+        assert_eq!(doc["intent"]["ops"][0]["table"], "main.AUDIT_LOG");
     }
 
     #[test]
@@ -395,6 +468,7 @@ mod tests {
             file: "0001.json",
             target: "crm",
             preview: Some(&shown),
+            names: None,
         });
         assert_eq!(doc["preview"], shown);
         assert!(build(&intent, &counts, None).get("preview").is_none());

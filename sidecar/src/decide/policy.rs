@@ -136,6 +136,7 @@ pub fn try_intent(
         file,
         target: intent.target.as_str(),
         preview: None,
+        names: None,
     });
     let decision = policy.evaluate(runtime, input.clone());
     Ok(Trial { input, decision })
