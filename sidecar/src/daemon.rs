@@ -144,7 +144,9 @@ pub async fn run(
         config.intents.clone(),
         validator,
         targets.keys().cloned().collect::<BTreeSet<_>>(),
-        Queue::open(&config.state)?.with_sealer(sealer.clone(), checkpoints),
+        Queue::open(&config.state)?
+            .with_sealer(sealer.clone(), checkpoints)
+            .with_max_refused_bytes(config.limits.max_refused_bytes),
         sealer.clone(),
     );
     let outcomes = Outcomes::new(config.results_dir()).map_err(|source| StartError::Dir {
