@@ -9,8 +9,8 @@ use std::io::Write;
 use std::os::unix::ffi::OsStringExt;
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -19,6 +19,9 @@ use sha2::{Digest, Sha256};
 use crate::support::{
     DEADLINE, Sandbox, eventually, eventually_explained, insert_customer, path_exists,
 };
+
+/// A file the agent keeps open, and its real size.
+type Toggled = (Arc<File>, u64);
 
 /// 1 TiB: a size no buffer may follow.
 const TIB: u64 = 1 << 40;
@@ -108,7 +111,7 @@ fn files_toggled_to_a_tebibyte_never_take_the_daemon_down() {
     let mut sandbox = Sandbox::new();
     sandbox.start();
     let stop = Arc::new(AtomicBool::new(false));
-    let live: Arc<std::sync::Mutex<Vec<(Arc<File>, u64)>>> = Arc::default();
+    let live: Arc<Mutex<Vec<Toggled>>> = Arc::default();
     let toggler = std::thread::spawn({
         let stop = stop.clone();
         let live = live.clone();
