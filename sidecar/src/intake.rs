@@ -24,19 +24,22 @@
 //! ([`REFUSED_PAYLOAD_PREFIX`]).
 //!
 //! Nothing is lost (DESIGN invariant 1): a candidate is first *claimed*, renamed to a
-//! unique hidden name of its own, `.airlock-claim.<n>` (`<n>` in lowercase hex and
-//! dashes; the rename never replaces an existing file), so an agent that reuses a
-//! file name can never have its new file mistaken for, or deleted with, the old one.
-//! Claim names are short, so any name the file system allows can be claimed. The
-//! claimed file is removed only after the queue transaction holding its bytes (or
-//! its refusal) has committed.
+//! unique hidden name of its own, `.airlock-claim.<n>.<name>` (`<n>` in lowercase
+//! hex and dashes; the rename never replaces an existing file), so an agent that
+//! reuses a file name can never have its new file mistaken for, or deleted with, the
+//! old one. When the original name is too long to fit in a claim name (255 bytes in
+//! all) the claim is just `.airlock-claim.<n>`, so any name the file system allows
+//! can be claimed. The claimed file is removed only after the queue transaction
+//! holding its bytes (or its refusal) has committed.
 //!
 //! A crash leaves a claimed file behind, and the next scan takes it up like any
-//! other. Its original name is lost with the crash (it is not in the claim name), so
-//! it is recorded under the claim name: an intent keeps its id, and so its outcome
-//! file `<id>.json`, and its first admission's row and file name if it was already
-//! committed (admission is idempotent); a refused one gets an outcome named by the
-//! digest of the claim name (see [`crate::outcome`]).
+//! other, under the original name the claim name keeps; admission and refusal are
+//! idempotent, so one already committed is only announced again. A short claim has
+//! lost its original name (one over about 215 bytes), so it is recorded under the
+//! claim name: an intent keeps its id, and so its outcome file `<id>.json`, and its
+//! first admission's row if it was already committed; a refused one gets an outcome
+//! named by the digest of the claim name (see [`crate::outcome`]), and if its first
+//! refusal had committed, it is recorded a second time.
 //!
 //! A name that is not UTF-8, or an entry that cannot be claimed, is refused once
 //! (one refusal, one warning): the first is claimed and refused without being read,
@@ -65,6 +68,9 @@ use crate::seal::{self, Sealer};
 
 /// The prefix of claimed files.
 const CLAIM_PREFIX: &str = ".airlock-claim.";
+
+/// The longest file name (Linux's `NAME_MAX`, in bytes).
+const NAME_MAX: usize = 255;
 
 /// Most files admitted in one queue transaction.
 const BATCH: usize = 256;
@@ -122,6 +128,9 @@ struct Candidate {
     utf8: bool,
     /// Whether it is a claim left behind by a crash (already claimed).
     leftover: bool,
+    /// The name the agent gave, as raw bytes (the claim name for a leftover claim
+    /// that could not keep it).
+    raw: std::ffi::OsString,
     path: PathBuf,
     mtime: SystemTime,
     /// Device and inode at listing time.
@@ -209,7 +218,7 @@ impl Intake {
                             "",
                             format!(
                                 "the file name {:?} is not UTF-8; name intent files `<id>.json`",
-                                raw_name(&candidate.path)
+                                candidate.raw
                             ),
                         ))
                     };
@@ -259,20 +268,27 @@ impl Intake {
                 source,
             })?;
             let file_name = entry.file_name();
-            let raw = file_name.as_bytes();
-            let leftover = is_claim_name(raw);
-            if !leftover && (raw.starts_with(b".") || !raw.ends_with(b".json")) {
-                continue;
-            }
+            let leftover = parse_claim(file_name.as_bytes());
+            // The name the agent gave: kept in a claim name when it fitted.
+            let raw = match leftover {
+                Some(Some(original)) => original,
+                Some(None) => file_name.as_bytes(),
+                None if file_name.as_bytes().starts_with(b".")
+                    || !file_name.as_bytes().ends_with(b".json") =>
+                {
+                    continue;
+                }
+                None => file_name.as_bytes(),
+            };
             // `DirEntry::metadata` does not follow symbolic links.
             let Ok(meta) = entry.metadata() else {
                 continue; // Gone since the listing.
             };
             let key = (meta.dev(), meta.ino());
             present.insert(key);
-            let (name, utf8) = match file_name.to_str() {
-                Some(name) => (name.to_owned(), true),
-                None => (digest_name(raw), false),
+            let (name, utf8) = match std::str::from_utf8(raw) {
+                Ok(name) => (name.to_owned(), true),
+                Err(_) => (digest_name(raw), false),
             };
             if meta.file_type().is_dir() {
                 if self.reported.insert(key) {
@@ -295,7 +311,8 @@ impl Intake {
             candidates.push(Candidate {
                 name,
                 utf8,
-                leftover,
+                leftover: leftover.is_some(),
+                raw: OsStr::from_bytes(raw).to_owned(),
                 path: entry.path(),
                 mtime: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
                 key,
@@ -463,18 +480,25 @@ fn refusal(
     }
 }
 
-/// The raw name of `path`, for messages (escaped where it is not UTF-8).
-fn raw_name(path: &Path) -> &OsStr {
-    path.file_name().unwrap_or_default()
-}
-
-/// Whether `name` is a claim name this intake makes: `.airlock-claim.<n>`.
-fn is_claim_name(name: &[u8]) -> bool {
-    name.strip_prefix(CLAIM_PREFIX.as_bytes()).is_some_and(|n| {
-        !n.is_empty()
-            && n.iter()
-                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f' | b'-'))
-    })
+/// Parses a claim name this intake makes: `None` if `name` is not one; otherwise
+/// the original name it keeps (`.airlock-claim.<n>.<name>`), if any.
+fn parse_claim(name: &[u8]) -> Option<Option<&[u8]>> {
+    let rest = name.strip_prefix(CLAIM_PREFIX.as_bytes())?;
+    let end = rest.iter().position(|&b| b == b'.').unwrap_or(rest.len());
+    let (unique, original) = rest.split_at(end);
+    let unique_ok = !unique.is_empty()
+        && unique
+            .iter()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f' | b'-'));
+    match original.strip_prefix(b".") {
+        _ if !unique_ok => None,
+        None => Some(None),
+        // Only a name intake would have claimed.
+        Some(original) if !original.starts_with(b".") && original.ends_with(b".json") => {
+            Some(Some(original))
+        }
+        Some(_) => None,
+    }
 }
 
 /// Renames a candidate to a new claim name, never replacing an existing file.
@@ -494,7 +518,13 @@ fn claim(dir: &Path, candidate: &Candidate) -> Claim {
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
-        let claimed = dir.join(format!("{CLAIM_PREFIX}{unique}"));
+        let mut claimed = std::ffi::OsString::from(format!("{CLAIM_PREFIX}{unique}"));
+        // The original name goes along when it fits, so a crash does not lose it.
+        if claimed.len() + 1 + candidate.raw.len() <= NAME_MAX {
+            claimed.push(".");
+            claimed.push(&candidate.raw);
+        }
+        let claimed = dir.join(claimed);
         let renamed = match rustix::fs::renameat_with(
             CWD,
             &candidate.path,
@@ -644,12 +674,18 @@ mod tests {
         std::os::unix::fs::symlink(&outside, dir.join("link.json")).unwrap();
         fs::write(dir.join("big.json"), vec![b' '; 2 << 20]).unwrap();
         fs::create_dir(dir.join("dir.json")).unwrap();
-        // A claim left behind by a crash is taken up.
+        // Claims left behind by a crash are taken up, under their original name when
+        // the claim name kept it.
         fs::write(dir.join(".airlock-claim.1-2-3"), intent("c")).unwrap();
+        fs::write(dir.join(".airlock-claim.1-2-4.d.json"), intent("d")).unwrap();
+        fs::write(dir.join(".airlock-claim.1-2-5.bad.json"), "{").unwrap();
+        // Not claim names: ignored like any dotfile.
+        fs::write(dir.join(".airlock-claim.xyz"), intent("x")).unwrap();
+        fs::write(dir.join(".airlock-claim.1-2-6..e.json"), intent("e")).unwrap();
         let mut intake = intake(&dir, &tmp.path().join("state"));
         let report = intake.scan().unwrap();
-        assert_eq!(report.queued, 1, "{report:?}");
-        assert_eq!(report.refused, 3, "{report:?}");
+        assert_eq!(report.queued, 2, "{report:?}");
+        assert_eq!(report.refused, 4, "{report:?}");
         assert!(outside.exists(), "the link's target is untouched");
         assert!(!dir.join("link.json").exists());
         assert!(!dir.join("big.json").exists());
@@ -657,8 +693,16 @@ mod tests {
         assert_eq!(intake.scan().unwrap(), ScanReport::default());
         let refused = intake.queue.pending_refusal_outcomes(10).unwrap();
         let files: BTreeSet<_> = refused.iter().map(|r| r.file.as_str()).collect();
-        assert_eq!(files, BTreeSet::from(["big.json", "dir.json", "link.json"]));
-        assert!(intake.queue.intent("c").unwrap().is_some());
+        assert_eq!(
+            files,
+            BTreeSet::from(["bad.json", "big.json", "dir.json", "link.json"])
+        );
+        assert_eq!(
+            intake.queue.intent("c").unwrap().unwrap().file,
+            ".airlock-claim.1-2-3"
+        );
+        assert_eq!(intake.queue.intent("d").unwrap().unwrap().file, "d.json");
+        assert!(dir.join(".airlock-claim.xyz").exists());
     }
 
     #[test]
