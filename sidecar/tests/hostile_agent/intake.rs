@@ -245,8 +245,17 @@ fn fifos_dropped_or_swapped_in_do_not_hang_intake() {
                     busy = true;
                 } else if name.starts_with(".airlock-claim.") {
                     busy = true;
+                    // Exchange, not rename: a claim the daemon has already removed
+                    // must not come back as a FIFO of the same name.
                     if let Some(fifo) = pool.pop() {
-                        if fs::rename(&fifo, entry.path()).is_ok() {
+                        let exchanged = rustix::fs::renameat_with(
+                            rustix::fs::CWD,
+                            &fifo,
+                            rustix::fs::CWD,
+                            entry.path(),
+                            rustix::fs::RenameFlags::EXCHANGE,
+                        );
+                        if exchanged.is_ok() {
                             swapped += 1;
                         } else {
                             pool.push(fifo);
