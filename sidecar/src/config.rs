@@ -124,6 +124,9 @@ pub struct Limits {
     pub max_depth: usize,
     /// Most ops in one intent.
     pub max_ops: usize,
+    /// Most bytes of refused files kept in the queue, in total (each refusal keeps at
+    /// most its first 4 KiB); beyond it a refusal keeps only its digest and size.
+    pub max_refused_bytes: u64,
 }
 
 /// Intake timing.
@@ -216,6 +219,7 @@ impl Default for Limits {
             max_file_bytes: intent.max_bytes,
             max_depth: intent.max_depth,
             max_ops: intent.max_ops,
+            max_refused_bytes: crate::queue::DEFAULT_MAX_REFUSED_BYTES,
         }
     }
 }

@@ -226,7 +226,9 @@ pub async fn run(
         config.intents.clone(),
         validator,
         targets.keys().cloned().collect::<BTreeSet<_>>(),
-        Queue::open(&config.state)?.with_sealer(sealer.clone(), checkpoints),
+        Queue::open(&config.state)?
+            .with_sealer(sealer.clone(), checkpoints)
+            .with_max_refused_bytes(config.limits.max_refused_bytes),
         sealer.clone(),
     );
     let (intake_tx, intake_rx) = mpsc::channel();

@@ -8,39 +8,76 @@
 //! all trigger the same full scan, so a missed or coalesced event costs latency,
 //! never an intent.
 //!
-//! Everything in the directory is hostile input (DESIGN invariant 5). A scan takes
-//! only names ending in `.json` directly in the directory, skips dotfiles and
-//! directories, refuses symbolic links and other non-regular files, refuses files
-//! over the size limit without reading them, and hands the rest to the validator.
+//! Everything in the directory is hostile input (DESIGN invariant 5), and the agent
+//! can change any of it at any instant. A scan takes only names ending in `.json`
+//! directly in the directory and skips dotfiles. Directories are refused once (they
+//! are left in place and remembered by device and inode, for as long as they stay).
+//! Everything else is claimed (below) and then opened with `O_NOFOLLOW|O_NONBLOCK`:
+//! a symbolic link fails to open, a FIFO opens without waiting for a writer, and the
+//! type and size are checked on the open handle (`fstat`), not on the name, so a
+//! swap after the listing changes nothing. Only a regular file is read, and at most
+//! `limits.max_file_bytes + 1` bytes of it, into a buffer that grows as bytes
+//! arrive: a file whose size the agent toggles (say with `ftruncate` to 1 TiB and
+//! back) is at worst refused as too large, and no allocation follows its metadata.
+//! A batch is committed after [`BATCH`] files or [`BATCH_BYTES`] bytes read,
+//! whichever comes first, and a refusal holds only the first bytes the queue keeps
+//! ([`REFUSED_PAYLOAD_PREFIX`]).
 //!
 //! Nothing is lost (DESIGN invariant 1): a candidate is first *claimed*, renamed to a
-//! unique hidden name (`.airlock-claim.<unique>.<name>`), so an agent that reuses a
-//! file name can never have its new file mistaken for, or deleted with, the old one.
-//! The claimed file is removed only after the queue transaction holding its bytes
-//! has committed. A crash leaves a claimed file behind, and the next scan takes it
-//! up like any other; admission is idempotent, so one that was already committed is
-//! a no-op.
+//! unique hidden name of its own, `.airlock-claim.<n>.<name>` (`<n>` in lowercase
+//! hex and dashes; the rename never replaces an existing file), so an agent that
+//! reuses a file name can never have its new file mistaken for, or deleted with, the
+//! old one. When the original name is too long to fit in a claim name (255 bytes in
+//! all) the claim is just `.airlock-claim.<n>`, so any name the file system allows
+//! can be claimed. The claimed file is removed only after the queue transaction
+//! holding its bytes (or its refusal) has committed.
+//!
+//! A crash leaves a claimed file behind, and the next scan takes it up like any
+//! other, under the original name the claim name keeps; admission and refusal are
+//! idempotent, so one already committed is only announced again. A short claim has
+//! lost its original name (one over about 215 bytes), so it is recorded under the
+//! claim name: an intent keeps its id, and so its outcome file `<id>.json`, and its
+//! first admission's row if it was already committed; a refused one gets an outcome
+//! named by the digest of the claim name (see [`crate::outcome`]), and if its first
+//! refusal had committed, it is recorded a second time.
+//!
+//! A name that is not UTF-8, or an entry that cannot be claimed, is refused once
+//! (one refusal, one warning): the first is claimed and refused without being read,
+//! under the label `name-<hex16>.json` (the SHA-256 of the raw name bytes), and its
+//! claim removed; the second is remembered by device and inode, like a directory.
 
 use std::collections::{BTreeSet, HashSet};
+use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, Read};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
 use airlock_intent::{Problem, Validator};
+use rustix::fs::{CWD, Mode, OFlags, RenameFlags};
+use rustix::io::Errno;
 use tracing::{debug, info, warn};
 
-use crate::queue::{Admission, Arrival, Queue, QueueError, Refusal};
+use crate::outcome::digest_name;
+use crate::queue::{Admission, Arrival, Queue, QueueError, REFUSED_PAYLOAD_PREFIX, Refusal};
 use crate::seal::{self, Sealer};
 
 /// The prefix of claimed files.
 const CLAIM_PREFIX: &str = ".airlock-claim.";
 
+/// The longest file name (Linux's `NAME_MAX`, in bytes).
+const NAME_MAX: usize = 255;
+
 /// Most files admitted in one queue transaction.
 const BATCH: usize = 256;
+
+/// Most bytes read into one batch before it is committed (one file may pass it by
+/// up to `limits.max_file_bytes`).
+const BATCH_BYTES: usize = 32 << 20;
 
 /// Why a scan failed (the directory itself, or the queue; single bad files never
 /// fail a scan: they are refused).
@@ -75,24 +112,54 @@ pub struct Intake {
     targets: BTreeSet<String>,
     queue: Queue,
     sealer: Arc<Sealer>,
-    /// Non-regular entries already refused, which cannot be removed (directories):
-    /// remembered by inode so they are reported once, not at every scan.
+    /// Entries already refused that stay in the directory (directories, entries that
+    /// cannot be claimed): remembered by device and inode so they are reported once,
+    /// not at every scan. Forgotten once they leave the directory, so the set never
+    /// outgrows it.
     reported: HashSet<(u64, u64)>,
 }
 
-/// A file taken for processing.
+/// A directory entry taken for processing.
 #[derive(Debug)]
 struct Candidate {
-    /// The name the agent gave it.
+    /// The name the agent gave it, or `name-<hex16>.json` when that is not UTF-8.
     name: String,
-    /// Where it is now (claimed, or still under its own name for non-regular files).
+    /// Whether the name is UTF-8 (if not, the file is refused without being read).
+    utf8: bool,
+    /// Whether it is a claim left behind by a crash (already claimed).
+    leftover: bool,
+    /// The name the agent gave, as raw bytes (the claim name for a leftover claim
+    /// that could not keep it).
+    raw: std::ffi::OsString,
     path: PathBuf,
     mtime: SystemTime,
+    /// Device and inode at listing time.
+    key: (u64, u64),
+    /// The size at listing time (for refusals of files that are not read).
+    size: u64,
 }
 
 enum Read2 {
     Arrival(Box<Arrival>),
     Refusal(Refusal),
+}
+
+impl Read2 {
+    /// Bytes held in memory.
+    fn held(&self) -> usize {
+        match self {
+            Read2::Arrival(a) => a.bytes.len() + a.envelope.len(),
+            Read2::Refusal(r) => r.bytes.len(),
+        }
+    }
+}
+
+/// Where a claim attempt left a candidate.
+enum Claim {
+    Claimed(PathBuf),
+    /// Gone since the listing (the agent took it back).
+    Gone,
+    Failed(io::Error),
 }
 
 impl Intake {
@@ -128,92 +195,131 @@ impl Intake {
             self.commit(
                 refusals
                     .into_iter()
-                    .map(|(r, path)| (Read2::Refusal(r), path))
+                    .map(|r| (Read2::Refusal(r), None))
                     .collect(),
                 &mut report,
             )?;
         }
         // Oldest first: queue order is the order the agent wrote its files.
         candidates.sort_by(|a, b| a.mtime.cmp(&b.mtime).then_with(|| a.name.cmp(&b.name)));
-        for chunk in candidates.chunks(BATCH) {
-            let mut batch = Vec::with_capacity(chunk.len());
-            for candidate in chunk {
-                let Some(path) = claim(&self.dir, candidate) else {
-                    continue;
-                };
-                let read = self.read(&candidate.name, &path);
-                batch.push((read, Some(path)));
+        let mut batch = Vec::new();
+        let mut held = 0;
+        for candidate in &candidates {
+            let (read, path) = match claim(&self.dir, candidate) {
+                Claim::Claimed(path) => {
+                    let read = if candidate.utf8 {
+                        self.read(&candidate.name, &path)
+                    } else {
+                        Read2::Refusal(refusal(
+                            &candidate.name,
+                            Vec::new(),
+                            String::new(),
+                            candidate.size,
+                            "",
+                            format!(
+                                "the file name {:?} is not UTF-8; name intent files `<id>.json`",
+                                candidate.raw
+                            ),
+                        ))
+                    };
+                    (read, Some(path))
+                }
+                Claim::Gone => continue,
+                Claim::Failed(error) => {
+                    // Left in place: refused once, then ignored while it stays.
+                    self.reported.insert(candidate.key);
+                    let refused = refusal(
+                        &candidate.name,
+                        Vec::new(),
+                        String::new(),
+                        candidate.size,
+                        "",
+                        format!(
+                            "{} cannot be taken from the intent directory ({error}); it is left in place and ignored",
+                            candidate.name
+                        ),
+                    );
+                    (Read2::Refusal(refused), None)
+                }
+            };
+            held += read.held();
+            batch.push((read, path));
+            if batch.len() >= BATCH || held >= BATCH_BYTES {
+                self.commit(std::mem::take(&mut batch), &mut report)?;
+                held = 0;
             }
-            self.commit(batch, &mut report)?;
         }
+        self.commit(batch, &mut report)?;
         Ok(report)
     }
 
-    /// Lists candidates; refuses what must be refused without reading it.
-    #[allow(clippy::type_complexity)]
-    fn list(&mut self) -> Result<(Vec<Candidate>, Vec<(Refusal, Option<PathBuf>)>), IntakeError> {
+    /// Lists candidates; refuses directories (once) without claiming them.
+    fn list(&mut self) -> Result<(Vec<Candidate>, Vec<Refusal>), IntakeError> {
         let read_dir = fs::read_dir(&self.dir).map_err(|source| IntakeError::ReadDir {
             path: self.dir.clone(),
             source,
         })?;
         let mut candidates = Vec::new();
         let mut refusals = Vec::new();
+        let mut present = HashSet::new();
         for entry in read_dir {
             let entry = entry.map_err(|source| IntakeError::ReadDir {
                 path: self.dir.clone(),
                 source,
             })?;
-            let Ok(file_name) = entry.file_name().into_string() else {
-                warn!(message = "skipping a file whose name is not UTF-8", name = ?entry.file_name());
-                continue;
-            };
-            let name = match file_name.strip_prefix(CLAIM_PREFIX) {
-                // `.airlock-claim.<unique>.<name>`: left by a crash; take it up.
-                Some(rest) => match rest.split_once('.') {
-                    Some((_, name)) if name.ends_with(".json") => name.to_owned(),
-                    _ => continue,
-                },
-                None if file_name.starts_with('.') || !file_name.ends_with(".json") => continue,
-                None => file_name.clone(),
+            let file_name = entry.file_name();
+            let leftover = parse_claim(file_name.as_bytes());
+            // The name the agent gave: kept in a claim name when it fitted.
+            let raw = match leftover {
+                Some(Some(original)) => original,
+                Some(None) => file_name.as_bytes(),
+                None if file_name.as_bytes().starts_with(b".")
+                    || !file_name.as_bytes().ends_with(b".json") =>
+                {
+                    continue;
+                }
+                None => file_name.as_bytes(),
             };
             // `DirEntry::metadata` does not follow symbolic links.
             let Ok(meta) = entry.metadata() else {
                 continue; // Gone since the listing.
             };
-            let path = entry.path();
-            let kind = meta.file_type();
-            if kind.is_file() {
-                candidates.push(Candidate {
-                    name,
-                    path,
-                    mtime: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-                });
-                continue;
-            }
-            let what = if kind.is_symlink() {
-                "a symbolic link"
-            } else if kind.is_dir() {
-                "a directory"
-            } else {
-                "not a regular file"
+            let key = (meta.dev(), meta.ino());
+            present.insert(key);
+            let (name, utf8) = match std::str::from_utf8(raw) {
+                Ok(name) => (name.to_owned(), true),
+                Err(_) => (digest_name(raw), false),
             };
-            // A link can be removed safely (the link, not what it points to); other
-            // kinds are left in place and reported once.
-            let removable = kind.is_symlink();
-            if !removable && !self.reported.insert((meta.dev(), meta.ino())) {
+            if meta.file_type().is_dir() {
+                if self.reported.insert(key) {
+                    refusals.push(refusal(
+                        &name,
+                        Vec::new(),
+                        String::new(),
+                        0,
+                        "",
+                        format!(
+                            "{name} is a directory; intents must be regular files (write, then rename into place)"
+                        ),
+                    ));
+                }
                 continue;
             }
-            let refusal = refusal(
-                &name,
-                Vec::new(),
-                String::new(),
-                0,
-                format!(
-                    "{name} is {what}; intents must be regular files (write, then rename into place)"
-                ),
-            );
-            refusals.push((refusal, removable.then_some(path)));
+            if self.reported.contains(&key) {
+                continue; // Could not be claimed, and already refused.
+            }
+            candidates.push(Candidate {
+                name,
+                utf8,
+                leftover: leftover.is_some(),
+                raw: OsStr::from_bytes(raw).to_owned(),
+                path: entry.path(),
+                mtime: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                key,
+                size: meta.len(),
+            });
         }
+        self.reported.retain(|key| present.contains(key));
         Ok((candidates, refusals))
     }
 
@@ -221,17 +327,15 @@ impl Intake {
     fn read(&self, name: &str, path: &Path) -> Read2 {
         let limit = self.validator.limits().max_bytes;
         let bytes = match read_regular(path, limit) {
-            Ok(Ok(bytes)) => bytes,
-            Ok(Err(problem)) => {
-                return Read2::Refusal(refusal(name, Vec::new(), String::new(), 0, problem));
-            }
-            Err(error) => {
+            Ok(bytes) => bytes,
+            Err(Unread { size, message }) => {
                 return Read2::Refusal(refusal(
                     name,
                     Vec::new(),
                     String::new(),
-                    0,
-                    format!("cannot read {name}: {error}"),
+                    size,
+                    "",
+                    format!("{name} {message}"),
                 ));
             }
         };
@@ -252,7 +356,7 @@ impl Intake {
                             intent.target.as_str()
                         ),
                     }],
-                    bytes,
+                    bytes: kept(bytes),
                     digest,
                 })
             }
@@ -269,13 +373,17 @@ impl Intake {
                     keyid: self.sealer.keyid().to_owned(),
                     intent,
                 })),
-                Err(error) => Read2::Refusal(refusal(
-                    name,
-                    bytes,
-                    digest,
-                    0,
-                    format!("cannot seal {name}: {error}"),
-                )),
+                Err(error) => {
+                    let size = bytes.len() as u64;
+                    Read2::Refusal(refusal(
+                        name,
+                        kept(bytes),
+                        digest,
+                        size,
+                        "",
+                        format!("cannot seal {name}: {error}"),
+                    ))
+                }
             },
             Err(invalid) => Read2::Refusal(Refusal {
                 file: name.to_owned(),
@@ -284,7 +392,7 @@ impl Intake {
                 id: invalid.id,
                 run: invalid.run,
                 problems: invalid.problems,
-                bytes,
+                bytes: kept(bytes),
                 digest,
             }),
         }
@@ -342,7 +450,21 @@ impl Intake {
     }
 }
 
-fn refusal(name: &str, bytes: Vec<u8>, digest: String, size: u64, message: String) -> Refusal {
+/// The part of a refused file's bytes the queue keeps.
+fn kept(mut bytes: Vec<u8>) -> Vec<u8> {
+    bytes.truncate(REFUSED_PAYLOAD_PREFIX);
+    bytes.shrink_to_fit();
+    bytes
+}
+
+fn refusal(
+    name: &str,
+    bytes: Vec<u8>,
+    digest: String,
+    size: u64,
+    pointer: &str,
+    message: String,
+) -> Refusal {
     Refusal {
         file: name.to_owned(),
         kind: "invalid",
@@ -352,72 +474,156 @@ fn refusal(name: &str, bytes: Vec<u8>, digest: String, size: u64, message: Strin
         id: None,
         run: None,
         problems: vec![Problem {
-            pointer: String::new(),
+            pointer: pointer.to_owned(),
             message,
         }],
     }
 }
 
-/// Renames a candidate to a unique claim name. `None` if it vanished.
-fn claim(dir: &Path, candidate: &Candidate) -> Option<PathBuf> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let already_claimed = candidate
-        .path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .is_some_and(|n| n.starts_with(CLAIM_PREFIX));
-    if already_claimed {
-        return Some(candidate.path.clone());
-    }
-    let nanos = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let unique = format!(
-        "{nanos:x}-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    );
-    let claimed = dir.join(format!("{CLAIM_PREFIX}{unique}.{}", candidate.name));
-    match fs::rename(&candidate.path, &claimed) {
-        Ok(()) => Some(claimed),
-        Err(error) if error.kind() == io::ErrorKind::NotFound => None,
-        Err(error) => {
-            warn!(message = "cannot claim intent file", path = %candidate.path.display(), %error);
-            None
+/// Parses a claim name this intake makes: `None` if `name` is not one; otherwise
+/// the original name it keeps (`.airlock-claim.<n>.<name>`), if any.
+fn parse_claim(name: &[u8]) -> Option<Option<&[u8]>> {
+    let rest = name.strip_prefix(CLAIM_PREFIX.as_bytes())?;
+    let end = rest.iter().position(|&b| b == b'.').unwrap_or(rest.len());
+    let (unique, original) = rest.split_at(end);
+    let unique_ok = !unique.is_empty()
+        && unique
+            .iter()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f' | b'-'));
+    match original.strip_prefix(b".") {
+        _ if !unique_ok => None,
+        None => Some(None),
+        // Only a name intake would have claimed.
+        Some(original) if !original.starts_with(b".") && original.ends_with(b".json") => {
+            Some(Some(original))
         }
+        Some(_) => None,
     }
 }
 
-/// Reads a file that must be a regular file of at most `limit` bytes. The outer
-/// error is an I/O failure; the inner one a refusal message.
-fn read_regular(path: &Path, limit: usize) -> io::Result<Result<Vec<u8>, String>> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let before = fs::symlink_metadata(path)?;
-    if !before.file_type().is_file() {
-        return Ok(Err(format!("{name} is not a regular file")));
+/// Renames a candidate to a new claim name, never replacing an existing file.
+fn claim(dir: &Path, candidate: &Candidate) -> Claim {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    if candidate.leftover {
+        return Claim::Claimed(candidate.path.clone());
     }
-    if before.len() > limit as u64 {
-        return Ok(Err(format!(
-            "file is {} bytes, over the limit of {limit} bytes",
-            before.len()
-        )));
+    let mut last = io::Error::from(io::ErrorKind::AlreadyExists);
+    // An existing name (planted by the agent) is skipped, a few times at most.
+    for _ in 0..4 {
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let unique = format!(
+            "{nanos:x}-{:x}-{:x}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let mut claimed = std::ffi::OsString::from(format!("{CLAIM_PREFIX}{unique}"));
+        // The original name goes along when it fits, so a crash does not lose it.
+        if claimed.len() + 1 + candidate.raw.len() <= NAME_MAX {
+            claimed.push(".");
+            claimed.push(&candidate.raw);
+        }
+        let claimed = dir.join(claimed);
+        let renamed = match rustix::fs::renameat_with(
+            CWD,
+            &candidate.path,
+            CWD,
+            &claimed,
+            RenameFlags::NOREPLACE,
+        ) {
+            // A file system without RENAME_NOREPLACE: the name is unique enough.
+            Err(Errno::INVAL | Errno::NOSYS) => fs::rename(&candidate.path, &claimed),
+            other => other.map_err(io::Error::from),
+        };
+        match renamed {
+            Ok(()) => return Claim::Claimed(claimed),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => return Claim::Gone,
+            Err(error) if error.kind() == io::ErrorKind::AlreadyExists => last = error,
+            Err(error) => return Claim::Failed(error),
+        }
     }
-    let file = File::open(path)?;
-    let opened = file.metadata()?;
-    // The name may have been swapped between the check and the open.
-    if !opened.file_type().is_file() || opened.ino() != before.ino() || opened.dev() != before.dev()
-    {
-        return Ok(Err(format!("{name} changed while it was being read")));
+    Claim::Failed(last)
+}
+
+/// Why a claimed file was not read: its size as far as known, and the problem (a
+/// phrase following the file's name).
+#[derive(Debug)]
+struct Unread {
+    size: u64,
+    message: String,
+}
+
+/// Reads a claimed file that must be a regular file of at most `limit` bytes.
+///
+/// The type and size are checked on the open handle; the open itself neither
+/// follows a symbolic link nor waits for a FIFO's writer. At most `limit + 1` bytes
+/// are read, into a buffer that grows with them: the agent may change the file's
+/// size at any instant.
+fn read_regular(path: &Path, limit: usize) -> Result<Vec<u8>, Unread> {
+    let unread = |size, message: String| Unread { size, message };
+    let flags =
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC;
+    let fd = match rustix::fs::open(path, flags, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(Errno::LOOP) => {
+            return Err(unread(
+                0,
+                "is a symbolic link; intents must be regular files (write, then rename into place)"
+                    .into(),
+            ));
+        }
+        Err(Errno::NXIO) => {
+            return Err(unread(
+                0,
+                "is a socket; intents must be regular files (write, then rename into place)".into(),
+            ));
+        }
+        Err(error) => {
+            return Err(unread(
+                0,
+                format!("cannot be opened: {}", io::Error::from(error)),
+            ));
+        }
+    };
+    let file = File::from(fd);
+    let meta = file
+        .metadata()
+        .map_err(|error| unread(0, format!("cannot be read: {error}")))?;
+    let kind = meta.file_type();
+    if !kind.is_file() {
+        let what = if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_socket() {
+            "a socket"
+        } else if kind.is_block_device() || kind.is_char_device() {
+            "a device"
+        } else {
+            "not a regular file"
+        };
+        return Err(unread(
+            0,
+            format!("is {what}; intents must be regular files (write, then rename into place)"),
+        ));
     }
-    let mut bytes = Vec::with_capacity(opened.len() as usize);
-    file.take(limit as u64 + 1).read_to_end(&mut bytes)?;
+    if meta.len() > limit as u64 {
+        return Err(unread(
+            meta.len(),
+            format!("is {} bytes, over the limit of {limit} bytes", meta.len()),
+        ));
+    }
+    let mut bytes = Vec::new();
+    (&file)
+        .take(limit as u64 + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|error| unread(meta.len(), format!("cannot be read: {error}")))?;
     if bytes.len() > limit {
-        return Ok(Err(format!("file is over the limit of {limit} bytes")));
+        return Err(unread(
+            bytes.len() as u64,
+            format!("is over the limit of {limit} bytes"),
+        ));
     }
-    Ok(Ok(bytes))
+    Ok(bytes)
 }
 
 #[cfg(test)]
@@ -468,12 +674,18 @@ mod tests {
         std::os::unix::fs::symlink(&outside, dir.join("link.json")).unwrap();
         fs::write(dir.join("big.json"), vec![b' '; 2 << 20]).unwrap();
         fs::create_dir(dir.join("dir.json")).unwrap();
-        // A claim left behind by a crash is taken up.
-        fs::write(dir.join(".airlock-claim.1-2-3.c.json"), intent("c")).unwrap();
+        // Claims left behind by a crash are taken up, under their original name when
+        // the claim name kept it.
+        fs::write(dir.join(".airlock-claim.1-2-3"), intent("c")).unwrap();
+        fs::write(dir.join(".airlock-claim.1-2-4.d.json"), intent("d")).unwrap();
+        fs::write(dir.join(".airlock-claim.1-2-5.bad.json"), "{").unwrap();
+        // Not claim names: ignored like any dotfile.
+        fs::write(dir.join(".airlock-claim.xyz"), intent("x")).unwrap();
+        fs::write(dir.join(".airlock-claim.1-2-6..e.json"), intent("e")).unwrap();
         let mut intake = intake(&dir, &tmp.path().join("state"));
         let report = intake.scan().unwrap();
-        assert_eq!(report.queued, 1, "{report:?}");
-        assert_eq!(report.refused, 3, "{report:?}");
+        assert_eq!(report.queued, 2, "{report:?}");
+        assert_eq!(report.refused, 4, "{report:?}");
         assert!(outside.exists(), "the link's target is untouched");
         assert!(!dir.join("link.json").exists());
         assert!(!dir.join("big.json").exists());
@@ -481,7 +693,69 @@ mod tests {
         assert_eq!(intake.scan().unwrap(), ScanReport::default());
         let refused = intake.queue.pending_refusal_outcomes(10).unwrap();
         let files: BTreeSet<_> = refused.iter().map(|r| r.file.as_str()).collect();
-        assert_eq!(files, BTreeSet::from(["big.json", "dir.json", "link.json"]));
-        assert!(intake.queue.intent("c").unwrap().is_some());
+        assert_eq!(
+            files,
+            BTreeSet::from(["bad.json", "big.json", "dir.json", "link.json"])
+        );
+        assert_eq!(
+            intake.queue.intent("c").unwrap().unwrap().file,
+            ".airlock-claim.1-2-3"
+        );
+        assert_eq!(intake.queue.intent("d").unwrap().unwrap().file, "d.json");
+        assert!(dir.join(".airlock-claim.xyz").exists());
+    }
+
+    #[test]
+    fn fifos_and_odd_names_are_refused_once_and_long_names_are_claimed() {
+        use std::os::unix::ffi::OsStringExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("intents");
+        fs::create_dir(&dir).unwrap();
+        rustix::fs::mknodat(
+            CWD,
+            dir.join("fifo.json"),
+            rustix::fs::FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let odd = std::ffi::OsString::from_vec(b"odd-\xff.json".to_vec());
+        fs::write(dir.join(&odd), intent("odd")).unwrap();
+        let long_id = "l".repeat(128);
+        let long_name = format!("{}.json", "n".repeat(245));
+        fs::write(dir.join(&long_name), intent(&long_id)).unwrap();
+        let mut intake = intake(&dir, &tmp.path().join("state"));
+        let report = intake.scan().unwrap();
+        assert_eq!((report.queued, report.refused), (1, 2), "{report:?}");
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 0, "every file taken");
+        assert_eq!(intake.scan().unwrap(), ScanReport::default());
+        let refused = intake.queue.pending_refusal_outcomes(10).unwrap();
+        let files: BTreeSet<_> = refused.iter().map(|r| r.file.clone()).collect();
+        assert_eq!(
+            files,
+            BTreeSet::from(["fifo.json".to_owned(), digest_name(odd.as_bytes())])
+        );
+        let row = intake.queue.intent(&long_id).unwrap().unwrap();
+        assert_eq!(row.file, long_name);
+    }
+
+    #[test]
+    fn reading_is_capped_whatever_the_metadata_says() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("f");
+        let file = File::create(&path).unwrap();
+        file.set_len(1 << 40).unwrap();
+        let unread = read_regular(&path, 1024).unwrap_err();
+        assert_eq!(unread.size, 1 << 40);
+        file.set_len(10).unwrap();
+        assert_eq!(read_regular(&path, 1024).unwrap(), vec![0; 10]);
+        let link = tmp.path().join("l");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        assert!(
+            read_regular(&link, 1024)
+                .unwrap_err()
+                .message
+                .contains("symbolic link")
+        );
     }
 }

@@ -7,6 +7,15 @@
 //! the old one), so a reader never sees a partial document. `final: true` means the
 //! state will not change on its own.
 //!
+//! A refused file never takes another intent's outcome: when its id already names
+//! an intent in the queue (a conflicting duplicate: same id, other bytes), its
+//! outcome is `<id>.conflict-<digest16>.json`, `<digest16>` being the first 16 hex
+//! digits of the refused bytes' SHA-256. A refused file without a usable id whose
+//! name cannot serve as an outcome name (not UTF-8, longer than
+//! [`MAX_PLAIN_NAME`] bytes, or a claim left by a crash, which starts with a dot)
+//! gets `name-<hex16>.json`, the first 16 hex digits of the SHA-256 of the raw name
+//! bytes; its `file` field says the same.
+//!
 //! Outcome files are a view of the queue, not a record: the queue flags each change
 //! until its file is written, so a crash in between rewrites it at the next start.
 //!
@@ -26,6 +35,12 @@ use tracing::{info, warn};
 use crate::decide::Decision;
 use crate::lifecycle::State;
 use crate::queue::{IntentRow, RefusedRow, ReviewVote};
+use crate::seal;
+
+/// The longest submitted file name an outcome is named after; longer names get a
+/// digest name, which leaves room for the writer's temporary names within the file
+/// system's 255 bytes.
+pub const MAX_PLAIN_NAME: usize = 200;
 
 /// The outcome document, version 1.
 #[derive(Clone, Debug, Serialize)]
@@ -58,6 +73,10 @@ pub struct Outcome {
     pub error: Option<Value>,
     pub received_at: String,
     pub updated_at: String,
+    /// A refused file whose id names another intent in the queue: its outcome goes
+    /// beside that intent's, never over it (see [`Outcome::file_name`]).
+    #[serde(skip)]
+    pub conflict: bool,
 }
 
 /// Where a review stands.
@@ -148,6 +167,7 @@ impl Outcome {
             error: row.error.clone(),
             received_at: timestamp(row.received_at),
             updated_at: timestamp(row.updated_at),
+            conflict: false,
         }
     }
 
@@ -178,22 +198,56 @@ impl Outcome {
             error: None,
             received_at: timestamp(row.received_at),
             updated_at: timestamp(row.received_at),
+            conflict: row.id_in_use || row.kind == "conflict",
         }
     }
 
-    /// The outcome file's name: `<id>.json`, or the submitted file's name when no
-    /// valid id could be read.
+    /// The outcome file's name: `<id>.json`; `<id>.conflict-<digest16>.json` for a
+    /// refused file whose id names another intent; the submitted file's name when no
+    /// valid id could be read, or `name-<hex16>.json` when that name is not a plain
+    /// one (see the module docs).
     pub fn file_name(&self) -> String {
         match self
             .id
             .as_deref()
             .filter(|id| airlock_intent::IntentId::parse(id).is_ok())
         {
+            Some(id) if self.conflict => {
+                let hex = self.digest.strip_prefix("sha256:").unwrap_or("");
+                match hex.get(..16) {
+                    Some(digest16) => format!("{id}.conflict-{digest16}.json"),
+                    // Not read, so no digest: the file's name tells it apart instead.
+                    None => format!("{id}.conflict-{}.json", hex16(self.file.as_bytes())),
+                }
+            }
             Some(id) => format!("{id}.json"),
-            None => self.file.clone(),
+            None if is_plain_name(&self.file) => self.file.clone(),
+            None => digest_name(self.file.as_bytes()),
         }
     }
 }
+
+/// The outcome name of a file whose name cannot serve: `name-<hex16>.json`, from
+/// the SHA-256 of the raw name bytes.
+pub fn digest_name(raw: &[u8]) -> String {
+    format!("name-{}.json", hex16(raw))
+}
+
+fn hex16(bytes: &[u8]) -> String {
+    let digest = seal::digest(bytes);
+    let hex = digest.strip_prefix("sha256:").unwrap_or(&digest);
+    hex.chars().take(16).collect()
+}
+
+/// A name intake could have taken as an intent's own (`*.json`, no leading dot),
+/// short enough to name an outcome.
+fn is_plain_name(name: &str) -> bool {
+    name.len() <= MAX_PLAIN_NAME
+        && name.ends_with(".json")
+        && !name.starts_with('.')
+        && !name.contains(['/', '\0'])
+}
+
 
 /// Writes outcome files into the results directory, which belongs to the agent.
 ///
@@ -502,6 +556,7 @@ mod tests {
             error: None,
             received_at: timestamp(0),
             updated_at: timestamp(0),
+            conflict: false,
         }
     }
 
@@ -602,5 +657,56 @@ mod tests {
         outcomes.write(&outcome("i1")).unwrap();
         assert!(results.join("i1.json/full").is_dir());
         assert_eq!(fs::read_dir(&results).unwrap().count(), 1);
+    }
+
+    fn refused(file: &str, id: Option<&str>, kind: &str, id_in_use: bool) -> Outcome {
+        Outcome::of_refusal(&RefusedRow {
+            seq: 1,
+            file: file.into(),
+            id: id.map(str::to_owned),
+            run: None,
+            kind: kind.into(),
+            digest: "sha256:0123456789abcdef0123".into(),
+            size: 3,
+            problems: Vec::new(),
+            received_at: 0,
+            id_in_use,
+        })
+    }
+
+    #[test]
+    fn refused_files_never_take_another_intents_outcome_name() {
+        assert_eq!(
+            refused("x.json", Some("a"), "invalid", false).file_name(),
+            "a.json"
+        );
+        assert_eq!(
+            refused("x.json", Some("a"), "conflict", true).file_name(),
+            "a.conflict-0123456789abcdef.json"
+        );
+        assert_eq!(
+            refused("x.json", Some("a"), "invalid", true).file_name(),
+            "a.conflict-0123456789abcdef.json"
+        );
+        // No usable id: the file's own name, when it can serve.
+        assert_eq!(
+            refused("x.json", None, "invalid", false).file_name(),
+            "x.json"
+        );
+        assert_eq!(
+            refused("x.json", Some("../up"), "invalid", false).file_name(),
+            "x.json"
+        );
+        let hex = |name: &str| seal::digest(name.as_bytes())[7..23].to_owned();
+        let long = format!("{}.json", "l".repeat(MAX_PLAIN_NAME));
+        assert_eq!(
+            refused(&long, None, "invalid", false).file_name(),
+            format!("name-{}.json", hex(&long))
+        );
+        assert_eq!(
+            refused(".airlock-claim.1-2", None, "invalid", false).file_name(),
+            format!("name-{}.json", hex(".airlock-claim.1-2"))
+        );
+        assert_eq!(digest_name(b"\xff.json").len(), "name-.json".len() + 16);
     }
 }

@@ -24,8 +24,16 @@
 //! - **Queue order.** `intents.seq` grows with each admission and is the order in
 //!   which a run's intents apply (DESIGN invariant 7).
 //! - **Idempotent admission.** An id is admitted once. The same id with the same bytes
-//!   again is a no-op; with different bytes it is refused as a conflict, and the
-//!   refused bytes are kept in `refused` like every other refusal.
+//!   again is a no-op; with different bytes it is refused as a conflict, recorded in
+//!   `refused` like every other refusal.
+//! - **Bounded refusals.** The agent chooses how many files are refused and how big
+//!   they are, so a refusal keeps the digest and real size of the whole file but at
+//!   most its first [`REFUSED_PAYLOAD_PREFIX`] bytes, and only while the bytes kept
+//!   for all refusals (`SUM(length(payload))` over `refused`, read in each
+//!   transaction that refuses, so the cap holds across restarts and connections)
+//!   stay within `limits.max_refused_bytes` ([`Queue::with_max_refused_bytes`]);
+//!   beyond it only digests are kept. No reader needs the refused bytes: outcomes,
+//!   the run log and exports name refusals by digest.
 //!
 //! # What a crash can leave behind
 //! Nothing half-done: each transaction is all or nothing. Outcome files for agents are
@@ -135,6 +143,12 @@ const MIGRATIONS: &[&str] = &[
 /// The run that refusals without a readable run id are recorded under.
 pub const UNATTRIBUTED_RUN: &str = "unattributed";
 
+/// Most bytes of one refused file the queue keeps (its digest covers them all).
+pub const REFUSED_PAYLOAD_PREFIX: usize = 4096;
+
+/// The default for [`Queue::with_max_refused_bytes`]: 64 MiB.
+pub const DEFAULT_MAX_REFUSED_BYTES: u64 = 64 << 20;
+
 /// Why a queue operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -209,10 +223,13 @@ pub struct Refusal {
     pub file: String,
     /// What kind of refusal: `invalid` (schema, JSON, limits, file type) or `conflict`.
     pub kind: &'static str,
-    /// The bytes read (empty when the file was not read: too large, not a file).
+    /// The first bytes read (empty when the file was not read: too large, not a
+    /// file). The queue keeps at most [`REFUSED_PAYLOAD_PREFIX`] of them, so callers
+    /// need not hold more.
     pub bytes: Vec<u8>,
+    /// `sha256:<hex>` of every byte read (empty when the file was not read).
     pub digest: String,
-    /// The file's size on disk.
+    /// The file's real size (on disk, or as read).
     pub size: u64,
     pub id: Option<String>,
     pub run: Option<String>,
@@ -317,6 +334,10 @@ pub struct RefusedRow {
     pub size: u64,
     pub problems: Vec<airlock_intent::Problem>,
     pub received_at: i64,
+    /// Whether the refusal's id names an intent in the queue (a conflicting
+    /// duplicate, or an invalid file reusing a queued id): its outcome must not
+    /// replace that intent's.
+    pub id_in_use: bool,
 }
 
 /// Which intents [`Queue::page`] lists; `None` matches any.
@@ -384,6 +405,7 @@ pub struct Queue {
     path: PathBuf,
     sealer: Option<Arc<Sealer>>,
     policy: CheckpointPolicy,
+    max_refused_bytes: u64,
 }
 
 impl Queue {
@@ -431,7 +453,15 @@ impl Queue {
             path,
             sealer: None,
             policy: CheckpointPolicy::default(),
+            max_refused_bytes: DEFAULT_MAX_REFUSED_BYTES,
         })
+    }
+
+    /// Caps the bytes of refused files this connection keeps in total (see the
+    /// module docs); beyond the cap a refusal keeps its digest and size only.
+    pub fn with_max_refused_bytes(mut self, bytes: u64) -> Self {
+        self.max_refused_bytes = bytes;
+        self
     }
 
     /// Lets this connection sign checkpoints with `sealer`, under `policy`.
@@ -458,6 +488,8 @@ impl Queue {
             tx,
             now: now_ms(),
             touched: BTreeSet::new(),
+            refused_bytes: None,
+            max_refused_bytes: self.max_refused_bytes,
         };
         let value = f(&mut writer)?;
         if let Some(sealer) = &self.sealer {
@@ -823,8 +855,9 @@ impl Queue {
     /// Refusals whose outcome file is not yet written.
     pub fn pending_refusal_outcomes(&self, limit: usize) -> Result<Vec<RefusedRow>, QueueError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, file, id, run, kind, digest, size, problems, received_at FROM refused \
-             WHERE outcome_pending = 1 ORDER BY seq LIMIT ?1",
+            "SELECT r.seq, r.file, r.id, r.run, r.kind, r.digest, r.size, r.problems, r.received_at, \
+             EXISTS (SELECT 1 FROM intents i WHERE i.id = r.id) \
+             FROM refused r WHERE r.outcome_pending = 1 ORDER BY r.seq LIMIT ?1",
         )?;
         let rows = stmt.query_map([limit as i64], |row| {
             Ok((
@@ -838,6 +871,7 @@ impl Queue {
                     size: row.get::<_, i64>(6)?.max(0) as u64,
                     problems: Vec::new(),
                     received_at: row.get(8)?,
+                    id_in_use: row.get(9)?,
                 },
                 row.get::<_, String>(7)?,
             ))
@@ -918,6 +952,9 @@ pub struct Writer<'q> {
     now: i64,
     /// Runs that got records in this transaction.
     touched: BTreeSet<String>,
+    /// Bytes kept for all refusals, once a refusal in this transaction read them.
+    refused_bytes: Option<u64>,
+    max_refused_bytes: u64,
 }
 
 impl Writer<'_> {
@@ -949,10 +986,11 @@ impl Writer<'_> {
                      an id is an idempotency key: give new content a new id"
                 ),
             };
+            let kept = arrival.bytes.len().min(REFUSED_PAYLOAD_PREFIX);
             self.refuse(&Refusal {
                 file: arrival.file.clone(),
                 kind: "conflict",
-                bytes: arrival.bytes.clone(),
+                bytes: arrival.bytes[..kept].to_vec(),
                 digest: arrival.digest.clone(),
                 size: arrival.bytes.len() as u64,
                 id: Some(id.to_owned()),
@@ -991,8 +1029,10 @@ impl Writer<'_> {
         Ok(Admission::Queued)
     }
 
-    /// Keeps a refused file's bytes and problems, and records the refusal in its run's
-    /// log (or [`UNATTRIBUTED_RUN`] when no run could be read).
+    /// Keeps a refused file's problems, digest and size, and records the refusal in its
+    /// run's log (or [`UNATTRIBUTED_RUN`] when no run could be read). Of its bytes it
+    /// keeps the first [`REFUSED_PAYLOAD_PREFIX`], or none once the refusals' total
+    /// would pass the connection's cap ([`Queue::with_max_refused_bytes`]).
     ///
     /// A refusal of the same file name with the same bytes is the same submission
     /// seen again (say, a crash came between the commit and the removal of the
@@ -1008,6 +1048,24 @@ impl Writer<'_> {
             return Ok(());
         }
         let problems = serde_json::to_string(&refusal.problems)?;
+        let total = match self.refused_bytes {
+            Some(total) => total,
+            None => {
+                // `length()` of a blob reads its size, not its content.
+                let total: i64 = self
+                    .tx
+                    .prepare_cached("SELECT COALESCE(SUM(length(payload)), 0) FROM refused")?
+                    .query_row([], |row| row.get(0))?;
+                total.max(0) as u64
+            }
+        };
+        let prefix = &refusal.bytes[..refusal.bytes.len().min(REFUSED_PAYLOAD_PREFIX)];
+        let kept: &[u8] = if total.saturating_add(prefix.len() as u64) <= self.max_refused_bytes {
+            prefix
+        } else {
+            &[]
+        };
+        self.refused_bytes = Some(total + kept.len() as u64);
         self.tx
             .prepare_cached(
                 "INSERT INTO refused (file, id, run, kind, digest, size, payload, problems, received_at) \
@@ -1019,8 +1077,8 @@ impl Writer<'_> {
                 refusal.run,
                 refusal.kind,
                 refusal.digest,
-                refusal.size as i64,
-                refusal.bytes,
+                refusal.size.min(i64::MAX as u64) as i64,
+                kept,
                 problems,
                 self.now
             ])?;
@@ -1521,6 +1579,108 @@ mod tests {
         });
         assert!(err.is_err());
         assert!(q.intent("i2").unwrap().is_none());
+    }
+
+    fn junk(file: &str, id: Option<&str>, len: usize) -> Refusal {
+        let bytes = vec![b'x'; len];
+        Refusal {
+            file: file.into(),
+            kind: "invalid",
+            digest: seal::digest(&bytes),
+            size: len as u64,
+            bytes,
+            id: id.map(str::to_owned),
+            run: None,
+            problems: vec![airlock_intent::Problem {
+                pointer: String::new(),
+                message: "not JSON".into(),
+            }],
+        }
+    }
+
+    /// (file, stored payload length, size) of every refusal, in order.
+    fn stored(q: &Queue) -> Vec<(String, i64, i64)> {
+        let mut stmt = q
+            .conn
+            .prepare("SELECT file, length(payload), size FROM refused ORDER BY seq")
+            .unwrap();
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    #[test]
+    fn refusals_keep_a_prefix_within_a_total_cap_that_survives_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let cap = 3 * REFUSED_PAYLOAD_PREFIX as u64 - 1;
+        let mut q = Queue::open(dir.path()).unwrap().with_max_refused_bytes(cap);
+        let big = 1 << 20;
+        q.write(|w| {
+            w.refuse(&junk("a.json", None, big))?;
+            w.refuse(&junk("b.json", None, 10))
+        })
+        .unwrap();
+        q.write(|w| w.refuse(&junk("c.json", None, big))).unwrap();
+        let prefix = REFUSED_PAYLOAD_PREFIX as i64;
+        assert_eq!(
+            stored(&q),
+            [
+                ("a.json".into(), prefix, big as i64),
+                ("b.json".into(), 10, 10),
+                ("c.json".into(), prefix, big as i64),
+            ]
+        );
+        // Full: only digests now, in this connection and after a restart.
+        q.write(|w| w.refuse(&junk("d.json", None, 5000))).unwrap();
+        drop(q);
+        let mut q = Queue::open(dir.path()).unwrap().with_max_refused_bytes(cap);
+        q.write(|w| w.refuse(&junk("e.json", None, big))).unwrap();
+        let rows = stored(&q);
+        assert_eq!(rows[3], ("d.json".into(), 0, 5000));
+        assert_eq!(rows[4], ("e.json".into(), 0, big as i64));
+        // The digest still covers every byte.
+        let digest: String = q
+            .conn
+            .query_row(
+                "SELECT digest FROM refused WHERE file = 'e.json'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(digest, seal::digest(&vec![b'x'; big]));
+        // A larger cap makes room again.
+        drop(q);
+        let mut q = Queue::open(dir.path())
+            .unwrap()
+            .with_max_refused_bytes(cap + 100);
+        q.write(|w| w.refuse(&junk("f.json", None, 50))).unwrap();
+        assert_eq!(stored(&q)[5], ("f.json".into(), 50, 50));
+    }
+
+    #[test]
+    fn a_refusal_knows_when_its_id_names_a_queued_intent() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut q = Queue::open(dir.path()).unwrap();
+        q.write(|w| w.admit(&arrival("i1", "r", "x"))).unwrap();
+        let conflict = arrival("i1", "r", "y");
+        q.write(|w| {
+            w.admit(&conflict)?;
+            w.refuse(&junk("bad.json", Some("i1"), 10))?;
+            w.refuse(&junk("other.json", Some("i2"), 10))
+        })
+        .unwrap();
+        let rows = q.pending_refusal_outcomes(10).unwrap();
+        let in_use: Vec<_> = rows
+            .iter()
+            .map(|r| (r.file.as_str(), r.id_in_use))
+            .collect();
+        assert_eq!(
+            in_use,
+            [("i1.json", true), ("bad.json", true), ("other.json", false)]
+        );
+        assert_eq!(rows[0].kind, "conflict");
+        assert_eq!(rows[0].digest, conflict.digest);
     }
 
     #[test]

@@ -113,10 +113,13 @@ fn duplicates_are_no_ops_and_conflicts_are_refused() {
     // The same bytes again, under another file name: nothing changes.
     sb.submit("again.json", &serde_json::to_vec_pretty(&original).unwrap());
     eventually_gone(&sb, "again.json");
-    // The same id with other content: refused as a conflict.
+    // The same id with other content: refused as a conflict, with an outcome of its
+    // own beside the original's (`<id>.conflict-<digest16>.json`).
     let conflicting = insert_customer("dup-1", "run-a", 2, "Mallory");
-    sb.submit("conflict.json", &serde_json::to_vec(&conflicting).unwrap());
-    let outcome = sb.outcome_in("dup-1", "invalid");
+    let bytes = serde_json::to_vec(&conflicting).unwrap();
+    sb.submit("conflict.json", &bytes);
+    let digest = airlock::seal::digest(&bytes);
+    let outcome = sb.outcome_in(&format!("dup-1.conflict-{}", &digest[7..23]), "invalid");
     assert_eq!(outcome["problems"][0]["pointer"], "/id");
     assert!(
         outcome["problems"][0]["message"]
@@ -132,11 +135,19 @@ fn duplicates_are_no_ops_and_conflicts_are_refused() {
         sb.rows("SELECT COUNT(*) FROM airlock_ledger"),
         vec![vec![json!(1)]]
     );
-    // The original is still applied in the queue.
+    // The original is still applied, in the queue and in its outcome.
+    assert_eq!(
+        sb.outcome_in("dup-1", "applied")["digest"],
+        outcome_digest(&original)
+    );
     let status = sb.cli(&["status", "--json"]);
     let text = String::from_utf8_lossy(&status.stdout);
     assert!(text.contains("\"state\":\"applied\""), "{text}");
     assert!(sb.stop().success());
+}
+
+fn outcome_digest(intent: &serde_json::Value) -> String {
+    airlock::seal::digest(&serde_json::to_vec_pretty(intent).unwrap())
 }
 
 fn eventually_gone(sb: &Sandbox, name: &str) {
