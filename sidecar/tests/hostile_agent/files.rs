@@ -220,7 +220,7 @@ fn swap_results_for_link(sandbox: &mut Sandbox, to: &Path, id: &str) {
 
     // A real directory again: the held outcomes arrive.
     std::fs::remove_file(&results).unwrap();
-    std::fs::create_dir(&results).unwrap();
+    recreate_results(&results);
     sandbox.outcome_in(id, "applied");
     sandbox.outcome_in(&format!("{id}-2"), "applied");
     assert_eq!(listed(to), entries, "log:\n{}", sandbox.log());
@@ -283,7 +283,7 @@ fn results_link_to_its_own_directory_does_not_loop() {
     assert_running(&mut sandbox);
 
     std::fs::remove_file(&results).unwrap();
-    std::fs::create_dir(&results).unwrap();
+    recreate_results(&results);
     sandbox.outcome_in("looped", "applied");
     sandbox.outcome_in("looped-2", "applied");
     assert_running(&mut sandbox);
@@ -492,4 +492,17 @@ fn every_state_file_is_private_whichever_command_creates_it() {
         );
     }
     assert_running(&mut sandbox);
+}
+
+/// Makes `results` a real directory again after a swap. The daemon may get there
+/// first: it re-creates a missing results directory on its next held write.
+fn recreate_results(results: &std::path::Path) {
+    match std::fs::create_dir(results) {
+        Ok(()) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {
+            let meta = std::fs::symlink_metadata(results).unwrap();
+            assert!(meta.is_dir(), "{} is not a directory", results.display());
+        }
+        Err(error) => panic!("cannot create {}: {error}", results.display()),
+    }
 }
