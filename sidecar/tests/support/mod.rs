@@ -254,12 +254,14 @@ impl Sandbox {
         log.get(start..).unwrap_or("").to_owned()
     }
 
-    /// Runs an `airlock` subcommand against this sandbox's state.
+    /// Runs an `airlock` subcommand against this sandbox's state (and its target,
+    /// which `airlock approve` previews).
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         airlock()
             .args(args)
             .arg("--state")
             .arg(self.state())
+            .env("AIRLOCK_TARGET", self.target_url())
             .output()
             .expect("run airlock")
     }
@@ -345,3 +347,12 @@ allow if not review
 
 reasons := ["deletes need two approvers"] if review
 "#;
+
+impl Sandbox {
+    /// The default target's URL, as `start` gives it to the daemon.
+    pub fn target_url(&self) -> String {
+        self.target_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.target().display()))
+    }
+}
