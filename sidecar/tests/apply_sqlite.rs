@@ -387,7 +387,10 @@ async fn delete_with_expect() {
     );
     let err = apply_err(&db, &i, &meta(&i)).await;
     assert_eq!(err.code.as_deref(), Some(codes::EXPECT_FAILED));
-    assert!(err.to_string().contains(r#"{"status":"paid"}"#), "{err}");
+    assert!(err.to_string().contains(r#"["status"]"#), "{err}");
+    assert!(!err.to_string().contains("paid"), "{err}");
+    let detail = err.detail.as_deref().unwrap_or_default();
+    assert!(detail.contains(r#"{"status":"paid"}"#), "{detail}");
 
     let i = intent(
         "i-delete",
