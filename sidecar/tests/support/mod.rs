@@ -254,14 +254,15 @@ impl Sandbox {
         log.get(start..).unwrap_or("").to_owned()
     }
 
-    /// Runs an `airlock` subcommand against this sandbox's state (and its target,
-    /// which `airlock approve` previews).
+    /// Runs an `airlock` subcommand against this sandbox's state, with the daemon's
+    /// targets and settings (`airlock approve` previews the intent on its target).
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         airlock()
             .args(args)
             .arg("--state")
             .arg(self.state())
             .env("AIRLOCK_TARGET", self.target_url())
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .output()
             .expect("run airlock")
     }
