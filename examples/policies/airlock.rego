@@ -80,6 +80,19 @@ review_reasons contains msg if {
 	msg := sprintf("deletes from %s need human review", [op.table])
 }
 
+# Gold customers are changed by humans only. With previews on (`[policy] preview =
+# true`), any op that would change an existing gold customer's row goes to review:
+# an update, a delete, and an upsert that would update instead of insert (its
+# `before` is the row it would overwrite). Inserts have no before-image. Without
+# previews `input.preview` is absent and this rule never fires.
+review_reasons contains msg if {
+	some op in input.preview.ops
+	input.ops[op.index].name == "customers"
+	some row in op.before
+	row.tier == "gold"
+	msg := sprintf("op %d (%s) changes gold customer %v", [op.index, input.ops[op.index].kind, row.id])
+}
+
 review_reasons contains msg if {
 	count(input.ops) > max_ops
 	msg := sprintf("intent has %d ops, more than %d; large intents need human review", [count(input.ops), max_ops])

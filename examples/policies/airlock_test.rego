@@ -100,3 +100,54 @@ test_unknown_op_kind_is_denied if {
 	not authz.allow with input as x
 	not authz.review with input as x
 }
+
+# --- gold customers (rows from the preview) ----------------------------------------
+
+# An input with one op on customers and the preview of its rows.
+previewed(kind, before, after) := {
+	"version": 1,
+	"ops": [op(0, kind, "customers")],
+	"preview": {"ops": [{"index": 0, "rows": count(before), "before": before, "after": after}]},
+}
+
+gold := {"id": 7, "name": "Ada", "tier": "gold"}
+
+standard := {"id": 8, "name": "Bob", "tier": "standard"}
+
+test_update_of_a_gold_customer_needs_review if {
+	x := previewed("update", [gold], [object.union(gold, {"name": "Ada L."})])
+	authz.review with input as x
+	not authz.allow with input as x
+	authz.reasons == {"op 0 (update) changes gold customer 7"} with input as x
+}
+
+test_upsert_that_updates_a_gold_customer_needs_review if {
+	x := previewed("upsert", [gold], [object.union(gold, {"tier": "standard"})])
+	authz.review with input as x
+	not authz.allow with input as x
+	authz.reasons == {"op 0 (upsert) changes gold customer 7"} with input as x
+}
+
+test_upsert_that_inserts_is_allowed if {
+	x := previewed("upsert", [], [gold])
+	authz.allow with input as x
+	not authz.review with input as x
+}
+
+test_update_of_a_standard_customer_is_allowed if {
+	x := previewed("update", [standard], [object.union(standard, {"tier": "gold"})])
+	authz.allow with input as x
+}
+
+test_gold_rows_of_other_tables_are_not_customers if {
+	x := {
+		"version": 1,
+		"ops": [op(0, "update", "partners")],
+		"preview": {"ops": [{"index": 0, "rows": 1, "before": [gold], "after": [gold]}]},
+	}
+	authz.allow with input as x
+}
+
+test_without_a_preview_the_gold_rule_is_silent if {
+	authz.allow with input as with_ops([op(0, "upsert", "customers")])
+}

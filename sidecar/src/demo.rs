@@ -114,7 +114,30 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
                 "\n  {id} waits for a human. Approving it as {REVIEWER}, as this would:\n    airlock approve {id} --state {} --as {REVIEWER}\n",
                 config.state.display()
             );
-            review::approve(&mut queue, &id, REVIEWER, digest.as_deref(), Some("demo"))?;
+            // As a reviewer would: look at the rows it touches, and approve them.
+            let row = queue
+                .intent(&id)?
+                .with_context(|| format!("intent {id} is not in the queue"))?;
+            let name = row.target.clone();
+            let url = config
+                .targets
+                .get(&name)
+                .with_context(|| format!("no target named {name:?}"))?;
+            let shown = review::show(
+                crate::apply::open(&name, url)?.as_ref(),
+                &row,
+                config.apply.max_rows,
+            )
+            .await?;
+            review::approve(
+                &mut queue,
+                &id,
+                REVIEWER,
+                digest.as_deref(),
+                &shown.digest,
+                &shown.digest,
+                Some("demo"),
+            )?;
             approved = true;
         }
         let done =

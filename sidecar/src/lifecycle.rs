@@ -8,13 +8,19 @@
 //!    │  ╲
 //!    │   ▶ awaiting_review ─▶ rejected | expired (terminal)
 //!    ▼          │
-//! approved ◀────┘
+//! approved ◀────┘ ◀─┐
+//!    │              │ rows changed since review: back to awaiting_review,
+//!    ▼              │ its approvals void
+//! applying ─────────┘
 //!    │
-//!    ▼
-//! applying ─▶ applied ─▶ undone
+//!    ├──▶ applied ─▶ undone
 //!    │
 //!    └──▶ failed (terminal for permanent errors; transient errors retry)
 //! ```
+//!
+//! An approval binds the rows the reviewers saw in the preview (DESIGN invariant
+//! 3): when the apply finds the rows it touches changed since, the intent takes
+//! [`Event::RowsChanged`] back to `awaiting_review` instead of failing.
 //!
 //! Adapters (intake, queue, policy, targets, review) never set a state directly:
 //! they feed an [`Event`] to [`State::next`], which returns the next state or an
@@ -124,6 +130,8 @@ impl State {
             (Approved | Applying, Event::ApplySucceeded) => Applied,
             (Applying, Event::ApplyFailed { permanent: true }) => Failed,
             (Applying, Event::ApplyFailed { permanent: false }) => Approved,
+            // The rows changed since the reviewers saw them: review again.
+            (Approved | Applying, Event::RowsChanged) => AwaitingReview,
             (Applied, Event::Undo) => Undone,
             (from, event) => {
                 return Err(IllegalTransition {
@@ -192,6 +200,8 @@ pub enum Event {
     ApplyFailed { permanent: bool },
     /// Its writes were reverted.
     Undo,
+    /// At apply, the rows it touches were not those its reviewers approved.
+    RowsChanged,
 }
 
 impl Event {
@@ -207,6 +217,7 @@ impl Event {
             Event::ApplySucceeded => "apply_succeeded",
             Event::ApplyFailed { .. } => "apply_failed",
             Event::Undo => "undo",
+            Event::RowsChanged => "rows_changed",
         }
     }
 }
@@ -263,6 +274,7 @@ mod tests {
                 Event::Expiry,
                 Event::ApplyStarted,
                 Event::ApplyFailed { permanent: true },
+                Event::RowsChanged,
             ] {
                 assert!(state.next(&event).is_err(), "{state} took {event:?}");
             }
@@ -281,6 +293,18 @@ mod tests {
                 matches!(state, State::Approved | State::Applying),
                 "{state}"
             );
+        }
+    }
+
+    #[test]
+    fn changed_rows_send_an_approved_intent_back_to_review() {
+        for state in State::ALL {
+            let next = state.next(&Event::RowsChanged);
+            if matches!(state, State::Approved | State::Applying) {
+                assert_eq!(next.unwrap(), State::AwaitingReview, "{state}");
+            } else {
+                assert!(next.is_err(), "{state} took rows_changed");
+            }
         }
     }
 

@@ -51,6 +51,15 @@ enum Command {
         /// The digest being approved; refused if it is not the intent's.
         #[arg(long)]
         digest: Option<String>,
+        /// The digest of the preview you reviewed (the review page's, or one this
+        /// command printed); refused if the rows changed since. Without it, the
+        /// preview printed now is the one approved.
+        #[arg(long)]
+        preview_digest: Option<String>,
+        /// The default target database (sqlite://PATH or postgres://...), as given
+        /// to `airlock run`, to preview the intent's rows on.
+        #[arg(long)]
+        target: Option<String>,
         /// A comment for the record.
         #[arg(long)]
         comment: Option<String>,
@@ -385,23 +394,19 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             id,
             reviewer,
             digest,
+            preview_digest,
+            target,
             comment,
             state,
-        } => {
-            let mut queue = open_queue(state)?;
-            let progress = airlock::review::approve(
-                &mut queue,
-                &id,
-                &reviewer,
-                digest.as_deref(),
-                comment.as_deref(),
-            )?;
-            println!(
-                "{id}: {} ({} of {} approvals)",
-                progress.state, progress.approvals, progress.needed
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        } => approve(
+            &id,
+            &reviewer,
+            digest.as_deref(),
+            preview_digest.as_deref(),
+            target,
+            comment.as_deref(),
+            state,
+        ),
         Command::Reject {
             id,
             reason,
@@ -605,6 +610,100 @@ fn policy_eval(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `airlock approve`: previews the intent on its target (as the review page does),
+/// prints the rows it touches, and approves them (the printed preview, or the one
+/// `--preview-digest` names if the rows are still those).
+fn approve(
+    id: &str,
+    reviewer: &str,
+    digest: Option<&str>,
+    preview_digest: Option<&str>,
+    target: Option<String>,
+    comment: Option<&str>,
+    state: StateArgs,
+) -> Result<ExitCode> {
+    let config = load_run_config(RunArgs {
+        config: state.config.clone(),
+        intents: None,
+        results: None,
+        state: state.state.clone(),
+        target,
+        policy: PolicyArgs {
+            policy: None,
+            policy_url: None,
+        },
+        check: false,
+    })?;
+    let mut queue = open_queue(StateArgs {
+        config: state.config,
+        state: Some(config.state.clone()),
+    })?;
+    let row = queue
+        .intent(id)?
+        .ok_or_else(|| airlock::queue::QueueError::NotFound(id.to_owned()))?;
+    if row.state != State::AwaitingReview {
+        anyhow::bail!("intent {id} is {}, not awaiting review", row.state);
+    }
+    let url = config.targets.get(&row.target).with_context(|| {
+        format!(
+            "intent {id} is for target {:?}, which is not configured (use --config or --target)",
+            row.target
+        )
+    })?;
+    let target = airlock::apply::open(&row.target, url)?;
+    let shown = runtime()?
+        .block_on(airlock::review::show(
+            target.as_ref(),
+            &row,
+            config.apply.max_rows,
+        ))
+        .with_context(|| {
+            format!("cannot preview intent {id}'s rows now, so it cannot be approved yet")
+        })?;
+    print_preview(&row.intent()?, &shown)?;
+    let seen = preview_digest.unwrap_or(&shown.digest);
+    let progress = airlock::review::approve(
+        &mut queue,
+        id,
+        reviewer,
+        digest,
+        seen,
+        &shown.digest,
+        comment,
+    )?;
+    println!(
+        "{id}: {} ({} of {} approvals)",
+        progress.state, progress.approvals, progress.needed
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints what a reviewer approves: each op's rows before and after, and the digest.
+fn print_preview(intent: &airlock_intent::Intent, shown: &airlock::review::Shown) -> Result<()> {
+    match &shown.preview {
+        Ok(preview) if preview.already => println!("already applied: approving writes nothing"),
+        Ok(preview) => {
+            for op in &preview.ops {
+                let kind = intent.ops.get(op.index).map_or("?", |o| o.kind().as_str());
+                let table = op.images.first().map_or("?", |i| i.table.as_str());
+                println!("op {} ({kind} {table}): {} row(s)", op.index, op.rows);
+                for image in &op.images {
+                    println!("  before {}", serde_json::to_string(&image.before)?);
+                    println!("  after  {}", serde_json::to_string(&image.after)?);
+                }
+            }
+        }
+        Err(error) => {
+            println!("the intent would fail now: {error}");
+            if let Some(detail) = &error.detail {
+                println!("  {detail}");
+            }
+        }
+    }
+    println!("preview {}", shown.digest);
+    Ok(())
+}
+
 /// `airlock undo`.
 fn undo(args: UndoArgs) -> Result<ExitCode> {
     use airlock::undo::{Outcome, Request};
@@ -637,7 +736,7 @@ fn undo(args: UndoArgs) -> Result<ExitCode> {
         })?;
         airlock::apply::open(name, url).map_err(|error| airlock::undo::UndoError::Target {
             target: name.to_owned(),
-            error,
+            error: Box::new(error),
         })
     };
     let outcome = runtime()?.block_on(airlock::undo::undo(&mut queue, open_target, &request))?;

@@ -24,6 +24,13 @@
 //!   transaction that is rolled back, and the policy sees what it would write. A
 //!   transient preview error is no decision (the intent waits, as above); a permanent
 //!   one is shown to the policy as `preview.error`.
+//! - An intent approved by reviewers is applied with the preview digest they
+//!   approved ([`ApplyMeta::reviewed`]). If the rows it touches changed since, the
+//!   target rolls it back ([`codes::ROWS_CHANGED`]) and it goes back to
+//!   `awaiting_review` with a new deadline, its approvals void; its outcome says
+//!   "rows changed since review". Intents the policy allowed bind no rows.
+//! - Errors reach the agent's outcome without their `detail` (values read from the
+//!   database); the detail goes in the run log's record and the daemon's log.
 //! - With a [`Webhook`], an intent the policy sends to review is announced once,
 //!   after the commit that records the decision, on a task that the pipeline never
 //!   waits for (best effort: see [`crate::webhook`]).
@@ -38,7 +45,7 @@ use tracing::{info, warn};
 
 use airlock_intent::Intent;
 
-use crate::apply::{Applied, ApplyError, ApplyMeta, ErrorKind, ResolvedOp, Target};
+use crate::apply::{Applied, ApplyError, ApplyMeta, ErrorKind, ResolvedOp, Target, codes};
 use crate::config::Config;
 use crate::decide::{InputContext, Policy, build_input, preview_json};
 use crate::lifecycle::{State, Verdict};
@@ -77,6 +84,8 @@ pub struct StepReport {
     pub decided: usize,
     pub applied: usize,
     pub failed: usize,
+    /// Approved intents sent back to review: their rows changed since review.
+    pub reviewed_again: usize,
     pub retried: usize,
     pub outcomes: usize,
 }
@@ -84,7 +93,7 @@ pub struct StepReport {
 impl StepReport {
     /// Whether the step moved any intent (another step may find more to do).
     pub fn progressed(&self) -> bool {
-        self.expired + self.decided + self.applied + self.failed > 0
+        self.expired + self.decided + self.applied + self.failed + self.reviewed_again > 0
     }
 }
 
@@ -340,6 +349,7 @@ impl Pipeline {
             let meta = ApplyMeta {
                 digest: row.digest.clone(),
                 max_rows: self.max_rows,
+                reviewed: None,
             };
             async move {
                 let result = match target {
@@ -401,6 +411,7 @@ impl Pipeline {
         }
         let now = now_ms();
         let max_backoff = self.max_backoff_ms;
+        let deadline = now + i64::try_from(self.review_ttl.as_millis()).unwrap_or(i64::MAX / 2);
         self.queue.write(|w| {
             for (row, result) in heads.iter().zip(results) {
                 match result {
@@ -415,14 +426,27 @@ impl Pipeline {
                         report.applied += 1;
                         info!(message = "intent applied", id = %row.id, run = %row.run, target = %row.target, already = applied.already);
                     }
+                    Err(error)
+                        if error.kind == ErrorKind::Permanent
+                            && error.code.as_deref() == Some(codes::ROWS_CHANGED) =>
+                    {
+                        warn!(message = "rows changed since review; the intent goes back to review", id = %row.id, run = %row.run, detail = ?error.detail);
+                        w.record_rows_changed(
+                            &row.id,
+                            error_json(&error, None),
+                            error.detail.as_deref(),
+                            deadline,
+                        )?;
+                        report.reviewed_again += 1;
+                    }
                     Err(error) if error.kind == ErrorKind::Permanent => {
-                        warn!(message = "intent failed", id = %row.id, run = %row.run, error = %error, code = ?error.code);
-                        w.record_failed(&row.id, error_json(&error, None))?;
+                        warn!(message = "intent failed", id = %row.id, run = %row.run, error = %error, code = ?error.code, detail = ?error.detail);
+                        w.record_failed(&row.id, error_json(&error, None), error.detail.as_deref())?;
                         report.failed += 1;
                     }
                     Err(error) => {
                         let retry_at = now + backoff_ms(row.attempts, max_backoff, &row.id);
-                        warn!(message = "transient apply error; will retry", id = %row.id, error = %error, attempts = row.attempts + 1);
+                        warn!(message = "transient apply error; will retry", id = %row.id, error = %error, detail = ?error.detail, attempts = row.attempts + 1);
                         w.record_retry(&row.id, error_json(&error, Some(retry_at)), retry_at)?;
                         report.retried += 1;
                     }
@@ -441,9 +465,15 @@ impl Pipeline {
         let intent = row
             .intent()
             .map_err(|e| ApplyError::permanent(e.to_string()))?;
+        // The rows the reviewers saw, for an intent they approved.
+        let reviewed = self
+            .queue
+            .review_binding(&row.id)
+            .map_err(|e| ApplyError::transient(format!("reading the intent's review: {e}")))?;
         let meta = ApplyMeta {
             digest: row.digest.clone(),
             max_rows: self.max_rows,
+            reviewed,
         };
         Ok((target.clone(), intent, meta))
     }
@@ -533,6 +563,8 @@ async fn apply_chain(chain: Vec<Job>) -> Vec<Result<Applied, ApplyError>> {
     results
 }
 
+/// The error as the intent's row keeps it, which the agent's outcome shows: the
+/// message only, never the [`ApplyError::detail`].
 fn error_json(error: &ApplyError, retry_at: Option<i64>) -> Value {
     json!({
         "stage": "apply",

@@ -56,7 +56,7 @@ use crate::lifecycle::{Event, IllegalTransition, State, UnknownState, Verdict};
 use crate::seal::{self, Sealer};
 
 /// The schema version this code writes.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
 const MIGRATIONS: &[&str] = &[
     // Version 1.
@@ -137,6 +137,11 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (run, seq)
     );
     CREATE INDEX records_by_intent ON records (intent_id);
+    "#,
+    // Version 2: an approval also binds the preview its reviewer saw (the digest of
+    // the rows' before-images); NULL for approvals recorded before.
+    r#"
+    ALTER TABLE reviews ADD COLUMN preview TEXT;
     "#,
 ];
 
@@ -354,6 +359,9 @@ pub struct ReviewVote {
     pub reviewer: String,
     pub verdict: String,
     pub digest: String,
+    /// For an approval: the digest of the preview (the rows' before-images) the
+    /// reviewer saw and approved.
+    pub preview: Option<String>,
     pub comment: Option<String>,
     pub at: i64,
 }
@@ -775,7 +783,7 @@ impl Queue {
     /// The reviews recorded for an intent.
     pub fn reviews(&self, id: &str) -> Result<Vec<ReviewVote>, QueueError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT reviewer, verdict, digest, comment, at FROM reviews WHERE intent_id = ?1 ORDER BY at, reviewer",
+            "SELECT reviewer, verdict, digest, comment, at, preview FROM reviews WHERE intent_id = ?1 ORDER BY at, reviewer",
         )?;
         let rows = stmt.query_map([id], |row| {
             Ok(ReviewVote {
@@ -784,9 +792,26 @@ impl Queue {
                 digest: row.get(2)?,
                 comment: row.get(3)?,
                 at: row.get(4)?,
+                preview: row.get(5)?,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The preview digest the approvals of intent `id` bind (what the apply must find
+    /// the rows to be), when reviewers approved it; `None` for an intent the policy
+    /// allowed without review, or approved before approvals bound previews.
+    pub fn review_binding(&self, id: &str) -> Result<Option<String>, QueueError> {
+        Ok(self
+            .conn
+            .prepare_cached(
+                "SELECT r.preview FROM reviews r JOIN intents i ON i.id = r.intent_id \
+                 WHERE r.intent_id = ?1 AND r.verdict = 'approve' AND r.digest = i.digest \
+                 AND i.approvals_needed > 0 ORDER BY r.at DESC, r.rowid DESC LIMIT 1",
+            )?
+            .query_row([id], |row| row.get(0))
+            .optional()?
+            .flatten())
     }
 
     /// The records of one run, in order.
@@ -1160,14 +1185,22 @@ impl Writer<'_> {
 
     /// Records one reviewer's approval. `digest`, when given, must be the intent's
     /// current digest: an approval is bound to the exact bytes the reviewer saw.
+    /// `preview` is the digest of the preview the reviewer saw (the rows' before-
+    /// images): approvals count together only when they saw the same rows, so
+    /// earlier approvals of another preview are void (deleted, and named in the
+    /// record's `voided`); their reviewers may approve again.
     pub fn approve(
         &mut self,
         id: &str,
         reviewer: &str,
         digest: Option<&str>,
+        preview: &str,
         comment: Option<&str>,
     ) -> Result<ReviewProgress, QueueError> {
         let row = self.reviewable(id, digest)?;
+        // First: an approval of other rows does not count, and its reviewer may
+        // approve what is shown now.
+        let voided = self.void_approvals(id, Some(preview))?;
         let already: Option<String> = self
             .tx
             .prepare_cached("SELECT verdict FROM reviews WHERE intent_id = ?1 AND reviewer = ?2")?
@@ -1179,6 +1212,11 @@ impl Writer<'_> {
             )));
         }
         self.insert_review(id, reviewer, "approve", &row.digest, comment)?;
+        self.tx
+            .prepare_cached(
+                "UPDATE reviews SET preview = ?3 WHERE intent_id = ?1 AND reviewer = ?2",
+            )?
+            .execute([id, reviewer, preview])?;
         let approvals: u32 = self
             .tx
             .prepare_cached(
@@ -1193,13 +1231,15 @@ impl Writer<'_> {
             &row.run,
             Some(id),
             if quorum_met { "approved" } else { "approval" },
-            json!({
-                "by": reviewer,
-                "digest": row.digest,
-                "comment": comment,
-                "approvals": approvals,
-                "needed": needed,
-            }),
+            approval_data(
+                reviewer,
+                &row.digest,
+                preview,
+                comment,
+                approvals,
+                needed,
+                &voided,
+            ),
         )?;
         Ok(ReviewProgress {
             state: next,
@@ -1270,7 +1310,14 @@ impl Writer<'_> {
     }
 
     /// Records a permanent apply failure (terminal) with the error for the agent.
-    pub fn record_failed(&mut self, id: &str, error: Value) -> Result<State, QueueError> {
+    /// `detail` (values read from the database) is for humans: it goes in the run
+    /// log's record only, never in the intent's `error`, which outcomes show.
+    pub fn record_failed(
+        &mut self,
+        id: &str,
+        error: Value,
+        detail: Option<&str>,
+    ) -> Result<State, QueueError> {
         let row = self.intent(id)?;
         let applying = row.state.next(&Event::ApplyStarted).unwrap_or(row.state);
         let next = applying.next(&Event::ApplyFailed { permanent: true })?;
@@ -1279,8 +1326,76 @@ impl Writer<'_> {
                 "UPDATE intents SET state = ?2, error = ?3, updated_at = ?4, outcome_pending = 1 WHERE id = ?1",
             )?
             .execute(params![id, next.as_str(), serde_json::to_string(&error)?, self.now])?;
-        self.append_record(&row.run, Some(id), "failed", json!({ "error": error }))?;
+        let mut data = json!({ "error": error });
+        if let Some(detail) = detail {
+            data["detail"] = detail.into();
+        }
+        self.append_record(&row.run, Some(id), "failed", data)?;
         Ok(next)
+    }
+
+    /// Sends an approved intent back to review because the rows it touches changed
+    /// since its reviewers saw them: its approvals are void, it waits for a new
+    /// review until `review_deadline`, and `error` (for the agent) says why. The
+    /// record `rows_changed` holds the error, the human-only `detail` and who had
+    /// approved.
+    pub fn record_rows_changed(
+        &mut self,
+        id: &str,
+        error: Value,
+        detail: Option<&str>,
+        review_deadline: i64,
+    ) -> Result<State, QueueError> {
+        let row = self.intent(id)?;
+        let next = row.state.next(&Event::RowsChanged)?;
+        let voided = self.void_approvals(id, None)?;
+        self.tx
+            .prepare_cached(
+                "UPDATE intents SET state = ?2, error = ?3, review_deadline = ?4, attempts = 0, \
+                 not_before = 0, updated_at = ?5, outcome_pending = 1 WHERE id = ?1",
+            )?
+            .execute(params![
+                id,
+                next.as_str(),
+                serde_json::to_string(&error)?,
+                review_deadline,
+                self.now
+            ])?;
+        self.append_record(
+            &row.run,
+            Some(id),
+            "rows_changed",
+            json!({
+                "state": next,
+                "error": error,
+                "detail": detail,
+                "voided": voided,
+                "deadline": review_deadline,
+            }),
+        )?;
+        Ok(next)
+    }
+
+    /// Deletes the approvals of intent `id` (all, or those that did not see
+    /// `keep_preview`) and answers their reviewers, in order.
+    fn void_approvals(
+        &self,
+        id: &str,
+        keep_preview: Option<&str>,
+    ) -> Result<Vec<String>, QueueError> {
+        let condition = "intent_id = ?1 AND verdict = 'approve' \
+                         AND (?2 IS NULL OR preview IS NOT ?2)";
+        let voided: Vec<String> = self
+            .tx
+            .prepare_cached(&format!(
+                "SELECT reviewer FROM reviews WHERE {condition} ORDER BY at, reviewer"
+            ))?
+            .query_map(params![id, keep_preview], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        self.tx
+            .prepare_cached(&format!("DELETE FROM reviews WHERE {condition}"))?
+            .execute(params![id, keep_preview])?;
+        Ok(voided)
     }
 
     /// Records a transient failure: the intent stays where it is until `retry_at`.
@@ -1480,6 +1595,30 @@ impl Writer<'_> {
     }
 }
 
+/// The data of an `approval` or `approved` record.
+fn approval_data(
+    reviewer: &str,
+    digest: &str,
+    preview: &str,
+    comment: Option<&str>,
+    approvals: u32,
+    needed: u32,
+    voided: &[String],
+) -> Value {
+    let mut data = json!({
+        "by": reviewer,
+        "digest": digest,
+        "preview": preview,
+        "comment": comment,
+        "approvals": approvals,
+        "needed": needed,
+    });
+    if !voided.is_empty() {
+        data["voided"] = json!(voided);
+    }
+    data
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1541,7 +1680,7 @@ mod tests {
         .unwrap();
         // The pipeline has not expired it yet, but the deadline has passed.
         for result in [
-            q.write(|w| w.approve("late", "alice", None, None).map(|p| p.state)),
+            q.write(|w| w.approve("late", "alice", None, "p", None).map(|p| p.state)),
             q.write(|w| w.reject("late", "bob", None, "no")),
         ] {
             let error = result.unwrap_err().to_string();
@@ -1713,21 +1852,24 @@ mod tests {
         // Two distinct approvers, bound to the digest.
         let digest = q.intent("a1").unwrap().unwrap().digest;
         assert!(
-            q.write(|w| w.approve("a1", "alice", Some("sha256:bad"), None))
+            q.write(|w| w.approve("a1", "alice", Some("sha256:bad"), "p", None))
                 .is_err()
         );
         let first = q
-            .write(|w| w.approve("a1", "alice", Some(&digest), None))
+            .write(|w| w.approve("a1", "alice", Some(&digest), "p", None))
             .unwrap();
         assert_eq!(
             (first.state, first.approvals, first.needed),
             (State::AwaitingReview, 1, 2)
         );
         assert!(
-            q.write(|w| w.approve("a1", "alice", None, None)).is_err(),
+            q.write(|w| w.approve("a1", "alice", None, "p", None))
+                .is_err(),
             "same reviewer twice"
         );
-        let second = q.write(|w| w.approve("a1", "bob", None, None)).unwrap();
+        let second = q
+            .write(|w| w.approve("a1", "bob", None, "p", None))
+            .unwrap();
         assert_eq!(second.state, State::Approved);
         let heads: Vec<String> = q
             .apply_heads(i64::MAX, 10)

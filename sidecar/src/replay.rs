@@ -137,6 +137,8 @@ pub async fn replay(
             digest: crate::seal::digest(payload),
             // The recorded apply already passed the limit it was configured with.
             max_rows: u64::MAX,
+            // Replay re-applies what was applied; no review binds other rows.
+            reviewed: None,
         };
         let applied = target
             .apply(&intent, &meta)

@@ -1,27 +1,86 @@
 //! Review: human approvers decide intents the policy sent to review.
 //!
-//! Every way of deciding (the CLI today, the HTTP endpoint later) goes through these
+//! Every way of deciding (the CLI and the HTTP endpoint) goes through these
 //! functions, so the rules live in one place: an approval names the reviewer and may
 //! name the digest it approves (a digest that is not the intent's current one is
 //! refused); `approvals` distinct reviewers are needed; one rejection rejects.
+//!
+//! An approval also binds the rows the reviewer saw: the digest of the preview
+//! shown ([`crate::apply::Preview::digest`]). Front ends compute a fresh preview and
+//! refuse an approval whose preview digest is not the fresh one (the rows changed
+//! since the reviewer looked). Approvals count together only when they saw the same
+//! rows, and the apply checks the rows again inside its transaction: if they
+//! changed since, the intent goes back to review (see [`crate::pipeline`]).
 
+use crate::apply::{ApplyError, ApplyMeta, Preview, Target, failed_preview_digest};
 use crate::lifecycle::State;
-use crate::queue::{Queue, QueueError, ReviewProgress};
+use crate::queue::{IntentRow, Queue, QueueError, ReviewProgress};
 
 /// Longest comment (or rejection reason) recorded, in characters.
 pub const MAX_COMMENT: usize = 4_000;
 
-/// Records `reviewer`'s approval of intent `id`.
+/// What a reviewer is shown of an intent's effect on its target now.
+#[derive(Clone, Debug)]
+pub struct Shown {
+    /// The rolled-back preview, or why the intent would fail now.
+    pub preview: Result<Preview, ApplyError>,
+    /// What an approval of it binds: the rows' [`Preview::digest`], or for an
+    /// intent that would fail, [`failed_preview_digest`] (if it would apply later
+    /// after all, it goes back to review).
+    pub digest: String,
+}
+
+/// Previews intent `row` on `target` as a reviewer is shown it. A transient error
+/// (the target is busy or unreachable) is an error: nothing can be shown, so
+/// nothing can be approved.
+pub async fn show(
+    target: &dyn Target,
+    row: &IntentRow,
+    max_rows: u64,
+) -> Result<Shown, ApplyError> {
+    let intent = row
+        .intent()
+        .map_err(|e| ApplyError::permanent(e.to_string()))?;
+    let meta = ApplyMeta {
+        digest: row.digest.clone(),
+        max_rows,
+        reviewed: None,
+    };
+    match target.preview(&intent, &meta).await {
+        Ok(preview) => Ok(Shown {
+            digest: preview.digest(),
+            preview: Ok(preview),
+        }),
+        Err(error) if error.is_transient() => Err(error),
+        Err(error) => Ok(Shown {
+            digest: failed_preview_digest(&error),
+            preview: Err(error),
+        }),
+    }
+}
+
+/// Records `reviewer`'s approval of intent `id`, having seen the preview whose
+/// digest is `seen`; `now` is the digest of a preview computed just before (see
+/// [`show`]). Refused when they differ: the rows changed since the reviewer looked.
+#[allow(clippy::too_many_arguments)]
 pub fn approve(
     queue: &mut Queue,
     id: &str,
     reviewer: &str,
     digest: Option<&str>,
+    seen: &str,
+    now: &str,
     comment: Option<&str>,
 ) -> Result<ReviewProgress, QueueError> {
     check_reviewer(reviewer)?;
     check_comment(comment.unwrap_or(""))?;
-    queue.write(|w| w.approve(id, reviewer, digest, comment))
+    if seen != now {
+        return Err(QueueError::Refused(format!(
+            "the rows intent {id} touches changed since the preview you approved ({seen}); \
+             they now preview as {now}: look at the preview again before approving"
+        )));
+    }
+    queue.write(|w| w.approve(id, reviewer, digest, seen, comment))
 }
 
 /// Records `reviewer`'s rejection of intent `id`, with the reason the agent will see.

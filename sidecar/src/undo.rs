@@ -41,8 +41,8 @@ pub enum UndoError {
     Target {
         /// The target's name.
         target: String,
-        /// What went wrong.
-        error: ApplyError,
+        /// What went wrong (boxed: errors travel in `Result`s and must stay small).
+        error: Box<ApplyError>,
     },
     /// The run has no such intent, or no such target is configured.
     #[error("{0}")]
@@ -309,7 +309,7 @@ pub async fn undo(
             .await
             .map_err(|error| UndoError::Target {
                 target: name.to_owned(),
-                error,
+                error: Box::new(error),
             })?;
         if !report.committed {
             return Ok(Outcome::Conflicts {

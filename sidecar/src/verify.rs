@@ -20,7 +20,8 @@
 //!   intent id and run.
 //! - **Every intent followed the lifecycle** ([`State::next`]), approvals named the
 //!   intent's digest and came from distinct approvers, and quorum claims agree with
-//!   the decision.
+//!   the decision. Approvals an approval `voided` (another preview) and all
+//!   approvals before a `rows_changed` record no longer count.
 //! - **Nothing is unsealed** ([`Mode::Export`]: a failure; [`Mode::Live`]: a
 //!   warning, as the sidecar seals in batches).
 //! - **Published heads are in the log** ([`ExpectedHead`]).
@@ -793,6 +794,16 @@ impl Verification<'_> {
             "approval" | "approved" => {
                 check_review_digest(name, data, track, line, findings);
                 let quorum_met = name == "approved";
+                // Approvals of another preview than this one's no longer count.
+                for voided in data
+                    .get("voided")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                {
+                    track.approvers.remove(voided);
+                }
                 match data.get("by").and_then(Value::as_str) {
                     None => findings.push((line, format!("`{name}` has no string data.by"))),
                     Some(by) => {
@@ -836,6 +847,11 @@ impl Verification<'_> {
                 Err(_) => from.next(&Event::ApplyFailed { permanent: true }),
             },
             "undone" => from.next(&Event::Undo),
+            "rows_changed" => {
+                // Back to review: every approval so far is void.
+                track.approvers.clear();
+                from.next(&Event::RowsChanged)
+            }
             other => {
                 findings.push((line, format!("unknown event {other:?}")));
                 return false;

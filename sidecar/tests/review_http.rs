@@ -67,6 +67,15 @@ fn digest(client: &Client, id: &str) -> String {
     detail.json()["digest"].as_str().unwrap().to_owned()
 }
 
+/// The body approving intent `id` as the reviewer sees it now: its digest and the
+/// digest of the preview shown.
+fn approval(client: &Client, id: &str) -> Value {
+    let detail = client.get(&format!("/v1/intents/{id}"));
+    assert_eq!(detail.status, 200, "{}", detail.text());
+    let detail = detail.json();
+    json!({"digest": detail["digest"], "preview_digest": detail["preview"]["digest"]})
+}
+
 #[test]
 fn the_agent_without_a_token_can_read_nothing_and_decide_nothing() {
     let (sb, url) = awaiting_review();
@@ -137,7 +146,10 @@ fn roles_decide_who_may_read_decide_and_undo() {
     assert_eq!(viewer.get("/v1/intents").status, 200);
     assert_eq!(viewer.get("/v1/runs").status, 200);
     let d = digest(&viewer, "delete-1");
-    let refused = viewer.post("/v1/intents/delete-1/approve", &json!({"digest": d}));
+    let refused = viewer.post(
+        "/v1/intents/delete-1/approve",
+        &approval(&viewer, "delete-1"),
+    );
     assert_eq!(refused.status, 403);
     let message = refused.json()["error"]["message"]
         .as_str()
@@ -157,10 +169,9 @@ fn roles_decide_who_may_read_decide_and_undo() {
     assert!(refused.text().contains("admin"), "{}", refused.text());
 
     // The approver's approval is recorded under the token's name and applies.
-    let approved = approver.post(
-        "/v1/intents/delete-1/approve",
-        &json!({"digest": d, "comment": "customer asked"}),
-    );
+    let mut body = approval(&approver, "delete-1");
+    body["comment"] = json!("customer asked");
+    let approved = approver.post("/v1/intents/delete-1/approve", &body);
     assert_eq!(approved.status, 200, "{}", approved.text());
     assert_eq!(
         approved.json(),
@@ -247,12 +258,16 @@ fn approvers_see_a_preview_and_approve_only_the_digest_they_saw() {
     assert!(missing.text().contains("digest"), "{}", missing.text());
     let stale = alice.post(
         "/v1/intents/delete-1/approve",
-        &json!({"digest": "sha256:0000000000000000000000000000000000000000000000000000000000000000"}),
+        &json!({"digest": "sha256:0000000000000000000000000000000000000000000000000000000000000000",
+                "preview_digest": detail["preview"]["digest"]}),
     );
     assert_eq!(stale.status, 409);
     assert_eq!(stale.json()["error"]["code"], "conflict");
     assert!(stale.text().contains("other bytes"), "{}", stale.text());
-    let unknown = alice.post("/v1/intents/nope/approve", &json!({"digest": "x"}));
+    let unknown = alice.post(
+        "/v1/intents/nope/approve",
+        &json!({"digest": "x", "preview_digest": "x"}),
+    );
     assert_eq!(unknown.status, 404);
     let extra = alice.post(
         "/v1/intents/delete-1/approve",
@@ -299,7 +314,10 @@ fn approvers_see_a_preview_and_approve_only_the_digest_they_saw() {
         outcome.to_string().contains("we keep customers"),
         "{outcome}"
     );
-    let late = alice.post("/v1/intents/delete-1/approve", &json!({"digest": d}));
+    let late = alice.post(
+        "/v1/intents/delete-1/approve",
+        &json!({"digest": d, "preview_digest": "sha256:seen"}),
+    );
     assert_eq!(late.status, 409);
     assert!(
         late.text().contains("not awaiting review"),
@@ -456,8 +474,7 @@ fn web_sessions_need_their_csrf_token_and_the_same_origin() {
 
     let browser = anonymous.with("Cookie", &session);
     assert_eq!(browser.get("/v1/session").json()["csrf"], json!(csrf));
-    let d = digest(&browser, "delete-1");
-    let approve = json!({"digest": d});
+    let approve = approval(&browser, "delete-1");
 
     // A change without the CSRF token, with a wrong one, or from another origin.
     let no_csrf = browser.post("/v1/intents/delete-1/approve", &approve);
@@ -508,14 +525,14 @@ fn behind_a_proxy_the_public_origin_is_the_page_s_own() {
     let token = sb.token("alice", "approver");
     let page = Client::new(&url).with("Origin", "https://review.example");
     let browser = web_session(&page, &token, true);
-    let d = digest(&browser, "delete-1");
+    let body = approval(&browser, "delete-1");
     let elsewhere = browser
         .with("Origin", "https://review.example.evil")
-        .post("/v1/intents/delete-1/approve", &json!({"digest": d}));
+        .post("/v1/intents/delete-1/approve", &body);
     assert_eq!(elsewhere.status, 403);
     let proxied = browser
         .with("Origin", "https://review.example")
-        .post("/v1/intents/delete-1/approve", &json!({"digest": d}));
+        .post("/v1/intents/delete-1/approve", &body);
     assert_eq!(proxied.status, 200, "{}", proxied.text());
     sb.outcome_in("delete-1", "applied");
 }
@@ -567,7 +584,7 @@ fn repeated_failures_are_slowed_but_valid_tokens_are_not() {
 fn events_announce_changes() {
     let (sb, url) = awaiting_review();
     let client = Client::new(&url).bearer(&sb.token("alice", "approver"));
-    let d = digest(&client, "delete-1");
+    let body = approval(&client, "delete-1");
     let approver = client.clone();
     let mut first = None;
     read_events(
@@ -580,7 +597,7 @@ fn events_announce_changes() {
             if n == 1 {
                 first = Some(marker);
                 // Something changes: the page would refetch.
-                let ok = approver.post("/v1/intents/delete-1/approve", &json!({"digest": d}));
+                let ok = approver.post("/v1/intents/delete-1/approve", &body);
                 assert_eq!(ok.status, 200);
                 return false;
             }
@@ -649,8 +666,10 @@ fn the_openapi_document_lists_exactly_the_routes_served() {
     assert_eq!(served_doc, doc);
     admin.get("/v1/session");
     admin.get("/v1/intents");
-    let d = digest(&admin, "delete-1");
-    admin.post("/v1/intents/delete-1/approve", &json!({"digest": d}));
+    admin.post(
+        "/v1/intents/delete-1/approve",
+        &approval(&admin, "delete-1"),
+    );
     sb.outcome_in("delete-1", "applied");
     sb.submit_json(&delete("delete-2", "run-b", 7));
     sb.outcome_in("delete-2", "awaiting_review");

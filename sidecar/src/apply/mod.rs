@@ -48,6 +48,21 @@
 //! allows it (`[apply] allow_privileged_role`); see `docs/postgres-role.md`.
 //!
 //! Op indexes in errors and images count from 0, as in the JSON pointer `/ops/N`.
+//!
+//! **Errors never show the agent data it could not read.** An [`ApplyError`]'s
+//! `message` is what the agent reads in its outcome: the op, the table, the columns
+//! involved and the code, and values only when the agent wrote them itself. Values
+//! read from the database (the row a failed `expect` found, PostgreSQL's `DETAIL`,
+//! `HINT` and `WHERE` text, which quote stored rows and keys) go in `detail`, which
+//! only humans see: the run log's `failed` record and the review API.
+//!
+//! **An approval binds the rows the reviewer saw.** A preview's [`Preview::digest`]
+//! hashes the before-image of every row the intent would touch ([`rows_digest`]);
+//! reviewers approve that digest, and the pipeline gives it back as
+//! [`ApplyMeta::reviewed`]. Inside the apply transaction, after the ops ran and
+//! before the ledger row is written, the before-images just captured are hashed
+//! again; if they differ, the transaction rolls back with
+//! [`codes::ROWS_CHANGED`] and nothing is written.
 
 pub mod postgres;
 pub mod sql;
@@ -404,6 +419,11 @@ pub struct ApplyMeta {
     pub digest: String,
     /// Most rows one update or delete may touch; more fails the whole intent.
     pub max_rows: u64,
+    /// For an intent approved by reviewers: the [`Preview::digest`] they approved.
+    /// The apply fails with [`codes::ROWS_CHANGED`] (writing nothing) unless the
+    /// rows it touches still hash to it. `None`: no review binds the rows (the
+    /// policy allowed the intent, or this is a preview or a replay).
+    pub reviewed: Option<String>,
 }
 
 impl ApplyMeta {
@@ -412,8 +432,67 @@ impl ApplyMeta {
         Self {
             digest: digest.into(),
             max_rows: DEFAULT_MAX_ROWS,
+            reviewed: None,
         }
     }
+}
+
+/// The digest of the rows an intent's ops touch, as they are before it runs: one
+/// entry per undo image, in write order, with its op, table and before-image (`null`
+/// for a row the op inserts). After-images are left out: they also depend on what
+/// the database generates (defaults, sequences), which changes from one run to the
+/// next without any row changing. `sha256:<hex>` of compact JSON with sorted keys.
+pub fn rows_digest(images: &[UndoImage]) -> String {
+    let rows: Vec<serde_json::Value> = images
+        .iter()
+        .map(|image| {
+            serde_json::json!({
+                "op": image.op,
+                "table": image.table,
+                "before": image.before,
+            })
+        })
+        .collect();
+    canonical_digest(&serde_json::json!({ "v": 1, "rows": rows }))
+}
+
+/// The digest of a preview that failed permanently, which reviewers may approve
+/// too: it is never the [`rows_digest`] of any rows, so if the intent would apply
+/// later after all, it goes back to review instead of writing rows nobody saw.
+pub fn failed_preview_digest(error: &ApplyError) -> String {
+    canonical_digest(&serde_json::json!({
+        "v": 1,
+        "failed": { "op": error.op, "code": error.code },
+    }))
+}
+
+fn canonical_digest(value: &serde_json::Value) -> String {
+    // Serialising a JSON value cannot fail; serde_json sorts object keys here
+    // (no `preserve_order`), so equal values give equal bytes.
+    let bytes = serde_json::to_vec(value).unwrap_or_default();
+    crate::seal::digest(&bytes)
+}
+
+/// Fails with [`codes::ROWS_CHANGED`] when `meta` binds reviewed rows and the
+/// before-images just captured (`undo`) are not those rows. Called inside the
+/// transaction, before the ledger row: the error rolls everything back.
+pub(crate) fn check_reviewed(meta: &ApplyMeta, undo: &[UndoImage]) -> Result<(), ApplyError> {
+    let Some(reviewed) = &meta.reviewed else {
+        return Ok(());
+    };
+    let found = rows_digest(undo);
+    if &found == reviewed {
+        return Ok(());
+    }
+    Err(ApplyError::permanent(
+        "rows changed since review: the rows this intent touches are not the rows its \
+         reviewers saw in the preview they approved; nothing was written, and it needs \
+         a new review",
+    )
+    .with_code(codes::ROWS_CHANGED)
+    .with_detail(format!(
+        "approved preview {reviewed}, rows now hash to {found}"
+    )))
 }
 
 /// The outcome of a successful [`Target::apply`].
@@ -458,6 +537,17 @@ pub struct OpPreview {
 }
 
 impl Preview {
+    /// The digest of the rows this preview shows before the intent ([`rows_digest`]
+    /// of every image, in write order): what an approval of it binds.
+    pub fn digest(&self) -> String {
+        let images: Vec<UndoImage> = self
+            .ops
+            .iter()
+            .flat_map(|op| op.images.iter().cloned())
+            .collect();
+        rows_digest(&images)
+    }
+
     /// The preview of a rolled-back apply: its undo images grouped by op.
     pub(crate) fn from_applied(applied: Applied) -> Self {
         let mut images = applied.ledger.undo.into_iter().peekable();
@@ -559,6 +649,9 @@ pub mod codes {
     pub const NO_ROW: &str = "AIRLOCK_NO_ROW";
     /// The key matched, but the `expect` values did not hold.
     pub const EXPECT_FAILED: &str = "AIRLOCK_EXPECT_FAILED";
+    /// The rows the intent touches are not those its reviewers approved: it goes
+    /// back to review.
+    pub const ROWS_CHANGED: &str = "AIRLOCK_ROWS_CHANGED";
     /// An update or delete matched more rows than `max_rows` allows.
     pub const TOO_MANY_ROWS: &str = "AIRLOCK_TOO_MANY_ROWS";
     /// A written row could not be found again to record its after-image.
@@ -592,8 +685,13 @@ pub struct ApplyError {
     /// The database's code (SQLite extended result code name, or SQLSTATE), or one
     /// of [`codes`] for problems Airlock detected itself.
     pub code: Option<String>,
-    /// What went wrong, naming the column and value where known.
+    /// What went wrong, for the agent: the op, the columns and the code, and only
+    /// values the agent wrote itself.
     pub message: String,
+    /// More for humans only (run log, review API, daemon log), never for the agent:
+    /// values read from the database, PostgreSQL's `DETAIL`, `HINT` and `WHERE`.
+    /// (Boxed: errors travel in `Result`s and must stay small.)
+    pub detail: Option<Box<str>>,
 }
 
 impl ApplyError {
@@ -607,14 +705,22 @@ impl ApplyError {
         Self::new(ErrorKind::Permanent, message)
     }
 
-    fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         Self {
             kind,
             op: None,
             op_label: None,
             code: None,
             message: message.into(),
+            detail: None,
         }
+    }
+
+    /// Adds text for humans only (see [`ApplyError::detail`]).
+    #[must_use]
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into().into_boxed_str());
+        self
     }
 
     /// Sets the error code.

@@ -86,7 +86,7 @@ use super::sql::{self, Dialect, pg};
 use super::{
     Applied, ApplyError, ApplyMeta, ErrorKind, Finish, Image, LedgerEntry, OpResult, Preview,
     ResolvedOp, Target, UndoConflict, UndoImage, UndoReport, apply_each, check_canonical,
-    check_target, codes, holds_after, image_table, resolve_op, show, uncommitted,
+    check_reviewed, check_target, codes, holds_after, image_table, resolve_op, show, uncommitted,
 };
 
 const DIALECT: Dialect = Dialect::Postgres;
@@ -1036,6 +1036,7 @@ async fn run_intent<'i>(
         applied_at_ms: now_ms(),
         undo,
     };
+    check_reviewed(meta, &entry.undo)?;
     if finish == Finish::Commit {
         write_ledger(tx, &entry).await?;
     }
@@ -1553,14 +1554,19 @@ fn expect_failed(
         }
     }
     let differ: Vec<&String> = found.keys().collect();
+    // The agent learns which columns differ, never what the row holds (it may not
+    // read them); the values found are detail for humans.
     ApplyError::permanent(format!(
-        "expect did not hold: key {} matched a row, but it has {}, not {} (column(s) {} differ)",
+        "expect did not hold: key {} matched a row, but its column(s) {} differ from expect",
         show(key),
-        show(&found),
-        show(&wanted),
         show(&differ)
     ))
     .with_code(codes::EXPECT_FAILED)
+    .with_detail(format!(
+        "the row has {}, expect was {}",
+        show(&found),
+        show(&wanted)
+    ))
 }
 
 fn concurrent(on: &[&str]) -> ApplyError {
@@ -1591,11 +1597,22 @@ fn to_json(row: &Row) -> String {
 fn pg_error(e: &tokio_postgres::Error) -> ApplyError {
     if let Some(db) = e.as_db_error() {
         let code = db.code().code();
-        let mut message = db.message().to_owned();
-        if let Some(detail) = db.detail() {
-            message = format!("{message} ({detail})");
-        }
-        return ApplyError::new(sqlstate_kind(code), message).with_code(code);
+        // DETAIL, HINT and WHERE quote stored rows and keys ("Key (email)=(…) already
+        // exists", "Failing row contains (…)"): for humans only, never the agent.
+        let detail: Vec<String> = [
+            db.detail().map(|d| format!("DETAIL: {d}")),
+            db.hint().map(|h| format!("HINT: {h}")),
+            db.where_().map(|w| format!("WHERE: {w}")),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let error = ApplyError::new(sqlstate_kind(code), db.message()).with_code(code);
+        return if detail.is_empty() {
+            error
+        } else {
+            error.with_detail(detail.join("; "))
+        };
     }
     let message = e.to_string();
     let driver_bug = [

@@ -62,8 +62,8 @@ use serde_json::Value;
 use super::sql::{self, Arg, Dialect, Statement};
 use super::{
     Applied, ApplyError, ApplyMeta, ErrorKind, Finish, Image, LedgerEntry, OpResult, Preview,
-    ResolvedOp, Target, UndoConflict, UndoImage, UndoReport, check_canonical, check_target, codes,
-    holds_after, image_table, resolve_op, show, uncommitted,
+    ResolvedOp, Target, UndoConflict, UndoImage, UndoReport, check_canonical, check_reviewed,
+    check_target, codes, holds_after, image_table, resolve_op, show, uncommitted,
 };
 
 const DIALECT: Dialect = Dialect::Sqlite;
@@ -499,6 +499,7 @@ fn run_intent(
         applied_at_ms: now_ms(),
         undo,
     };
+    check_reviewed(meta, &entry.undo)?;
     if finish == Finish::Commit {
         write_ledger(tx, &entry)?;
     }
@@ -1013,13 +1014,17 @@ impl Step<'_> {
                         .zip(row)
                         .map(|(c, v)| ((*c).to_owned(), to_json(v)))
                         .collect();
-                    return Err(ApplyError::permanent(format!(
-                        "expect did not hold: key {} matched a row, but it has {}, not {}",
-                        show(key),
-                        show(&found),
-                        show(expect)
-                    ))
-                    .with_code(codes::EXPECT_FAILED));
+                    // Which columns differ, each compared as the filter compares it.
+                    let expect_args = bind("expect", expect)?;
+                    let mut differ = Vec::new();
+                    for (column, value) in &expect_args {
+                        let one = refs(key_args).chain([(*column, value)]);
+                        let stmt = sql::select(DIALECT, table, &[*column], one, Some(1));
+                        if query(self.conn, &stmt)?.is_empty() {
+                            differ.push(*column);
+                        }
+                    }
+                    return Err(expect_failed(key, &differ, &found, expect));
                 }
             }
             return Err(
@@ -1126,6 +1131,22 @@ impl Step<'_> {
             after,
         });
     }
+}
+
+/// A failed `expect`: the agent learns which columns differ, never what the row
+/// holds (it may not read them); the values found are detail for humans.
+fn expect_failed(key: &Row, differ: &[&str], found: &Image, expect: &Row) -> ApplyError {
+    ApplyError::permanent(format!(
+        "expect did not hold: key {} matched a row, but its column(s) {} differ from expect",
+        show(key),
+        show(&differ)
+    ))
+    .with_code(codes::EXPECT_FAILED)
+    .with_detail(format!(
+        "the row has {}, expect was {}",
+        show(found),
+        show(expect)
+    ))
 }
 
 fn bad_op(message: impl Into<String>) -> ApplyError {

@@ -25,11 +25,11 @@ use tracing::{error, info, warn};
 
 use super::AppState;
 use super::auth::{Identity, Role, Via, csrf_matches};
-use crate::apply::{ApplyMeta, Target, UndoImage};
+use crate::apply::{Target, UndoImage};
 use crate::lifecycle::State as IntentState;
 use crate::outcome::timestamp;
 use crate::queue::{Filter, IntentRow, Queue, QueueError, Record, ReviewVote};
-use crate::undo;
+use crate::{review, undo};
 
 /// The session cookie's name.
 pub const SESSION_COOKIE: &str = "airlock_session";
@@ -505,6 +505,8 @@ pub async fn intent(
 #[serde(deny_unknown_fields)]
 pub struct Approve {
     digest: String,
+    /// The `preview.digest` the reviewer was shown: the approval binds those rows.
+    preview_digest: String,
     #[serde(default)]
     comment: Option<String>,
 }
@@ -535,6 +537,33 @@ pub async fn approve(
     who.require(Role::Approver, "approving")?;
     let id = path_value(id)?;
     check_comment(body.comment.as_deref())?;
+    // The rows as they are now: the approval is refused unless the reviewer saw them.
+    let row = state
+        .with_queue({
+            let id = id.clone();
+            move |queue| queue.intent(&id)?.ok_or(QueueError::NotFound(id))
+        })
+        .await?;
+    let now = if row.state == IntentState::AwaitingReview {
+        let target = state.targets.get(&row.target).cloned();
+        let shown = state.previews.fresh(target, &row, state.max_rows).await;
+        match shown["digest"].as_str() {
+            Some(digest) => digest.to_owned(),
+            None => {
+                let why = shown["error"]["message"].as_str().unwrap_or("no preview");
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "cannot preview the intent's rows now ({why}), so it cannot be \
+                         approved yet; try again"
+                    ),
+                ));
+            }
+        }
+    } else {
+        // The queue refuses it, naming the state.
+        body.preview_digest.clone()
+    };
     let reviewer = who.name.clone();
     let progress = state
         .with_queue({
@@ -545,6 +574,8 @@ pub async fn approve(
                     &id,
                     &reviewer,
                     Some(&body.digest),
+                    &body.preview_digest,
+                    &now,
                     body.comment.as_deref().filter(|c| !c.trim().is_empty()),
                 )
             }
@@ -896,6 +927,31 @@ impl Previews {
         if let Some(value) = cached(&self.recent) {
             return value;
         }
+        self.compute(key, target, row, max_rows).await
+    }
+
+    /// A preview computed now, never a cached one (what an approval is checked
+    /// against); it replaces the cached one, so the page shows it next.
+    async fn fresh(
+        &self,
+        target: Option<Arc<dyn Target>>,
+        row: &IntentRow,
+        max_rows: u64,
+    ) -> Value {
+        let Ok(_permit) = self.running.acquire().await else {
+            return json!({ "error": { "message": "previews are shut down" } });
+        };
+        let key = format!("{}\n{}", row.id, row.digest);
+        self.compute(key, target, row, max_rows).await
+    }
+
+    async fn compute(
+        &self,
+        key: String,
+        target: Option<Arc<dyn Target>>,
+        row: &IntentRow,
+        max_rows: u64,
+    ) -> Value {
         let value = preview(target, row, max_rows).await;
         if let Ok(mut recent) = self.recent.lock() {
             recent.retain(|_, (at, _)| at.elapsed() < PREVIEW_FRESH);
@@ -905,7 +961,8 @@ impl Previews {
     }
 }
 
-/// What the intent would do to its target now, from a rolled-back transaction.
+/// What the intent would do to its target now, from a rolled-back transaction, with
+/// the `digest` an approval of it binds (absent when nothing could be shown).
 async fn preview(target: Option<Arc<dyn Target>>, row: &IntentRow, max_rows: u64) -> Value {
     let Some(target) = target else {
         return json!({ "error": { "message": format!("no target named {:?} is configured", row.target) } });
@@ -914,21 +971,34 @@ async fn preview(target: Option<Arc<dyn Target>>, row: &IntentRow, max_rows: u64
         Ok(intent) => intent,
         Err(e) => return json!({ "error": { "message": e.to_string() } }),
     };
-    let meta = ApplyMeta {
-        digest: row.digest.clone(),
-        max_rows,
-    };
-    match tokio::time::timeout(PREVIEW_TIMEOUT, target.preview(&intent, &meta)).await {
-        Ok(Ok(preview)) => {
-            let ops = preview
-                .ops
-                .iter()
-                .map(|op| images_json(op.index, op_kind(&intent, op.index), op.rows, &op.images))
-                .collect::<Vec<_>>();
-            json!({ "already": preview.already, "ops": ops })
-        }
+    match tokio::time::timeout(
+        PREVIEW_TIMEOUT,
+        review::show(target.as_ref(), row, max_rows),
+    )
+    .await
+    {
+        Ok(Ok(shown)) => match shown.preview {
+            Ok(preview) => {
+                let ops = preview
+                    .ops
+                    .iter()
+                    .map(|op| {
+                        images_json(op.index, op_kind(&intent, op.index), op.rows, &op.images)
+                    })
+                    .collect::<Vec<_>>();
+                json!({ "already": preview.already, "ops": ops, "digest": shown.digest })
+            }
+            // Reviewers are humans: they see the detail the agent never does.
+            Err(error) => json!({
+                "error": {
+                    "op": error.op, "code": error.code, "message": error.message,
+                    "detail": error.detail,
+                },
+                "digest": shown.digest,
+            }),
+        },
         Ok(Err(error)) => json!({ "error": {
-            "op": error.op, "code": error.code, "message": error.message,
+            "op": error.op, "code": error.code, "message": error.message, "detail": error.detail,
         } }),
         Err(_) => json!({ "error": { "message": "the target did not answer in time" } }),
     }

@@ -254,12 +254,15 @@ impl Sandbox {
         log.get(start..).unwrap_or("").to_owned()
     }
 
-    /// Runs an `airlock` subcommand against this sandbox's state.
+    /// Runs an `airlock` subcommand against this sandbox's state, with the daemon's
+    /// targets and settings (`airlock approve` previews the intent on its target).
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         airlock()
             .args(args)
             .arg("--state")
             .arg(self.state())
+            .env("AIRLOCK_TARGET", self.target_url())
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .output()
             .expect("run airlock")
     }
@@ -345,3 +348,12 @@ allow if not review
 
 reasons := ["deletes need two approvers"] if review
 "#;
+
+impl Sandbox {
+    /// The default target's URL, as `start` gives it to the daemon.
+    pub fn target_url(&self) -> String {
+        self.target_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", self.target().display()))
+    }
+}

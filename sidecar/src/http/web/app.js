@@ -19,6 +19,8 @@
   let renderSeq = 0;
   /** Nodes kept across refreshes of one view (forms being filled in), by key. */
   let kept = new Map();
+  /** The preview digest shown under Changes, by intent id: an approval binds the rows shown. */
+  const shownPreview = new Map();
   /** Which <details> the reviewer folded or unfolded, by key, so refreshes keep them. */
   const foldState = new Map();
   /** A message about the last action, shown on the view it was made on. */
@@ -614,6 +616,16 @@
         reject.disabled = true;
         status.replaceChildren(h("span", { class: "muted" }, verdict === "approve" ? "Approving…" : "Rejecting…"));
         const body = { digest: it.digest };
+        if (verdict === "approve") {
+          const seen = shownPreview.get(it.id);
+          if (typeof seen !== "string") {
+            status.replaceChildren(errorBox("The rows this intent touches could not be previewed, so it cannot be approved yet. Wait for the preview under Changes.", "review-error"));
+            approve.disabled = false;
+            reject.disabled = false;
+            return;
+          }
+          body.preview_digest = seen;
+        }
         if (text !== "" || verdict === "reject") body.comment = text;
         try {
           const res = await api("POST", "/v1/intents/" + encodeURIComponent(it.id) + "/" + verdict, body);
@@ -651,7 +663,7 @@
           ? "You approved this already; it needs approvals from other reviewers. You can still reject it."
           : "You rejected this already.") : null,
         h("p", { class: "muted" }, "Your decision is bound to digest ", h("code", { class: "digest" }, String(it.digest)),
-          ": if the intent changed, it is refused."),
+          ": if the intent changed, it is refused. An approval also binds the rows shown under Changes: if they change before the intent is applied, it comes back for review."),
         h("label", { for: "review-comment" }, "Comment"),
         comment, status,
         h("div", { class: "actions" }, approve, reject));
@@ -687,6 +699,7 @@
         + ", from the undo images its ledger row holds.";
     } else {
       source = it.preview;
+      shownPreview.set(it.id, source && typeof source.digest === "string" ? source.digest : null);
       note = "What this intent would do to the target now: a rehearsal in a transaction that was rolled back. Every check runs again when it is applied.";
     }
     if (source == null) {
