@@ -248,7 +248,6 @@ fn is_plain_name(name: &str) -> bool {
         && !name.contains(['/', '\0'])
 }
 
-
 /// Writes outcome files into the results directory, which belongs to the agent.
 ///
 /// # Never through a link
