@@ -597,8 +597,10 @@ fn a_neighbour_hoarding_connections_loses_them_to_newcomers() {
     let authority = url.trim_start_matches("http://").to_owned();
     // Take every connection slot with sockets that never send a request; a newcomer
     // still gets an answer, and a hoarded socket is closed to make room for it.
-    // (hostile_agent's review_port tests play the full attack: a thousand sockets,
-    // reopened as they are closed, and trickling ones.)
+    // (hostile_agent's review_port tests play the full attack: more sockets than
+    // the endpoint serves, reopened as they are closed, and trickling ones.)
+    let slots = airlock::http::MAX_CONNECTIONS;
+    support::raise_open_file_limit(slots as u64 + 200);
     let mut hoard: Vec<std::net::TcpStream> = Vec::new();
     eventually(
         "the endpoint to close a hoarded connection for a newcomer",
@@ -607,7 +609,7 @@ fn a_neighbour_hoarding_connections_loses_them_to_newcomers() {
             s.set_nonblocking(true).is_ok()
                 && matches!(s.peek(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
         });
-            while hoard.len() < 256 {
+            while hoard.len() < slots {
                 hoard.push(std::net::TcpStream::connect(&authority).ok()?);
             }
             assert_eq!(client.get("/v1/intents").status, 200);

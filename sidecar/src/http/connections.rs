@@ -5,8 +5,8 @@
 //! likes from the same address an approver's port-forward uses; a per-address cap
 //! cannot tell them apart (nor can it behind an ingress, where every approver has the
 //! ingress's address). Refusing new connections at the cap would let a hoarder keep
-//! approvers out for as long as it hoards. So the endpoint never refuses to make
-//! room: when every slot is taken, it closes the connection that has gone longest
+//! approvers out for as long as it hoards. So the endpoint makes room instead: when
+//! every slot is taken, it closes the connection that has gone longest
 //! without a reviewer's request in flight (in the TLS handshake, waiting for a
 //! request head, idle between requests, or serving a request without a valid
 //! credential) and gives the new connection its slot. A fresh connection therefore
@@ -14,6 +14,13 @@
 //! requests that carry a current reviewer's token or session hold their connection
 //! against newcomers, for as long as their response (an event stream included) is
 //! being sent. The agent holds no credential, so it can hold no slot for long.
+//!
+//! What the agent can still do is reconnect as fast as the endpoint accepts, so
+//! that each connection keeps its slot only while a limit's worth of newer ones
+//! arrive. A client that sends its request head on connecting is unaffected (its
+//! head is read before the accept loop takes more than a few dozen others, see
+//! `ACCEPT_BURST`); a TLS handshake takes round trips, so the limit
+//! ([`super::MAX_CONNECTIONS`]) is sized for a handshake to finish well within that.
 //!
 //! [`victim`] is the choice, a plain function; [`Slots`] keeps the live connections
 //! and closes the chosen one by aborting its task (which drops its socket).

@@ -72,15 +72,22 @@ const MAX_BODY: usize = 64 * 1024;
 /// Connections served at once, so a neighbour opening sockets can never take the
 /// rest of Airlock's file descriptors. A connection over the limit is given the slot
 /// of the one that has gone longest without a reviewer's request in flight
-/// ([`connections`]); it is closed only when every slot serves a reviewer.
-pub const MAX_CONNECTIONS: usize = 256;
+/// ([`connections`]); it is closed only when every slot serves a reviewer. Under a
+/// flood, a connection keeps its slot for as long as this many others take to
+/// arrive, which must outlast an approver's TLS handshake: 1,024 does with room to
+/// spare (256 and 512 did not; docs/review-api.md has the measurements).
+pub const MAX_CONNECTIONS: usize = 1024;
+/// File descriptors kept for the rest of Airlock (state and target databases, the
+/// intent directory, logs, webhooks) when sizing the endpoint under the process's
+/// open-file limit.
+const FD_RESERVE: u64 = 256;
 /// Connections the kernel may hold for the endpoint before it accepts them (capped
 /// by `net.core.somaxconn`, 4096 by default since Linux 5.4). Larger than the
 /// number of sockets a hoarder holds at once, so it cannot fill the queue and leave
 /// an approver's connection waiting for the kernel to retry it.
 const LISTEN_BACKLOG: u32 = 4096;
 /// Connections accepted in a row before the accept loop lets the new ones read
-/// their first request head: far fewer than [`MAX_CONNECTIONS`], so a burst of
+/// their first request head: far fewer than the connection limit, so a burst of
 /// accepts never closes, to make room, a connection that has not yet been able to
 /// show it carries a reviewer's request.
 const ACCEPT_BURST: usize = 32;
@@ -321,7 +328,8 @@ impl Endpoint {
             penalty: Semaphore::new(MAX_PENALISED),
         }));
         let app = router(state.clone());
-        let server = tokio::spawn(accept_loop(listener, acceptor, app, state, stop_rx));
+        let limit = connection_limit();
+        let server = tokio::spawn(accept_loop(listener, acceptor, app, state, limit, stop_rx));
 
         let file = config.endpoint_file();
         write_atomically(&file, &format!("{url}\n")).map_err(|source| EndpointError::Write {
@@ -353,6 +361,40 @@ impl Endpoint {
             );
         }
     }
+}
+
+/// How many connections the endpoint may serve: [`MAX_CONNECTIONS`], raising the
+/// process's soft open-file limit (toward its hard limit) to fit them beside
+/// [`FD_RESERVE`], or fewer if the hard limit is lower.
+fn connection_limit() -> usize {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let wanted = MAX_CONNECTIONS as u64 + FD_RESERVE;
+    let limit = getrlimit(Resource::Nofile);
+    if let Some(current) = limit.current
+        && current < wanted
+    {
+        let raised = Rlimit {
+            current: Some(limit.maximum.map_or(wanted, |max| max.min(wanted))),
+            maximum: limit.maximum,
+        };
+        if let Err(error) = setrlimit(Resource::Nofile, raised) {
+            warn!(message = "cannot raise the open-file limit", %error);
+        }
+    }
+    let Some(current) = getrlimit(Resource::Nofile).current else {
+        return MAX_CONNECTIONS;
+    };
+    let fits = usize::try_from(current.saturating_sub(FD_RESERVE)).unwrap_or(MAX_CONNECTIONS);
+    let limit = fits.clamp(16, MAX_CONNECTIONS);
+    if limit < MAX_CONNECTIONS {
+        warn!(
+            message = "the open-file limit leaves the review endpoint fewer connections; raise `ulimit -n`",
+            open_files = current,
+            connections = limit,
+            wanted = MAX_CONNECTIONS
+        );
+    }
+    limit
 }
 
 /// Listens on `listen` (`host:port`, the first address it resolves to that binds)
@@ -412,6 +454,7 @@ async fn accept_loop(
     tls: Option<tokio_native_tls::TlsAcceptor>,
     app: Router,
     state: AppState,
+    limit: usize,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut connections = tokio::task::JoinSet::new();
@@ -445,11 +488,11 @@ async fn accept_loop(
                 Err(error) => error.id(),
             });
         }
-        if slots.len() < MAX_CONNECTIONS {
+        if slots.len() < limit {
             if let Some(count) = evicted.take() {
                 info!(
                     message = "review endpoint below its connection limit again",
-                    limit = MAX_CONNECTIONS,
+                    limit,
                     closed_to_make_room = count
                 );
             }
@@ -457,7 +500,7 @@ async fn accept_loop(
             let count = evicted.get_or_insert_with(|| {
                 warn!(
                     message = "review endpoint at its connection limit; closing the connections idle longest to make room",
-                    limit = MAX_CONNECTIONS
+                    limit
                 );
                 0
             });
@@ -465,7 +508,7 @@ async fn accept_loop(
         } else {
             warn!(
                 message = "review endpoint at its connection limit with every connection serving a reviewer; closing the new one",
-                limit = MAX_CONNECTIONS,
+                limit,
                 %peer
             );
             drop(stream);
@@ -483,12 +526,21 @@ async fn accept_loop(
             connections.spawn(async move {
                 match tls {
                     None => serve(stream, app, state, slot, stop).await,
-                    Some(tls) => match tokio::time::timeout(HEAD_TIMEOUT, tls.accept(stream)).await
-                    {
-                        Ok(Ok(stream)) => serve(stream, app, state, slot, stop).await,
-                        Ok(Err(error)) => debug!(message = "TLS handshake failed", %peer, %error),
-                        Err(_) => debug!(message = "TLS handshake timed out", %peer),
-                    },
+                    Some(tls) => {
+                        // No TLS state (tens of KiB) for a connection until it says
+                        // something: a hoard of silent ones costs only their sockets.
+                        let handshake = async {
+                            stream.readable().await?;
+                            tls.accept(stream).await.map_err(std::io::Error::other)
+                        };
+                        match tokio::time::timeout(HEAD_TIMEOUT, handshake).await {
+                            Ok(Ok(stream)) => serve(stream, app, state, slot, stop).await,
+                            Ok(Err(error)) => {
+                                debug!(message = "TLS handshake failed", %peer, %error)
+                            }
+                            Err(_) => debug!(message = "TLS handshake timed out", %peer),
+                        }
+                    }
                 }
             })
         };

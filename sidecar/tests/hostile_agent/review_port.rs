@@ -1,10 +1,11 @@
 //! Attacks on the review endpoint's port: the agent shares the pod's loopback, so it
 //! can open as many connections as it likes, from the address an approver's
 //! port-forward uses, and hold them idle or trickle bytes into them. It must not keep
-//! an approver out (issue 10, item 7): every request of an approver completes within
-//! 5 s while the agent holds a thousand connections and reopens each one the
-//! endpoint closes, a reviewer's event stream survives the flood, and intake and
-//! apply carry on.
+//! an approver out (issue 10, item 7): every request of an approver, over HTTP and
+//! HTTPS, completes within 5 s while the agent holds more connections than the
+//! endpoint serves (at least a thousand), trickles bytes into more, and reopens each
+//! one the endpoint closes; a reviewer's event stream survives the flood, and intake
+//! and apply carry on.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -17,35 +18,22 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::support::http::{Client, Response, read_events};
-use crate::support::{Sandbox, eventually, eventually_explained, insert_customer, intent};
+use crate::support::{
+    Sandbox, eventually, eventually_explained, insert_customer, intent, raise_open_file_limit,
+};
 
-/// Idle connections the agent holds.
-const HOARD: usize = 1_000;
+/// Idle connections the agent holds: the issue's thousand, and more than the
+/// endpoint serves.
+const HOARD: usize = if airlock::http::MAX_CONNECTIONS + 256 > 1_000 {
+    airlock::http::MAX_CONNECTIONS + 256
+} else {
+    1_000
+};
 /// Connections trickling a request head, and a request body, a byte at a time.
 const SLOW_HEADS: usize = 40;
 const SLOW_BODIES: usize = 40;
 /// The issue's bound: an approver gets in within this, whatever the agent does.
 const APPROVER_BOUND: Duration = Duration::from_secs(5);
-
-/// Makes room for the attack's sockets in this process (the daemon needs none: it
-/// closes what it cannot serve).
-fn raise_open_file_limit(needed: u64) {
-    use rustix::process::{Resource, getrlimit, setrlimit};
-    let limit = getrlimit(Resource::Nofile);
-    if limit.current.is_none_or(|current| current >= needed) {
-        return;
-    }
-    let raised = rustix::process::Rlimit {
-        current: limit.maximum,
-        maximum: limit.maximum,
-    };
-    setrlimit(Resource::Nofile, raised).expect("raise RLIMIT_NOFILE to its hard limit");
-    let now = getrlimit(Resource::Nofile).current;
-    assert!(
-        now.is_none_or(|n| n >= needed),
-        "the attack needs {needed} open files; the hard limit allows {now:?}"
-    );
-}
 
 /// What the agent's attack thread has done so far.
 #[derive(Default)]
@@ -229,18 +217,136 @@ fn daemon_is_running(sb: &mut Sandbox) -> bool {
     matches!(sb.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
 }
 
-#[test]
-fn a_thousand_hoarded_connections_cannot_keep_an_approver_out() {
+/// A sandbox with customer 1 applied and `delete-1` awaiting review, optionally
+/// serving HTTPS; returns it, the endpoint's address and an approver's token.
+fn awaiting_review(tls: bool) -> (Sandbox, Client, SocketAddr, String) {
     let mut sb = Sandbox::new();
+    let mut ca = None;
+    if tls {
+        let dir = sb.dir.path().to_owned();
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        let made = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec"])
+            .args([
+                "-pkeyopt",
+                "ec_paramgen_curve:prime256v1",
+                "-nodes",
+                "-days",
+                "1",
+            ])
+            .args(["-subj", "/CN=localhost"])
+            .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl");
+        assert!(made.status.success(), "{made:?}");
+        for (name, path) in [("TLS_CERT", &cert), ("TLS_KEY", &key)] {
+            sb.env.push((
+                format!("AIRLOCK_REVIEW__{name}"),
+                path.display().to_string(),
+            ));
+        }
+        ca = Some(std::fs::read(&cert).unwrap());
+    }
     sb.start();
     sb.submit_json(&insert_customer("insert-1", "run-a", 1, "Ada"));
     sb.outcome_in("insert-1", "applied");
     sb.submit_json(&delete("delete-1", "run-a", 1));
     sb.outcome_in("delete-1", "awaiting_review");
     let url = sb.review_url();
-    let address: SocketAddr = url.trim_start_matches("http://").parse().unwrap();
+    let address: SocketAddr = url.split_once("://").unwrap().1.parse().unwrap();
     let token = sb.token("alice", "approver");
-    let approver = Client::new(&url).bearer(&token);
+    let mut approver = Client::new(&url).bearer(&token);
+    approver.ca = ca;
+    (sb, approver, address, token)
+}
+
+/// Starts the agent's flood and waits until it is on: the agent has held its
+/// connections, the endpoint is full and closing the agent's connections (which
+/// the agent reopens).
+fn flood(sb: &Sandbox, address: SocketAddr) -> Attack {
+    raise_open_file_limit((HOARD + SLOW_HEADS + SLOW_BODIES + 200) as u64);
+    let attack = Attack::start(address);
+    eventually_explained(
+        || {
+            format!(
+                "the endpoint to fill up; {}\nlog:\n{}",
+                attack.describe(),
+                sb.log()
+            )
+        },
+        || {
+            let full = sb.log().contains("at its connection limit");
+            let held = attack.tally.peak_idle.load(Ordering::Relaxed) >= HOARD as u64;
+            (full && held && attack.closed_by_endpoint() >= HOARD as u64).then_some(())
+        },
+    );
+    attack
+}
+
+/// The approver lists the intents awaiting review (three times) and reads
+/// `delete-1`, each within the bound; returns its digest.
+fn approver_reads(approver: &Client, attack: &Attack) -> String {
+    for _ in 0..3 {
+        let client = approver.clone();
+        let listed = within_bound("listing", attack, move || {
+            client.get("/v1/intents?state=awaiting_review")
+        });
+        assert_eq!(listed.status, 200, "{}", listed.text());
+        assert_eq!(listed.json()["items"][0]["id"], "delete-1");
+    }
+    let client = approver.clone();
+    let detail = within_bound("intent detail", attack, move || {
+        client.get("/v1/intents/delete-1")
+    });
+    assert_eq!(detail.status, 200, "{}", detail.text());
+    detail.json()["digest"].as_str().unwrap().to_owned()
+}
+
+/// The approver approves `delete-1` within the bound.
+fn approver_approves(approver: &Client, attack: &Attack, digest: String) {
+    let client = approver.clone();
+    let approved = within_bound("approval", attack, move || {
+        client.post(
+            "/v1/intents/delete-1/approve",
+            &json!({"digest": digest, "comment": "checked"}),
+        )
+    });
+    assert_eq!(approved.status, 200, "{}", approved.text());
+}
+
+/// The rest of Airlock carries on under the flood: the approved intent applies, a
+/// new one is taken in and applied; and the flood went on the whole time.
+fn airlock_carries_on(sb: &mut Sandbox, attack: &Attack, closed_before: u64) {
+    sb.outcome_in("delete-1", "applied");
+    sb.submit_json(&insert_customer("insert-2", "run-b", 2, "Grace"));
+    sb.outcome_in("insert-2", "applied");
+    assert_eq!(
+        sb.rows("SELECT id, name FROM customers ORDER BY id"),
+        vec![vec![json!(2), json!("Grace")]]
+    );
+    eventually_explained(
+        || format!("the attack to go on; {}", attack.describe()),
+        || (attack.closed_by_endpoint() > closed_before + HOARD as u64).then_some(()),
+    );
+    // For the record (docs/review-api.md), not asserted.
+    let pid = sb.child.as_ref().unwrap().id();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS"))
+        .unwrap_or("");
+    eprintln!("daemon under the flood: {rss}");
+    assert!(daemon_is_running(sb), "the daemon died:\n{}", sb.log());
+}
+
+#[test]
+fn a_thousand_hoarded_connections_cannot_keep_an_approver_out() {
+    let (mut sb, approver, address, token) = awaiting_review(false);
+    let url = approver.base.clone();
     let viewer = Client::new(&url).bearer(&sb.token("vera", "viewer"));
 
     // A reviewer's page watching the queue, from before the flood: the oldest
@@ -262,78 +368,25 @@ fn a_thousand_hoarded_connections_cannot_keep_an_approver_out() {
         .recv_timeout(Duration::from_secs(30))
         .expect("the event stream's first event");
 
-    raise_open_file_limit((HOARD + SLOW_HEADS + SLOW_BODIES + 200) as u64);
-    let attack = Attack::start(address);
-    // The flood is on: the agent has held its thousand, the endpoint is full and
-    // closing the agent's connections (which the agent reopens).
-    eventually_explained(
-        || {
-            format!(
-                "the endpoint to fill up; {}\nlog:\n{}",
-                attack.describe(),
-                sb.log()
-            )
-        },
-        || {
-            let full = sb.log().contains("at its connection limit");
-            let held = attack.tally.peak_idle.load(Ordering::Relaxed) >= HOARD as u64;
-            (full && held && attack.closed_by_endpoint() >= HOARD as u64).then_some(())
-        },
-    );
+    let attack = flood(&sb, address);
     let closed_before = attack.closed_by_endpoint();
-
     // Every approver request gets through within the bound: reads, a web sign-in,
     // and the approval.
-    for _ in 0..3 {
-        let client = approver.clone();
-        let listed = within_bound("listing", &attack, move || {
-            client.get("/v1/intents?state=awaiting_review")
-        });
-        assert_eq!(listed.status, 200, "{}", listed.text());
-        assert_eq!(listed.json()["items"][0]["id"], "delete-1");
-    }
-    let client = approver.clone();
-    let detail = within_bound("intent detail", &attack, move || {
-        client.get("/v1/intents/delete-1")
-    });
-    assert_eq!(detail.status, 200, "{}", detail.text());
-    let digest = detail.json()["digest"].as_str().unwrap().to_owned();
+    let digest = approver_reads(&approver, &attack);
     let client = Client::new(&url);
     let signed_in = within_bound("web sign-in", &attack, move || {
         client.post("/v1/session", &json!({"token": token}))
     });
     assert_eq!(signed_in.status, 200, "{}", signed_in.text());
-    let cookie = signed_in
-        .header("set-cookie")
-        .unwrap()
-        .split(';')
-        .next()
-        .unwrap()
-        .to_owned();
-    let browser = Client::new(&url).with("Cookie", &cookie);
+    let cookie = signed_in.header("set-cookie").unwrap();
+    let browser = Client::new(&url).with("Cookie", cookie.split(';').next().unwrap());
     let who = within_bound("session check", &attack, move || browser.get("/v1/session"));
     assert_eq!(who.status, 200, "{}", who.text());
     assert_eq!(who.json()["name"], "alice");
-
     decided.store(true, Ordering::Relaxed);
-    let client = approver.clone();
-    let approved = within_bound("approval", &attack, move || {
-        client.post(
-            "/v1/intents/delete-1/approve",
-            &json!({"digest": digest, "comment": "checked"}),
-        )
-    });
-    assert_eq!(approved.status, 200, "{}", approved.text());
+    approver_approves(&approver, &attack, digest);
 
-    // The rest of Airlock carries on under the flood: the approved intent applies,
-    // a new one is taken in and applied.
-    sb.outcome_in("delete-1", "applied");
-    sb.submit_json(&insert_customer("insert-2", "run-b", 2, "Grace"));
-    sb.outcome_in("insert-2", "applied");
-    assert_eq!(
-        sb.rows("SELECT id, name FROM customers ORDER BY id"),
-        vec![vec![json!(2), json!("Grace")]]
-    );
+    airlock_carries_on(&mut sb, &attack, closed_before);
     // The reviewer's event stream lived through it and saw the decision.
     eventually("the event stream to see the decision", || {
         watcher.is_finished().then_some(())
@@ -341,14 +394,25 @@ fn a_thousand_hoarded_connections_cannot_keep_an_approver_out() {
     watcher
         .join()
         .expect("the reviewer's event stream to survive the flood");
-    // The flood went on the whole time (the endpoint kept closing the agent's
-    // connections and the agent kept reopening them).
-    eventually_explained(
-        || format!("the attack to go on; {}", attack.describe()),
-        || (attack.closed_by_endpoint() > closed_before + HOARD as u64).then_some(()),
-    );
     attack.stop();
-    assert!(daemon_is_running(&mut sb), "the daemon died:\n{}", sb.log());
+}
+
+#[test]
+fn over_tls_the_flood_cannot_evict_an_approver_mid_handshake() {
+    // A TLS handshake takes round trips during which the connection has sent no
+    // request yet, so it may be closed to make room: the limit must be large enough
+    // that the flood cannot cycle through every slot in that time.
+    let (mut sb, approver, address, _) = awaiting_review(true);
+    let attack = flood(&sb, address);
+    let closed_before = attack.closed_by_endpoint();
+    for _ in 0..3 {
+        let digest = approver_reads(&approver, &attack);
+        assert!(digest.starts_with("sha256:"));
+    }
+    let digest = approver_reads(&approver, &attack);
+    approver_approves(&approver, &attack, digest);
+    airlock_carries_on(&mut sb, &attack, closed_before);
+    attack.stop();
 }
 
 /// How long a connection without a request in flight may stay open, here: a
