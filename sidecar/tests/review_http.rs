@@ -590,6 +590,13 @@ fn events_announce_changes() {
     sb.outcome_in("delete-1", "applied");
 }
 
+/// Whether the endpoint still holds `socket` open (nothing to read, no error).
+fn still_open(socket: &std::net::TcpStream) -> bool {
+    socket.set_nonblocking(true).is_ok()
+        && matches!(socket.peek(&mut [0u8; 1]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
 #[test]
 fn a_neighbour_hoarding_connections_loses_them_to_newcomers() {
     let (sb, url) = awaiting_review();
@@ -605,10 +612,7 @@ fn a_neighbour_hoarding_connections_loses_them_to_newcomers() {
     eventually(
         "the endpoint to close a hoarded connection for a newcomer",
         || {
-            hoard.retain(|s| {
-            s.set_nonblocking(true).is_ok()
-                && matches!(s.peek(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-        });
+            hoard.retain(still_open);
             while hoard.len() < slots {
                 hoard.push(std::net::TcpStream::connect(&authority).ok()?);
             }
