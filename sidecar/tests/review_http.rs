@@ -607,35 +607,42 @@ fn events_announce_changes() {
     sb.outcome_in("delete-1", "applied");
 }
 
+/// Whether the endpoint still holds `socket` open (nothing to read, no error).
+fn still_open(socket: &std::net::TcpStream) -> bool {
+    socket.set_nonblocking(true).is_ok()
+        && matches!(socket.peek(&mut [0u8; 1]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+}
+
 #[test]
-fn a_neighbour_hoarding_connections_starves_only_the_endpoint() {
+fn a_neighbour_hoarding_connections_loses_them_to_newcomers() {
     let (sb, url) = awaiting_review();
     let client = Client::new(&url).bearer(&sb.token("alice", "viewer"));
     let authority = url.trim_start_matches("http://").to_owned();
-    // Fill every connection slot with sockets that never send a request.
+    // Take every connection slot with sockets that never send a request; a newcomer
+    // still gets an answer, and a hoarded socket is closed to make room for it.
+    // (hostile_agent's review_port tests play the full attack: more sockets than
+    // the endpoint serves, reopened as they are closed, and trickling ones.)
+    let slots = airlock::http::MAX_CONNECTIONS;
+    support::raise_open_file_limit(slots as u64 + 200);
     let mut hoard: Vec<std::net::TcpStream> = Vec::new();
-    for _ in 0..256 {
-        hoard.push(std::net::TcpStream::connect(&authority).unwrap());
-    }
-    // One more is closed without an answer once the endpoint has seen them all.
-    eventually("the endpoint to refuse connections over its limit", || {
-        use std::io::{Read, Write};
-        let mut extra = std::net::TcpStream::connect(&authority).ok()?;
-        extra.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-        let _ = extra.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
-        let mut buf = [0u8; 64];
-        matches!(extra.read(&mut buf), Ok(0) | Err(_)).then_some(())
-    });
-    assert!(sb.log().contains("connection limit"));
+    eventually(
+        "the endpoint to close a hoarded connection for a newcomer",
+        || {
+            hoard.retain(still_open);
+            while hoard.len() < slots {
+                hoard.push(std::net::TcpStream::connect(&authority).ok()?);
+            }
+            assert_eq!(client.get("/v1/intents").status, 200);
+            sb.log()
+                .contains("at its connection limit; closing the connections idle longest")
+                .then_some(())
+        },
+    );
     // The rest of Airlock carries on: intents still arrive and apply.
     sb.submit_json(&insert_customer("insert-2", "run-b", 2, "Grace"));
     sb.outcome_in("insert-2", "applied");
-    // Once the hoard lets go, approvers get in again.
-    drop(hoard);
-    eventually("the endpoint to serve again", || {
-        let answer = std::panic::catch_unwind(|| client.get("/v1/intents").status).ok()?;
-        (answer == 200).then_some(())
-    });
+    assert_eq!(client.get("/v1/intents").status, 200);
 }
 
 #[test]

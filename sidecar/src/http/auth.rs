@@ -416,6 +416,29 @@ impl Auth {
         })
     }
 
+    /// Whether `headers` carry a current reviewer's credential: a bearer token the
+    /// tokens file holds or, without an `Authorization` header, a live session in
+    /// cookie `session_cookie`, as the API's own check would find. The endpoint keeps
+    /// such requests' connections when it is full; this decides nothing else.
+    pub fn vouches_for(&self, headers: &axum::http::HeaderMap, session_cookie: &str) -> bool {
+        if let Some(value) = headers.get(axum::http::header::AUTHORIZATION) {
+            return value
+                .to_str()
+                .ok()
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .map(str::trim)
+                .is_some_and(|token| self.find(&token_hash(token)).is_some());
+        }
+        headers
+            .get_all(axum::http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(';'))
+            .filter_map(|pair| pair.trim().split_once('='))
+            .filter(|(name, _)| *name == session_cookie)
+            .any(|(_, id)| self.session(id).is_some())
+    }
+
     /// Ends session `id`.
     pub fn sign_out(&self, id: &str) {
         let key: [u8; 32] = Sha256::digest(id.as_bytes()).into();
@@ -547,6 +570,35 @@ mod tests {
         assert!(auth.session(&session.id).is_none());
         assert!(auth.bearer("alr_a").is_none());
         assert_eq!(auth.bearer("alr_b").unwrap().name, "bob");
+    }
+
+    #[test]
+    fn only_current_credentials_vouch_for_a_request() {
+        use axum::http::{HeaderMap, HeaderValue, header};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.toml");
+        std::fs::write(&path, file(&[("alice", "viewer", "alr_a")])).unwrap();
+        let auth = Auth::new(path, Duration::from_secs(60));
+        let session = auth.sign_in("alr_a").unwrap().unwrap();
+        let with = |pairs: &[(header::HeaderName, String)]| {
+            let mut headers = HeaderMap::new();
+            for (name, value) in pairs {
+                headers.append(name, HeaderValue::from_str(value).unwrap());
+            }
+            auth.vouches_for(&headers, "s")
+        };
+        assert!(with(&[(header::AUTHORIZATION, "Bearer alr_a".into())]));
+        assert!(with(&[(header::COOKIE, format!("x=1; s={}", session.id))]));
+        assert!(!with(&[]));
+        assert!(!with(&[(header::AUTHORIZATION, "Bearer alr_b".into())]));
+        assert!(!with(&[(header::AUTHORIZATION, "alr_a".into())]));
+        assert!(!with(&[(header::COOKIE, "s=forged".into())]));
+        assert!(!with(&[(header::COOKIE, format!("t={}", session.id))]));
+        // As in the API, a bad bearer token is not rescued by a good cookie.
+        assert!(!with(&[
+            (header::AUTHORIZATION, "Bearer alr_b".into()),
+            (header::COOKIE, format!("s={}", session.id)),
+        ]));
     }
 
     #[test]

@@ -10,25 +10,36 @@
 //!
 //! The agent shares the pod's network, so nothing here trusts the caller: every
 //! `/v1` route but the OpenAPI document and sign-in needs a reviewer token, and the
-//! page's static files carry no data.
+//! page's static files carry no data. Nor can it starve approvers of connections: at
+//! most [`MAX_CONNECTIONS`] are served, and when they are all taken the one that has
+//! gone longest without a reviewer's request in flight is closed to make room
+//! ([`connections`]); a connection must finish its TLS handshake and send each
+//! request head within [`HEAD_TIMEOUT`] (a total deadline, so trickling bytes does
+//! not extend it).
 
 pub mod api;
 pub mod auth;
+pub mod connections;
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::header::{self, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use http_body_util::BodyExt as _;
+use hyper::body::Incoming;
+use hyper::service::Service as _;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::{Semaphore, watch};
 use tracing::{debug, info, warn};
 
@@ -49,15 +60,37 @@ pub const OPENAPI: &str = include_str!("openapi.json");
 
 /// How often the queue is looked at for changes to push to watching pages.
 const CHANGE_POLL: Duration = Duration::from_millis(250);
-/// Longest a TLS handshake may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a TLS handshake may take, and longest a request head may take to arrive
+/// once the connection is ready for it: after the handshake, and after each response
+/// on a kept-alive connection (hyper's header read timeout, one deadline for the
+/// whole head however slowly its bytes trickle in). Clients send their request as
+/// soon as they connect, so this is far more than any of them needs; it is what
+/// bounds idle and trickling connections when the endpoint is not full.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(3);
 /// Largest request body accepted (decisions and sign-ins are small).
 const MAX_BODY: usize = 64 * 1024;
-/// Connections served at once. More are closed as soon as they are accepted, so a
-/// neighbour opening sockets can starve the endpoint but never the rest of Airlock
-/// of file descriptors. Idle connections close after 30 s (hyper's header read
-/// timeout, which also bounds the wait between requests on a kept-alive connection).
-pub const MAX_CONNECTIONS: usize = 256;
+/// Connections served at once, so a neighbour opening sockets can never take the
+/// rest of Airlock's file descriptors. A connection over the limit is given the slot
+/// of the one that has gone longest without a reviewer's request in flight
+/// ([`connections`]); it is closed only when every slot serves a reviewer. Under a
+/// flood, a connection keeps its slot for as long as this many others take to
+/// arrive, which must outlast an approver's TLS handshake: 1,024 does with room to
+/// spare (256 and 512 did not; docs/review-api.md has the measurements).
+pub const MAX_CONNECTIONS: usize = 1024;
+/// File descriptors kept for the rest of Airlock (state and target databases, the
+/// intent directory, logs, webhooks) when sizing the endpoint under the process's
+/// open-file limit.
+const FD_RESERVE: u64 = 256;
+/// Connections the kernel may hold for the endpoint before it accepts them (capped
+/// by `net.core.somaxconn`, 4096 by default since Linux 5.4). Larger than the
+/// number of sockets a hoarder holds at once, so it cannot fill the queue and leave
+/// an approver's connection waiting for the kernel to retry it.
+const LISTEN_BACKLOG: u32 = 4096;
+/// Connections accepted in a row before the accept loop lets the new ones read
+/// their first request head: far fewer than the connection limit, so a burst of
+/// accepts never closes, to make room, a connection that has not yet been able to
+/// show it carries a reviewer's request.
+const ACCEPT_BURST: usize = 32;
 /// Failed sign-ins held waiting at once; past that they are answered at once.
 const MAX_PENALISED: usize = 64;
 
@@ -248,12 +281,10 @@ impl Endpoint {
             return Ok(None);
         }
         let acceptor = tls_acceptor(config)?;
-        let listener = TcpListener::bind(listen)
-            .await
-            .map_err(|source| EndpointError::Bind {
-                listen: listen.to_owned(),
-                source,
-            })?;
+        let listener = bind(listen).await.map_err(|source| EndpointError::Bind {
+            listen: listen.to_owned(),
+            source,
+        })?;
         let address = listener
             .local_addr()
             .map_err(|source| EndpointError::Bind {
@@ -296,8 +327,9 @@ impl Endpoint {
             undo_lock: tokio::sync::Mutex::new(()),
             penalty: Semaphore::new(MAX_PENALISED),
         }));
-        let app = router(state);
-        let server = tokio::spawn(accept_loop(listener, acceptor, app, stop_rx));
+        let app = router(state.clone());
+        let limit = connection_limit();
+        let server = tokio::spawn(accept_loop(listener, acceptor, app, state, limit, stop_rx));
 
         let file = config.endpoint_file();
         write_atomically(&file, &format!("{url}\n")).map_err(|source| EndpointError::Write {
@@ -331,6 +363,65 @@ impl Endpoint {
     }
 }
 
+/// How many connections the endpoint may serve: [`MAX_CONNECTIONS`], raising the
+/// process's soft open-file limit (toward its hard limit) to fit them beside
+/// [`FD_RESERVE`], or fewer if the hard limit is lower.
+fn connection_limit() -> usize {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let wanted = MAX_CONNECTIONS as u64 + FD_RESERVE;
+    let limit = getrlimit(Resource::Nofile);
+    if let Some(current) = limit.current
+        && current < wanted
+    {
+        let raised = Rlimit {
+            current: Some(limit.maximum.map_or(wanted, |max| max.min(wanted))),
+            maximum: limit.maximum,
+        };
+        if let Err(error) = setrlimit(Resource::Nofile, raised) {
+            warn!(message = "cannot raise the open-file limit", %error);
+        }
+    }
+    let Some(current) = getrlimit(Resource::Nofile).current else {
+        return MAX_CONNECTIONS;
+    };
+    let fits = usize::try_from(current.saturating_sub(FD_RESERVE)).unwrap_or(MAX_CONNECTIONS);
+    let limit = fits.clamp(16, MAX_CONNECTIONS);
+    if limit < MAX_CONNECTIONS {
+        warn!(
+            message = "the open-file limit leaves the review endpoint fewer connections; raise `ulimit -n`",
+            open_files = current,
+            connections = limit,
+            wanted = MAX_CONNECTIONS
+        );
+    }
+    limit
+}
+
+/// Listens on `listen` (`host:port`, the first address it resolves to that binds)
+/// with a [`LISTEN_BACKLOG`] queue.
+async fn bind(listen: &str) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for address in tokio::net::lookup_host(listen).await? {
+        let socket = if address.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        };
+        let bound = socket.and_then(|socket| {
+            socket.set_reuseaddr(true)?;
+            socket.bind(address)?;
+            socket.listen(LISTEN_BACKLOG)
+        });
+        match bound {
+            Ok(listener) => return Ok(listener),
+            Err(error) => last = Some(error),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::NotFound, "no address to listen on")
+    }))
+}
+
 fn tls_acceptor(config: &Config) -> Result<Option<tokio_native_tls::TlsAcceptor>, EndpointError> {
     let (cert, key) = match (&config.review.tls_cert, &config.review.tls_key) {
         (None, None) => return Ok(None),
@@ -362,11 +453,21 @@ async fn accept_loop(
     listener: TcpListener,
     tls: Option<tokio_native_tls::TlsAcceptor>,
     app: Router,
+    state: AppState,
+    limit: usize,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut connections = tokio::task::JoinSet::new();
-    let mut saturated = false;
+    let mut slots = connections::Slots::default();
+    // Connections closed to make room since the endpoint last had a free slot.
+    let mut evicted: Option<u64> = None;
+    let mut burst = 0;
     loop {
+        burst += 1;
+        if burst >= ACCEPT_BURST {
+            burst = 0;
+            tokio::task::yield_now().await;
+        }
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = stopped(&mut stop) => break,
@@ -380,48 +481,108 @@ async fn accept_loop(
                 continue;
             }
         };
-        // Reap finished connections, then make room or refuse.
-        while connections.try_join_next().is_some() {}
-        if connections.len() >= MAX_CONNECTIONS {
-            if !saturated {
-                warn!(
-                    message = "review endpoint at its connection limit; closing new connections",
-                    limit = MAX_CONNECTIONS
+        // Forget finished connections, then make room if the endpoint is full.
+        while let Some(ended) = connections.try_join_next_with_id() {
+            slots.remove(match ended {
+                Ok((id, ())) => id,
+                Err(error) => error.id(),
+            });
+        }
+        if slots.len() < limit {
+            if let Some(count) = evicted.take() {
+                info!(
+                    message = "review endpoint below its connection limit again",
+                    limit,
+                    closed_to_make_room = count
                 );
-                saturated = true;
             }
+        } else if slots.evict() {
+            let count = evicted.get_or_insert_with(|| {
+                warn!(
+                    message = "review endpoint at its connection limit; closing the connections idle longest to make room",
+                    limit
+                );
+                0
+            });
+            *count += 1;
+        } else {
+            warn!(
+                message = "review endpoint at its connection limit with every connection serving a reviewer; closing the new one",
+                limit,
+                %peer
+            );
             drop(stream);
             continue;
         }
-        saturated = false;
-        let app = app.clone();
-        let stop = stop.clone();
-        let tls = tls.clone();
-        connections.spawn(async move {
-            match tls {
-                None => serve(stream, app, stop).await,
-                Some(tls) => {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
-                        Ok(Ok(stream)) => serve(stream, app, stop).await,
-                        Ok(Err(error)) => debug!(message = "TLS handshake failed", %peer, %error),
-                        Err(_) => debug!(message = "TLS handshake timed out", %peer),
+        let slot = connections::Slot::new();
+        let task = {
+            let (app, state, slot, stop, tls) = (
+                app.clone(),
+                state.clone(),
+                slot.clone(),
+                stop.clone(),
+                tls.clone(),
+            );
+            connections.spawn(async move {
+                match tls {
+                    None => serve(stream, app, state, slot, stop).await,
+                    Some(tls) => {
+                        // No TLS state (tens of KiB) for a connection until it says
+                        // something: a hoard of silent ones costs only their sockets.
+                        let handshake = async {
+                            stream.readable().await?;
+                            tls.accept(stream).await.map_err(std::io::Error::other)
+                        };
+                        match tokio::time::timeout(HEAD_TIMEOUT, handshake).await {
+                            Ok(Ok(stream)) => serve(stream, app, state, slot, stop).await,
+                            Ok(Err(error)) => {
+                                debug!(message = "TLS handshake failed", %peer, %error)
+                            }
+                            Err(_) => debug!(message = "TLS handshake timed out", %peer),
+                        }
                     }
                 }
-            }
-        });
+            })
+        };
+        slots.insert(slot, task);
     }
     drop(listener);
     while connections.join_next().await.is_some() {}
 }
 
-async fn serve<S>(stream: S, app: Router, mut stop: watch::Receiver<bool>)
-where
+/// Serves one connection, keeping `slot` told whether a reviewer's request is in
+/// flight.
+async fn serve<S>(
+    stream: S,
+    app: Router,
+    state: AppState,
+    slot: Arc<connections::Slot>,
+    mut stop: watch::Receiver<bool>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service = hyper_util::service::TowerToHyperService::new(app);
+    let app = hyper_util::service::TowerToHyperService::new(app);
+    let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+        let reviewer = state
+            .auth
+            .vouches_for(request.headers(), api::SESSION_COOKIE);
+        let serving = slot.serving(reviewer);
+        let response = app.call(request);
+        async move {
+            let response = response.await?;
+            // The request is in flight until hyper has sent the whole body (an event
+            // stream's included) and drops it.
+            Ok::<_, Infallible>(response.map(|body| {
+                Body::new(body.map_frame(move |frame| {
+                    let _in_flight = &serving;
+                    frame
+                }))
+            }))
+        }
+    });
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30))
+        .header_read_timeout(HEAD_TIMEOUT)
         .serve_connection(TokioIo::new(stream), service);
     tokio::pin!(connection);
     tokio::select! {

@@ -357,3 +357,23 @@ impl Sandbox {
             .unwrap_or_else(|| format!("sqlite://{}", self.target().display()))
     }
 }
+
+/// Raises this test process's soft open-file limit to at least `needed` (up to the
+/// hard limit), for tests that hold many sockets; fails if the hard limit is lower.
+pub fn raise_open_file_limit(needed: u64) {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current.is_none_or(|current| current >= needed) {
+        return;
+    }
+    let raised = Rlimit {
+        current: limit.maximum,
+        maximum: limit.maximum,
+    };
+    setrlimit(Resource::Nofile, raised).expect("raise RLIMIT_NOFILE to its hard limit");
+    let now = getrlimit(Resource::Nofile).current;
+    assert!(
+        now.is_none_or(|n| n >= needed),
+        "this test needs {needed} open files; the hard limit allows {now:?}"
+    );
+}
