@@ -87,7 +87,7 @@ review_reasons contains msg if {
 # previews `input.preview` is absent and this rule never fires.
 review_reasons contains msg if {
 	some op in input.preview.ops
-	input.ops[op.index].name == "customers"
+	input.ops[op.index].table == "customers"
 	some row in op.before
 	row.tier == "gold"
 	msg := sprintf("op %d (%s) changes gold customer %v", [op.index, input.ops[op.index].kind, row.id])

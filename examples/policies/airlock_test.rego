@@ -105,7 +105,7 @@ test_unknown_op_kind_is_denied if {
 
 # An input with one op on customers and the preview of its rows.
 previewed(kind, before, after) := {
-	"version": 1,
+	"version": 2,
 	"ops": [op(0, kind, "customers")],
 	"preview": {"ops": [{"index": 0, "rows": count(before), "before": before, "after": after}]},
 }
@@ -141,7 +141,7 @@ test_update_of_a_standard_customer_is_allowed if {
 
 test_gold_rows_of_other_tables_are_not_customers if {
 	x := {
-		"version": 1,
+		"version": 2,
 		"ops": [op(0, "update", "partners")],
 		"preview": {"ops": [{"index": 0, "rows": 1, "before": [gold], "after": [gold]}]},
 	}
