@@ -210,8 +210,7 @@ fn crash_test(target: Target) {
     if let Target::Postgres(pg) = &target {
         sb.target_url = Some(pg.0.url.clone());
         // The test server's role is the superuser `postgres`.
-        sb.env
-            .push(("AIRLOCK_APPLY__ALLOW_PRIVILEGED_ROLE".into(), "true".into()));
+        sb.allow_privileged_role();
     }
     let mut next = 0;
     let kills = 24;

@@ -314,7 +314,7 @@ fn example_policy_answers_the_same_embedded_and_in_opa() {
     assert_eq!(
         two.reasons,
         [
-            "deletes from crm.carts need human review",
+            "deletes from carts need human review",
             "deletes from orders need human review"
         ]
     );

@@ -136,6 +136,7 @@ impl Fixture {
                 let db = runtime.block_on(pg::TestDb::create(PG_SCHEMA));
                 let client = runtime.block_on(pg::connect(&db.url));
                 sb.env.push(("AIRLOCK_TARGETS__PG".into(), db.url.clone()));
+                sb.allow_privileged_role();
                 Db::Pg {
                     db,
                     client,

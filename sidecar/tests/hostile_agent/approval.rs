@@ -70,6 +70,7 @@ impl Db {
         let test_db = runtime.block_on(TestDb::create(schema));
         let mut sb = Sandbox::new();
         sb.target_url = Some(test_db.url.clone());
+        sb.allow_privileged_role();
         (sb, Db::Postgres(Box::new((test_db, runtime))))
     }
 

@@ -439,8 +439,7 @@ fn postgres_superuser_role_is_refused_unless_allowed() {
     assert!(crate::support::path_exists(&sb.intents().join("su-1.json")));
 
     // Allowed on purpose: it starts and applies.
-    sb.env
-        .push(("AIRLOCK_APPLY__ALLOW_PRIVILEGED_ROLE".into(), "true".into()));
+    sb.allow_privileged_role();
     let check = sb.cli_run_check();
     assert!(check.status.success(), "{check:?}");
     sb.start();

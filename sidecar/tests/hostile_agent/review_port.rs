@@ -288,8 +288,9 @@ fn flood(sb: &Sandbox, address: SocketAddr) -> Attack {
 }
 
 /// The approver lists the intents awaiting review (three times) and reads
-/// `delete-1`, each within the bound; returns its digest.
-fn approver_reads(approver: &Client, attack: &Attack) -> String {
+/// `delete-1`, each within the bound; returns its digest and the digest of the
+/// preview it showed (an approval names both).
+fn approver_reads(approver: &Client, attack: &Attack) -> (String, String) {
     for _ in 0..3 {
         let client = approver.clone();
         let listed = within_bound("listing", attack, move || {
@@ -303,16 +304,20 @@ fn approver_reads(approver: &Client, attack: &Attack) -> String {
         client.get("/v1/intents/delete-1")
     });
     assert_eq!(detail.status, 200, "{}", detail.text());
-    detail.json()["digest"].as_str().unwrap().to_owned()
+    let detail = detail.json();
+    (
+        detail["digest"].as_str().unwrap().to_owned(),
+        detail["preview"]["digest"].as_str().unwrap().to_owned(),
+    )
 }
 
 /// The approver approves `delete-1` within the bound.
-fn approver_approves(approver: &Client, attack: &Attack, digest: String) {
+fn approver_approves(approver: &Client, attack: &Attack, (digest, preview): (String, String)) {
     let client = approver.clone();
     let approved = within_bound("approval", attack, move || {
         client.post(
             "/v1/intents/delete-1/approve",
-            &json!({"digest": digest, "comment": "checked"}),
+            &json!({"digest": digest, "preview_digest": preview, "comment": "checked"}),
         )
     });
     assert_eq!(approved.status, 200, "{}", approved.text());
@@ -406,7 +411,7 @@ fn over_tls_the_flood_cannot_evict_an_approver_mid_handshake() {
     let attack = flood(&sb, address);
     let closed_before = attack.closed_by_endpoint();
     for _ in 0..3 {
-        let digest = approver_reads(&approver, &attack);
+        let (digest, _) = approver_reads(&approver, &attack);
         assert!(digest.starts_with("sha256:"));
     }
     let digest = approver_reads(&approver, &attack);

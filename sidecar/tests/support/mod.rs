@@ -377,3 +377,14 @@ pub fn raise_open_file_limit(needed: u64) {
         "this test needs {needed} open files; the hard limit allows {now:?}"
     );
 }
+
+impl Sandbox {
+    /// Lets the daemon apply as a privileged PostgreSQL role. The test server's role
+    /// is the superuser `postgres`, which Airlock refuses by default; a test using it
+    /// says so, as an operator would with `[apply] allow_privileged_role = true`.
+    /// (`hostile_agent::names` runs Airlock under the least-privilege role instead.)
+    pub fn allow_privileged_role(&mut self) {
+        self.env
+            .push(("AIRLOCK_APPLY__ALLOW_PRIVILEGED_ROLE".into(), "true".into()));
+    }
+}
