@@ -34,7 +34,9 @@ fn schemathesis_finds_the_api_as_documented() {
     let url = sb.review_url();
     let token = sb.token("fuzz", "admin");
 
+    let config = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/schemathesis.toml");
     let out = Command::new("schemathesis")
+        .args(["--config-file", config])
         .args(["run", &format!("{url}/v1/openapi.json")])
         .args(["--header", &format!("Authorization: Bearer {token}")])
         .args(["--max-examples", "100", "--seed", "20261129"])
