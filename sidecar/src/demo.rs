@@ -111,8 +111,9 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
             let id = outcome["id"].as_str().unwrap_or_default().to_owned();
             let digest = outcome["digest"].as_str().map(str::to_owned);
             println!(
-                "\n  {id} waits for a human. Approving it as {REVIEWER}, as this would:\n    airlock approve {id} --state {} --as {REVIEWER}\n",
-                config.state.display()
+                "\n  {id} waits for a human. Approving it as {REVIEWER}, as this would:\n    airlock approve {id} --state {} --target sqlite://{} --as {REVIEWER}\n",
+                config.state.display(),
+                target.display()
             );
             // As a reviewer would: look at the rows it touches, and approve them.
             let row = queue
