@@ -169,27 +169,8 @@ fn input_of(intent: &Intent) -> Value {
         file: &format!("{}.json", intent.id.as_str()),
         target: intent.target.as_str(),
         preview: None,
-        names: Some(&canonical(intent)),
+        names: Some(&support::canonical(intent)),
     })
-}
-
-/// The names a target would resolve for `intent` (as PostgreSQL folds an unquoted
-/// name: lowercase, `public` when unqualified), as the daemon gives the policy.
-fn canonical(intent: &Intent) -> Vec<airlock::apply::ResolvedOp> {
-    intent
-        .ops
-        .iter()
-        .map(|op| airlock::apply::ResolvedOp {
-            spelled: op.table().as_str().to_owned(),
-            schema: op.table().schema().unwrap_or("public").to_ascii_lowercase(),
-            table: op.table().name().to_ascii_lowercase(),
-            columns: op
-                .columns_written()
-                .into_iter()
-                .map(str::to_owned)
-                .collect(),
-        })
-        .collect()
 }
 
 fn inserts(n: usize) -> Value {

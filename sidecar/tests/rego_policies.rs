@@ -33,7 +33,7 @@ fn intent(ops: serde_json::Value) -> Intent {
 
 fn decide(policy: &EmbeddedPolicy, intent: &Intent) -> airlock::decide::Decision {
     let counts = BTreeMap::from([("applied".to_owned(), 2)]);
-    let names = canonical(intent);
+    let names = support::canonical(intent);
     let input = build_input(&InputContext {
         intent,
         run_counts: &counts,
@@ -45,25 +45,6 @@ fn decide(policy: &EmbeddedPolicy, intent: &Intent) -> airlock::decide::Decision
         names: Some(&names),
     });
     policy.evaluate(&input).unwrap()
-}
-
-/// The names a target would resolve for `intent` (as PostgreSQL folds an unquoted
-/// name: lowercase, `public` when unqualified), as the daemon gives the policy.
-fn canonical(intent: &Intent) -> Vec<airlock::apply::ResolvedOp> {
-    intent
-        .ops
-        .iter()
-        .map(|op| airlock::apply::ResolvedOp {
-            spelled: op.table().as_str().to_owned(),
-            schema: op.table().schema().unwrap_or("public").to_ascii_lowercase(),
-            table: op.table().name().to_ascii_lowercase(),
-            columns: op
-                .columns_written()
-                .into_iter()
-                .map(str::to_owned)
-                .collect(),
-        })
-        .collect()
 }
 
 /// Writes `files` into a fresh directory.
@@ -364,7 +345,7 @@ fn built_input_documents_match_the_published_schema() {
                 file: "f.json",
                 target: intent.target.as_str(),
                 preview,
-                names: Some(&canonical(intent)),
+                names: Some(&support::canonical(intent)),
             });
             let problems: Vec<String> = validator
                 .iter_errors(&input)

@@ -313,16 +313,9 @@ fn a_directory_under_an_outcome_name_does_not_wedge_the_daemon() {
 /// Runs `airlock run` on the sandbox with `extra` arguments and returns its output;
 /// fails if it is still running at the deadline (it should refuse to start).
 fn run_refused(sandbox: &Sandbox, extra: &[&str]) -> Output {
-    let mut child = support::airlock()
-        .arg("run")
-        .arg("--intents")
-        .arg(sandbox.intents())
-        .arg("--state")
-        .arg(sandbox.state())
-        .arg("--target")
-        .arg(format!("sqlite://{}", sandbox.target().display()))
+    let mut child = sandbox
+        .run_command()
         .args(extra)
-        .env("AIRLOCK_REVIEW__LISTEN", "127.0.0.1:0")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -454,21 +454,8 @@ trait RunCheck {
 
 impl RunCheck for Sandbox {
     fn cli_run_check(&self) -> std::process::Output {
-        crate::support::airlock()
-            .arg("run")
+        self.run_command()
             .arg("--check")
-            .arg("--intents")
-            .arg(self.intents())
-            .arg("--state")
-            .arg(self.state())
-            .arg("--target")
-            .arg(
-                self.target_url
-                    .clone()
-                    .unwrap_or_else(|| format!("sqlite://{}", self.target().display())),
-            )
-            .env("AIRLOCK_REVIEW__LISTEN", "127.0.0.1:0")
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .output()
             .expect("run airlock run --check")
     }

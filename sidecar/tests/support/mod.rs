@@ -100,6 +100,20 @@ impl Sandbox {
             .append(true)
             .open(self.dir.path().join("airlock.log"))
             .expect("log file");
+        let mut command = self.run_command();
+        command
+            .args(&self.extra_args)
+            .env("AIRLOCK_LOG", "debug")
+            .env("AIRLOCK_INTAKE__RESCAN_MS", "500")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        self.child = Some(command.spawn().expect("spawn airlock"));
+    }
+
+    /// `airlock run` on this sandbox's directories and target, with its environment;
+    /// the review endpoint on a free port of its own (tests run side by side).
+    pub fn run_command(&self) -> Command {
         let mut command = airlock();
         command
             .arg("run")
@@ -108,24 +122,12 @@ impl Sandbox {
             .arg("--state")
             .arg(self.state())
             .arg("--target")
-            .arg(
-                self.target_url
-                    .clone()
-                    .unwrap_or_else(|| format!("sqlite://{}", self.target().display())),
-            )
-            .args(&self.extra_args)
-            .env("AIRLOCK_LOG", "debug")
-            .env("AIRLOCK_INTAKE__RESCAN_MS", "500")
-            // Tests run side by side: each endpoint on a free port of its own.
+            .arg(self.target_url())
             .env("AIRLOCK_REVIEW__LISTEN", "127.0.0.1:0")
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        self.child = Some(command.spawn().expect("spawn airlock"));
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        command
     }
 
-    /// Sends SIGTERM and waits for the exit status.
     /// Sends SIGTERM once the daemon is up (a signal that arrives while the process
     /// is still being exec'd kills it before it can install its handlers) and waits
     /// for the exit status.
@@ -387,4 +389,23 @@ impl Sandbox {
         self.env
             .push(("AIRLOCK_APPLY__ALLOW_PRIVILEGED_ROLE".into(), "true".into()));
     }
+}
+
+/// The names a target would resolve for `intent` (as PostgreSQL folds an unquoted
+/// name: lowercase, `public` when unqualified), as the daemon gives the policy.
+pub fn canonical(intent: &airlock_intent::Intent) -> Vec<airlock::apply::ResolvedOp> {
+    intent
+        .ops
+        .iter()
+        .map(|op| airlock::apply::ResolvedOp {
+            spelled: op.table().as_str().to_owned(),
+            schema: op.table().schema().unwrap_or("public").to_ascii_lowercase(),
+            table: op.table().name().to_ascii_lowercase(),
+            columns: op
+                .columns_written()
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+        })
+        .collect()
 }
