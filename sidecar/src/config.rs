@@ -16,7 +16,12 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use hyper::Uri;
 use serde::Deserialize;
+
+/// The default `limits.max_refused_bytes`: 64 MiB (also the queue's default, see
+/// `Queue::with_max_refused_bytes`).
+pub const DEFAULT_MAX_REFUSED_BYTES: u64 = 64 << 20;
 
 /// The whole configuration.
 #[derive(Clone, Debug, Deserialize)]
@@ -219,7 +224,7 @@ impl Default for Limits {
             max_file_bytes: intent.max_bytes,
             max_depth: intent.max_depth,
             max_ops: intent.max_ops,
-            max_refused_bytes: crate::queue::DEFAULT_MAX_REFUSED_BYTES,
+            max_refused_bytes: DEFAULT_MAX_REFUSED_BYTES,
         }
     }
 }
@@ -363,7 +368,7 @@ impl Config {
         }
         let review = &self.review;
         if let Some(url) = &review.webhook {
-            crate::webhook::check_url(url).map_err(ConfigError::Invalid)?;
+            check_webhook_url(url).map_err(ConfigError::Invalid)?;
             if review.webhook_timeout_ms == 0 {
                 return Err(ConfigError::Invalid(
                     "review.webhook_timeout_ms must be at least 1".into(),
@@ -371,7 +376,7 @@ impl Config {
             }
         }
         if let Some(url) = &review.public_url {
-            crate::webhook::check_public_url(url).map_err(ConfigError::Invalid)?;
+            check_public_url(url).map_err(ConfigError::Invalid)?;
         }
         if review.tls_cert.is_some() != review.tls_key.is_some() {
             return Err(ConfigError::Invalid(
@@ -477,9 +482,82 @@ fn set_path(table: &mut toml::Table, path: &[String], value: toml::Value) -> Res
     Ok(())
 }
 
+/// Checks a webhook URL: `http` or `https`, with a host, and no credentials before
+/// the host. Returns the parsed URI. Error messages never repeat the URL (it may be
+/// a secret).
+pub fn check_webhook_url(url: &str) -> Result<Uri, String> {
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| format!("review.webhook is not a URL: {e}"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err("review.webhook must start with http:// or https://".to_owned());
+    }
+    match uri.authority() {
+        Some(authority) if authority.as_str().contains('@') => Err(
+            "review.webhook must not hold credentials before its host (user:password@)".to_owned(),
+        ),
+        Some(authority) if !authority.host().is_empty() => Ok(uri),
+        _ => Err("review.webhook has no host".to_owned()),
+    }
+}
+
+/// Checks the review endpoint's public address (links in messages point at it):
+/// `http` or `https`, with a host, a path at most, no query or fragment. Returns it
+/// without a trailing `/`.
+pub fn check_public_url(url: &str) -> Result<String, String> {
+    let trimmed = url.trim_end_matches('/');
+    if url.contains('#') {
+        return Err(format!(
+            "review.public_url {url:?} must not have a fragment"
+        ));
+    }
+    let uri: Uri = trimmed
+        .parse()
+        .map_err(|e| format!("review.public_url {url:?} is not a URL: {e}"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(format!(
+            "review.public_url {url:?} must start with http:// or https://"
+        ));
+    }
+    if uri.authority().is_none_or(|a| a.host().is_empty()) {
+        return Err(format!("review.public_url {url:?} has no host"));
+    }
+    if uri.query().is_some() {
+        return Err(format!("review.public_url {url:?} must not have a query"));
+    }
+    Ok(trimmed.to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn urls_are_checked_without_repeating_them() {
+        assert!(check_webhook_url("https://hooks.slack.com/services/T0/B0/secret").is_ok());
+        assert!(check_webhook_url("http://127.0.0.1:9/hook").is_ok());
+        for bad in [
+            "ftp://example.com/x",
+            "hooks.slack.com/services/T0/B0/secret",
+            "https://user:secret@example.com/x",
+            "not a url secret",
+            "",
+        ] {
+            let error = check_webhook_url(bad).unwrap_err();
+            assert!(!error.contains("secret"), "{error}");
+        }
+        assert_eq!(
+            check_public_url("https://review.example/").unwrap(),
+            "https://review.example"
+        );
+        assert_eq!(
+            check_public_url("https://example.com/airlock/").unwrap(),
+            "https://example.com/airlock"
+        );
+        assert!(check_public_url("review.example").is_err());
+        assert!(check_public_url("https://review.example/?a=b").is_err());
+        assert!(check_public_url("https://review.example/#/x").is_err());
+    }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs

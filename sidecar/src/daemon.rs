@@ -23,8 +23,8 @@ use notify::Watcher;
 use tracing::{error, info, warn};
 
 use crate::apply::{self, Target};
-use crate::config::Config;
-use crate::decide::Policy;
+use crate::config::{self, Config};
+use crate::decide::{Policy, PolicyOptions};
 use crate::http::{self, Endpoint};
 use crate::intake::Intake;
 use crate::outcome::Outcomes;
@@ -124,8 +124,8 @@ impl Resources {
             })?;
             targets.insert(name.clone(), target);
         }
-        let policy =
-            Policy::from_config(&config.policy).map_err(|e| StartError::Policy(e.to_string()))?;
+        let policy = Policy::new(&policy_options(&config.policy))
+            .map_err(|e| StartError::Policy(e.to_string()))?;
         let sealer = load_key(&config)?;
         Ok(Self {
             config,
@@ -134,6 +134,19 @@ impl Resources {
             sealer: Arc::new(sealer),
             outcomes,
         })
+    }
+}
+
+/// The options the `[policy]` configuration section gives the decide stage.
+pub fn policy_options(config: &config::Policy) -> PolicyOptions {
+    PolicyOptions {
+        path: config.path.clone(),
+        url: config.url.clone(),
+        bearer_token_file: config.bearer_token_file.clone(),
+        timeout: Duration::from_millis(config.timeout_ms),
+        connect_timeout: Duration::from_millis(config.connect_timeout_ms),
+        concurrency: config.concurrency,
+        reload: Duration::from_millis(config.reload_ms),
     }
 }
 

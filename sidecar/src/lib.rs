@@ -10,9 +10,26 @@
 //! `airlock-intent`) → [`seal`] → [`queue`] → [`decide`] → [`review`] → [`apply`] →
 //! [`outcome`]; [`lifecycle`] is the pure state machine they all follow, and
 //! [`pipeline`] and [`daemon`] drive them.
+//!
+//! # Import order
+//!
+//! Imports go one way: a module may use (`crate::…`) only the modules listed before
+//! it here, so pure vocabulary sits at the bottom, storage above it, the stages above
+//! storage and the drivers on top. `tests/imports.rs` checks every `crate::` path
+//! (and every `super::` path that leaves its module) against this list and fails on
+//! a back edge; a new module must be placed in it. The `airlock` binary (`main.rs`)
+//! is above them all.
+//!
+//! 1. vocabulary, pure: `clock`, `lifecycle` (states, verdicts, decisions), `config`;
+//! 2. storage and trust: `state`, `seal`, `verify`, `queue`;
+//! 3. the target, which the pipeline asks before the policy (names, preview) and
+//!    after it (apply): `apply`;
+//! 4. stages: `decide`, `review`, `undo`, `replay`, `outcome`, `intake`, `webhook`;
+//! 5. drivers: `pipeline`, `http`, `daemon`, `submit`, `demo`, `telemetry`.
 #![forbid(unsafe_code)]
 
 pub mod apply;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod decide;

@@ -26,6 +26,10 @@
 //! they feed an [`Event`] to [`State::next`], which returns the next state or an
 //! [`IllegalTransition`]. Files that never became an intent (unparsable, invalid,
 //! conflicting) are refused at intake and never enter this machine.
+//!
+//! The policy's [`Verdict`] and [`Decision`] live here too: plain values the queue
+//! stores, the decide stage makes and outcomes show, at the bottom of the import
+//! order (see the crate docs).
 
 use std::fmt;
 use std::str::FromStr;
@@ -176,6 +180,26 @@ pub enum Verdict {
     Review {
         approvals: u32,
     },
+}
+
+/// The policy's answer for one intent: its [`Verdict`] and why. On the wire the
+/// verdict is flattened in: `{"verdict": "review", "approvals": 1, "reasons": [...],
+/// "policy": "sha256:…", "decision_id": null}`. The `decide` stage makes decisions
+/// (`Decision::from_result` reads a policy's result document); the queue stores
+/// them and outcomes show them, so the type lives here, below all three.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    /// Allow, deny, or review with the number of approvals needed.
+    #[serde(flatten)]
+    pub verdict: Verdict,
+    /// Why, in the policy's words; never empty for deny and review.
+    pub reasons: Vec<String>,
+    /// Which policy decided: for embedded Rego, `sha256:<hex>` over the policy's files
+    /// (see `decide::EmbeddedPolicy::identity`), so a decision can be traced to exact
+    /// sources; for a remote OPA, the URL asked.
+    pub policy: String,
+    /// The decision id a remote engine (OPA's decision log) gave, if any.
+    pub decision_id: Option<String>,
 }
 
 /// Something that happens to an intent.

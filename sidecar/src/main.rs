@@ -588,7 +588,7 @@ fn policy_eval(
         .file_name()
         .map(|name| name.to_string_lossy().into_owned())
         .unwrap_or_else(|| intent.display().to_string());
-    let policy = airlock::decide::Policy::from_config(&config.policy)?;
+    let policy = airlock::decide::Policy::new(&airlock::daemon::policy_options(&config.policy))?;
     let validator = airlock_intent::Validator::new(config.intent_limits());
     let runtime = runtime()?;
     let trial =

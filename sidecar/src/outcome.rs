@@ -32,8 +32,8 @@ use serde::Serialize;
 use serde_json::Value;
 use tracing::{info, warn};
 
-use crate::decide::Decision;
-use crate::lifecycle::State;
+use crate::clock::timestamp;
+use crate::lifecycle::{Decision, State};
 use crate::queue::{IntentRow, RefusedRow, ReviewVote};
 use crate::seal;
 
@@ -89,12 +89,6 @@ pub struct ReviewStatus {
     /// The review's deadline, while it is awaited and once it has passed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<String>,
-}
-
-/// Milliseconds since the epoch as RFC 3339 UTC.
-pub fn timestamp(ms: i64) -> String {
-    let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_millis(time).to_string()
 }
 
 impl Outcome {

@@ -46,11 +46,12 @@ use tracing::{info, warn};
 use airlock_intent::Intent;
 
 use crate::apply::{Applied, ApplyError, ApplyMeta, ErrorKind, ResolvedOp, Target, codes};
+use crate::clock::now_ms;
 use crate::config::Config;
 use crate::decide::{InputContext, Policy, build_input, preview_json};
 use crate::lifecycle::{State, Verdict};
 use crate::outcome::{Outcome, Outcomes};
-use crate::queue::{DecisionOutcome, IntentRow, Queue, QueueError, now_ms};
+use crate::queue::{DecisionOutcome, IntentRow, Queue, QueueError};
 use crate::webhook::{ReviewNotice, Webhook};
 
 /// Most intents one stage takes in one step.

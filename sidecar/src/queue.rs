@@ -46,13 +46,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, Row, Transaction, params};
 use serde_json::{Value, json};
 
-use crate::decide::Decision;
-use crate::lifecycle::{Event, IllegalTransition, State, UnknownState, Verdict};
+use crate::clock::now_ms;
+use crate::lifecycle::{Decision, Event, IllegalTransition, State, UnknownState, Verdict};
 use crate::seal::{self, Sealer};
 
 /// The schema version this code writes.
@@ -151,8 +151,9 @@ pub const UNATTRIBUTED_RUN: &str = "unattributed";
 /// Most bytes of one refused file the queue keeps (its digest covers them all).
 pub const REFUSED_PAYLOAD_PREFIX: usize = 4096;
 
-/// The default for [`Queue::with_max_refused_bytes`]: 64 MiB.
-pub const DEFAULT_MAX_REFUSED_BYTES: u64 = 64 << 20;
+/// The default for [`Queue::with_max_refused_bytes`]: 64 MiB, the configuration's
+/// default `limits.max_refused_bytes`.
+pub use crate::config::DEFAULT_MAX_REFUSED_BYTES;
 
 /// Why a queue operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -197,13 +198,6 @@ impl From<serde_json::Error> for QueueError {
     fn from(e: serde_json::Error) -> Self {
         QueueError::Corrupt(e.to_string())
     }
-}
-
-/// Milliseconds since the Unix epoch, the queue's clock.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// A file that validated as an intent, ready to be admitted.
@@ -1447,7 +1441,7 @@ impl Writer<'_> {
         {
             return Err(QueueError::Refused(format!(
                 "the review of intent {id} expired at {}",
-                crate::outcome::timestamp(deadline)
+                crate::clock::timestamp(deadline)
             )));
         }
         if let Some(digest) = digest

@@ -44,7 +44,8 @@ use serde_json::{Value, json};
 use tokio::runtime::Handle;
 use tracing::{debug, warn};
 
-use crate::outcome::timestamp;
+use crate::clock::timestamp;
+use crate::config::{check_public_url, check_webhook_url};
 
 /// Attempts per message.
 pub const ATTEMPTS: u32 = 3;
@@ -104,52 +105,6 @@ impl std::fmt::Debug for Webhook {
             .field("timeout", &self.inner.timeout)
             .finish_non_exhaustive()
     }
-}
-
-/// Checks a webhook URL: `http` or `https`, with a host, and no credentials before
-/// the host. Returns the parsed URI. Error messages never repeat the URL (it may be
-/// a secret).
-pub fn check_url(url: &str) -> Result<Uri, String> {
-    let uri: Uri = url
-        .parse()
-        .map_err(|e| format!("review.webhook is not a URL: {e}"))?;
-    if !matches!(uri.scheme_str(), Some("http" | "https")) {
-        return Err("review.webhook must start with http:// or https://".to_owned());
-    }
-    match uri.authority() {
-        Some(authority) if authority.as_str().contains('@') => Err(
-            "review.webhook must not hold credentials before its host (user:password@)".to_owned(),
-        ),
-        Some(authority) if !authority.host().is_empty() => Ok(uri),
-        _ => Err("review.webhook has no host".to_owned()),
-    }
-}
-
-/// Checks the review endpoint's public address (links in messages point at it):
-/// `http` or `https`, with a host, a path at most, no query or fragment. Returns it
-/// without a trailing `/`.
-pub fn check_public_url(url: &str) -> Result<String, String> {
-    let trimmed = url.trim_end_matches('/');
-    if url.contains('#') {
-        return Err(format!(
-            "review.public_url {url:?} must not have a fragment"
-        ));
-    }
-    let uri: Uri = trimmed
-        .parse()
-        .map_err(|e| format!("review.public_url {url:?} is not a URL: {e}"))?;
-    if !matches!(uri.scheme_str(), Some("http" | "https")) {
-        return Err(format!(
-            "review.public_url {url:?} must start with http:// or https://"
-        ));
-    }
-    if uri.authority().is_none_or(|a| a.host().is_empty()) {
-        return Err(format!("review.public_url {url:?} has no host"));
-    }
-    if uri.query().is_some() {
-        return Err(format!("review.public_url {url:?} must not have a query"));
-    }
-    Ok(trimmed.to_owned())
 }
 
 /// The intent's page on the review endpoint: `<base>/#/intent/<id>`.
@@ -251,11 +206,11 @@ enum Attempt {
 
 impl Webhook {
     /// A sender to `url` whose messages link to the review endpoint at `public_base`;
-    /// each attempt may take `timeout`. Fails on a URL [`check_url`] or
+    /// each attempt may take `timeout`. Fails on a URL [`check_webhook_url`] or
     /// [`check_public_url`] refuses, a zero timeout, or a TLS set-up that cannot be
     /// made. Connects lazily, at the first message.
     pub fn new(url: &str, public_base: &str, timeout: Duration) -> Result<Self, String> {
-        let uri = check_url(url)?;
+        let uri = check_webhook_url(url)?;
         let base = check_public_url(public_base)?;
         if timeout.is_zero() {
             return Err("review.webhook_timeout_ms must be at least 1".to_owned());
@@ -425,30 +380,7 @@ mod tests {
     }
 
     #[test]
-    fn urls_are_checked_without_repeating_them() {
-        assert!(check_url("https://hooks.slack.com/services/T0/B0/secret").is_ok());
-        assert!(check_url("http://127.0.0.1:9/hook").is_ok());
-        for bad in [
-            "ftp://example.com/x",
-            "hooks.slack.com/services/T0/B0/secret",
-            "https://user:secret@example.com/x",
-            "not a url secret",
-            "",
-        ] {
-            let error = check_url(bad).unwrap_err();
-            assert!(!error.contains("secret"), "{error}");
-        }
-        assert_eq!(
-            check_public_url("https://review.example/").unwrap(),
-            "https://review.example"
-        );
-        assert_eq!(
-            check_public_url("https://example.com/airlock/").unwrap(),
-            "https://example.com/airlock"
-        );
-        assert!(check_public_url("review.example").is_err());
-        assert!(check_public_url("https://review.example/?a=b").is_err());
-        assert!(check_public_url("https://review.example/#/x").is_err());
+    fn links_point_at_the_intent_page() {
         assert_eq!(
             link("https://review.example/", "del-1"),
             "https://review.example/#/intent/del-1"

@@ -70,7 +70,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use airlock_intent::{Column, Intent, Op, Row, TableName};
 use async_trait::async_trait;
@@ -88,6 +88,7 @@ use super::{
     ResolvedOp, Target, UndoConflict, UndoImage, UndoReport, apply_each, check_canonical,
     check_reviewed, check_target, codes, holds_after, image_table, resolve_op, show, uncommitted,
 };
+use crate::clock::now_ms;
 
 const DIALECT: Dialect = Dialect::Postgres;
 
@@ -1082,12 +1083,6 @@ async fn write_ledger(tx: &Transaction<'_>, entry: &LedgerEntry) -> Result<(), A
     .await
     .map_err(context)?;
     Ok(())
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// What Airlock needs to know about one table, read once per intent.

@@ -51,7 +51,7 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use airlock_intent::{Column, Intent, Op, Row, TableName};
 use async_trait::async_trait;
@@ -65,6 +65,7 @@ use super::{
     ResolvedOp, Target, UndoConflict, UndoImage, UndoReport, check_canonical, check_reviewed,
     check_target, codes, holds_after, image_table, resolve_op, show, uncommitted,
 };
+use crate::clock::now_ms;
 
 const DIALECT: Dialect = Dialect::Sqlite;
 
@@ -668,12 +669,6 @@ fn bind_image(image: &Image) -> Result<Vec<(&str, SqlValue)>, ApplyError> {
             Ok((column.as_str(), value))
         })
         .collect()
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// What Airlock needs to know about one table, read once per intent.

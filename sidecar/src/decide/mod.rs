@@ -24,34 +24,17 @@ mod reload;
 mod remote;
 mod result;
 
-use serde::{Deserialize, Serialize};
-
 pub use self::embedded::{EmbeddedPolicy, PolicySource, RULE, RegoTest, run_rego_tests};
 pub use self::input::{INPUT_VERSION, InputContext, build_input, preview_json};
-pub use self::policy::{Policy, Trial, TrialError, try_intent};
+pub use self::policy::{Policy, PolicyOptions, Trial, TrialError, try_intent};
 pub use self::reload::{Reload, ReloadingPolicy};
 pub use self::remote::{MAX_ANSWER_BYTES, RemoteOptions, RemotePolicy};
 pub use self::result::{DENY_REASON, REVIEW_REASON, Ruling, UNDEFINED_REASON, read_result};
-pub use crate::lifecycle::Verdict;
+pub use crate::lifecycle::{Decision, Verdict};
 
-/// The policy's answer for one intent. On the wire the verdict is flattened in:
-/// `{"verdict": "review", "approvals": 1, "reasons": [...], "policy": "sha256:…",
-/// "decision_id": null}`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Decision {
-    /// Allow, deny, or review with the number of approvals needed.
-    #[serde(flatten)]
-    pub verdict: Verdict,
-    /// Why, in the policy's words; never empty for deny and review.
-    pub reasons: Vec<String>,
-    /// Which policy decided: for embedded Rego, `sha256:<hex>` over the policy's files
-    /// (see [`EmbeddedPolicy::identity`]), so a decision can be traced to exact
-    /// sources; for a remote OPA, the URL asked.
-    pub policy: String,
-    /// The decision id a remote engine (OPA's decision log) gave, if any.
-    pub decision_id: Option<String>,
-}
-
+// `Decision` lives in `lifecycle`, next to `Verdict`, so that the queue and the
+// outcomes can hold one without importing this stage; reading a policy's answer into
+// one is this stage's job, hence the impl here.
 impl Decision {
     /// Reads a policy's result document (`None` when undefined) into a decision by
     /// the policy `policy`. Malformed documents are errors: see [`read_result`].

@@ -2,6 +2,7 @@
 //! Rego that follows its files, or a remote Open Policy Agent.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -22,24 +23,45 @@ pub enum Policy {
     Remote(RemotePolicy),
 }
 
+/// What to build a [`Policy`] from: the `[policy]` configuration section, which the
+/// daemon (and `airlock policy eval`) turn into these options, so this stage never
+/// reads the configuration itself.
+#[derive(Clone, Debug)]
+pub struct PolicyOptions {
+    /// A `.rego` file or a directory of them, evaluated in-process and reloaded when
+    /// its files change; with neither this nor `url`, the built-in policy.
+    pub path: Option<PathBuf>,
+    /// An Open Policy Agent Data API URL: the policy is asked remotely.
+    pub url: Option<String>,
+    /// A file holding a bearer token for `url`.
+    pub bearer_token_file: Option<PathBuf>,
+    /// How long one remote decision may take, connecting included.
+    pub timeout: Duration,
+    /// How long connecting to `url` may take.
+    pub connect_timeout: Duration,
+    /// Most remote decisions in flight at once.
+    pub concurrency: usize,
+    /// How often policy files (and the token file) are checked for changes.
+    pub reload: Duration,
+}
+
 impl Policy {
-    /// The policy the `[policy]` configuration section describes: `url` means a
-    /// remote OPA, `path` embedded Rego from files, neither the built-in policy.
-    /// Fails when the files do not load, the URL is unusable, or the token file cannot
-    /// be read.
-    pub fn from_config(config: &crate::config::Policy) -> Result<Self, PolicyError> {
-        let reload = Duration::from_millis(config.reload_ms);
-        if let Some(url) = &config.url {
+    /// The policy `options` describe: `url` means a remote OPA, `path` embedded Rego
+    /// from files, neither the built-in policy. Fails when the files do not load, the
+    /// URL is unusable, or the token file cannot be read.
+    pub fn new(options: &PolicyOptions) -> Result<Self, PolicyError> {
+        let reload = options.reload;
+        if let Some(url) = &options.url {
             return Ok(Self::Remote(RemotePolicy::new(RemoteOptions {
                 url: url.clone(),
-                bearer_token_file: config.bearer_token_file.clone(),
-                timeout: Duration::from_millis(config.timeout_ms),
-                connect_timeout: Duration::from_millis(config.connect_timeout_ms),
-                concurrency: config.concurrency,
+                bearer_token_file: options.bearer_token_file.clone(),
+                timeout: options.timeout,
+                connect_timeout: options.connect_timeout,
+                concurrency: options.concurrency,
                 reload,
             })?));
         }
-        if let Some(file) = &config.bearer_token_file {
+        if let Some(file) = &options.bearer_token_file {
             return Err(PolicyError::Load {
                 path: file.display().to_string(),
                 message: "policy.bearer_token_file is set but policy.url is not: a token is \
@@ -47,7 +69,7 @@ impl Policy {
                     .to_owned(),
             });
         }
-        let source = match &config.path {
+        let source = match &options.path {
             Some(path) => PolicySource::Path(path.clone()),
             None => PolicySource::Default,
         };

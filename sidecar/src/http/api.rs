@@ -26,8 +26,8 @@ use tracing::{error, info, warn};
 use super::AppState;
 use super::auth::{Identity, Role, Via, csrf_matches};
 use crate::apply::{Target, UndoImage};
+use crate::clock::timestamp;
 use crate::lifecycle::State as IntentState;
-use crate::outcome::timestamp;
 use crate::queue::{Filter, IntentRow, Queue, QueueError, Record, ReviewVote};
 use crate::{review, undo};
 
