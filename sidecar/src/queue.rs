@@ -617,7 +617,7 @@ impl Queue {
     ) -> Result<Vec<Vec<IntentRow>>, QueueError> {
         let mut stmt = self.conn.prepare_cached(
             "SELECT seq, run, state, not_before FROM intents \
-             WHERE state IN ('queued', 'awaiting_review', 'approved', 'applying') ORDER BY run, seq",
+             WHERE state IN ('queued', 'awaiting_review', 'approved') ORDER BY run, seq",
         )?;
         let mut rows = stmt.query([])?;
         let mut chains: Vec<Vec<i64>> = Vec::new();
@@ -635,8 +635,7 @@ impl Queue {
                 chains.push(Vec::new());
             }
             let state: String = row.get(2)?;
-            let ready =
-                matches!(state.as_str(), "approved" | "applying") && row.get::<_, i64>(3)? <= now;
+            let ready = state == "approved" && row.get::<_, i64>(3)? <= now;
             let chain = chains.last_mut().filter(|c| c.len() < per_run);
             match chain {
                 Some(chain) if open && ready => {
@@ -1319,8 +1318,7 @@ impl Writer<'_> {
         detail: Option<&str>,
     ) -> Result<State, QueueError> {
         let row = self.intent(id)?;
-        let applying = row.state.next(&Event::ApplyStarted).unwrap_or(row.state);
-        let next = applying.next(&Event::ApplyFailed { permanent: true })?;
+        let next = row.state.next(&Event::ApplyFailed { permanent: true })?;
         self.tx
             .prepare_cached(
                 "UPDATE intents SET state = ?2, error = ?3, updated_at = ?4, outcome_pending = 1 WHERE id = ?1",

@@ -1071,3 +1071,23 @@ impl AppState {
         .map_err(|e| ApiError::internal("the queue", e))?
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use crate::lifecycle::State;
+
+    #[test]
+    fn the_published_states_are_exactly_the_stored_states() {
+        // No state the queue never writes in `openapi.json` (issue 11).
+        let doc: Value = serde_json::from_str(super::super::OPENAPI).unwrap();
+        let stored: Vec<&str> = State::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(doc["components"]["schemas"]["State"]["enum"], json!(stored));
+        let params = doc["paths"]["/v1/intents"]["get"]["parameters"]
+            .as_array()
+            .unwrap();
+        let filter = params.iter().find(|p| p["name"] == "state").unwrap();
+        assert_eq!(filter["schema"]["enum"], json!(stored));
+    }
+}
