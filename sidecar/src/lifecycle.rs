@@ -8,15 +8,20 @@
 //!    │  ╲
 //!    │   ▶ awaiting_review ─▶ rejected | expired (terminal)
 //!    ▼          │
-//! approved ◀────┘ ◀─┐
-//!    │              │ rows changed since review: back to awaiting_review,
-//!    ▼              │ its approvals void
-//! applying ─────────┘
+//! approved ◀────┘
 //!    │
 //!    ├──▶ applied ─▶ undone
 //!    │
-//!    └──▶ failed (terminal for permanent errors; transient errors retry)
+//!    ├──▶ failed (terminal for permanent errors; transient errors stay approved
+//!    │            and retry)
+//!    │
+//!    └──▶ awaiting_review (rows changed since review; its approvals void)
 //! ```
+//!
+//! There is no `applying` state: an intent's target transaction (its writes and
+//! its ledger row) is one commit, and the queue records its result after it, so an
+//! intent in flight is `approved` on disk. After a crash in between, the target's
+//! ledger says whether it committed ([`Event::ApplySucceeded`] from `approved`).
 //!
 //! An approval binds the rows the reviewers saw in the preview (DESIGN invariant
 //! 3): when the apply finds the rows it touches changed since, the intent takes
@@ -50,10 +55,9 @@ pub enum State {
     Rejected,
     /// Its review timed out (terminal).
     Expired,
-    /// Allowed by policy or approved by reviewers; waiting to apply.
+    /// Allowed by policy or approved by reviewers; waiting to apply (or being
+    /// applied: its target transaction is in flight).
     Approved,
-    /// Its transaction is in flight on the target.
-    Applying,
     /// Its writes are committed in the target (with its ledger row).
     Applied,
     /// The target refused it for good (terminal).
@@ -64,11 +68,10 @@ pub enum State {
 
 impl State {
     /// Every state, in lifecycle order.
-    pub const ALL: [State; 10] = [
+    pub const ALL: [State; 9] = [
         State::Queued,
         State::AwaitingReview,
         State::Approved,
-        State::Applying,
         State::Applied,
         State::Denied,
         State::Rejected,
@@ -86,7 +89,6 @@ impl State {
             State::Rejected => "rejected",
             State::Expired => "expired",
             State::Approved => "approved",
-            State::Applying => "applying",
             State::Applied => "applied",
             State::Failed => "failed",
             State::Undone => "undone",
@@ -112,7 +114,7 @@ impl State {
     pub fn blocks_run(self) -> bool {
         matches!(
             self,
-            State::Queued | State::AwaitingReview | State::Approved | State::Applying
+            State::Queued | State::AwaitingReview | State::Approved
         )
     }
 
@@ -129,13 +131,13 @@ impl State {
             (AwaitingReview, Event::Approval { quorum_met: true }) => Approved,
             (AwaitingReview, Event::Rejection) => Rejected,
             (AwaitingReview, Event::Expiry) => Expired,
-            (Approved, Event::ApplyStarted) => Applying,
-            // Recovery: the ledger already holds the intent, or the target said so.
-            (Approved | Applying, Event::ApplySucceeded) => Applied,
-            (Applying, Event::ApplyFailed { permanent: true }) => Failed,
-            (Applying, Event::ApplyFailed { permanent: false }) => Approved,
+            // The target committed it (or its ledger already holds it).
+            (Approved, Event::ApplySucceeded) => Applied,
+            (Approved, Event::ApplyFailed { permanent: true }) => Failed,
+            // A transient failure: it stays approved and is retried.
+            (Approved, Event::ApplyFailed { permanent: false }) => Approved,
             // The rows changed since the reviewers saw them: review again.
-            (Approved | Applying, Event::RowsChanged) => AwaitingReview,
+            (Approved, Event::RowsChanged) => AwaitingReview,
             (Applied, Event::Undo) => Undone,
             (from, event) => {
                 return Err(IllegalTransition {
@@ -216,11 +218,9 @@ pub enum Event {
     Rejection,
     /// The review outlived its time to live.
     Expiry,
-    /// Its target transaction began.
-    ApplyStarted,
     /// Its target transaction committed (or the ledger shows it already had).
     ApplySucceeded,
-    /// Its target transaction failed; transient failures go back to `approved`.
+    /// Its target transaction failed; after a transient failure it stays `approved`.
     ApplyFailed { permanent: bool },
     /// Its writes were reverted.
     Undo,
@@ -237,7 +237,6 @@ impl Event {
             Event::Approval { .. } => "approval",
             Event::Rejection => "rejection",
             Event::Expiry => "expiry",
-            Event::ApplyStarted => "apply_started",
             Event::ApplySucceeded => "apply_succeeded",
             Event::ApplyFailed { .. } => "apply_failed",
             Event::Undo => "undo",
@@ -262,9 +261,15 @@ mod tests {
     fn happy_paths() {
         let allowed = State::Queued.next(&Event::Decided(Verdict::Allow)).unwrap();
         assert_eq!(allowed, State::Approved);
-        let applying = allowed.next(&Event::ApplyStarted).unwrap();
         assert_eq!(
-            applying.next(&Event::ApplySucceeded).unwrap(),
+            allowed
+                .next(&Event::ApplyFailed { permanent: false })
+                .unwrap(),
+            State::Approved,
+            "a transient failure retries"
+        );
+        assert_eq!(
+            allowed.next(&Event::ApplySucceeded).unwrap(),
             State::Applied
         );
         assert_eq!(
@@ -296,8 +301,9 @@ mod tests {
                 Event::Approval { quorum_met: true },
                 Event::Rejection,
                 Event::Expiry,
-                Event::ApplyStarted,
+                Event::ApplySucceeded,
                 Event::ApplyFailed { permanent: true },
+                Event::ApplyFailed { permanent: false },
                 Event::RowsChanged,
             ] {
                 assert!(state.next(&event).is_err(), "{state} took {event:?}");
@@ -307,16 +313,16 @@ mod tests {
 
     #[test]
     fn no_write_without_a_decision() {
-        // Only `approved` (or a recovering `applying`) may start or finish an apply.
+        // Only `approved` may finish an apply, one way or the other.
         for state in State::ALL {
-            let can_start = state.next(&Event::ApplyStarted).is_ok();
-            assert_eq!(can_start, state == State::Approved, "{state}");
-            let can_finish = state.next(&Event::ApplySucceeded).is_ok();
-            assert_eq!(
-                can_finish,
-                matches!(state, State::Approved | State::Applying),
-                "{state}"
-            );
+            for event in [
+                Event::ApplySucceeded,
+                Event::ApplyFailed { permanent: true },
+                Event::ApplyFailed { permanent: false },
+            ] {
+                let can = state.next(&event).is_ok();
+                assert_eq!(can, state == State::Approved, "{state} took {event:?}");
+            }
         }
     }
 
@@ -324,7 +330,7 @@ mod tests {
     fn changed_rows_send_an_approved_intent_back_to_review() {
         for state in State::ALL {
             let next = state.next(&Event::RowsChanged);
-            if matches!(state, State::Approved | State::Applying) {
+            if state == State::Approved {
                 assert_eq!(next.unwrap(), State::AwaitingReview, "{state}");
             } else {
                 assert!(next.is_err(), "{state} took rows_changed");
@@ -340,5 +346,7 @@ mod tests {
             assert_eq!(json, format!("\"{}\"", state.as_str()));
         }
         assert!("bogus".parse::<State>().is_err());
+        // No state the queue never writes (issue 11): an intent in flight is approved.
+        assert!("applying".parse::<State>().is_err());
     }
 }

@@ -641,9 +641,9 @@ fn approve(
     let row = queue
         .intent(id)?
         .ok_or_else(|| airlock::queue::QueueError::NotFound(id.to_owned()))?;
-    if row.state != State::AwaitingReview {
-        anyhow::bail!("intent {id} is {}, not awaiting review", row.state);
-    }
+    // Refused before the target is opened if the intent takes no vote now.
+    airlock::review::check_vote(reviewer, comment)?;
+    airlock::review::check_open(&row, digest, airlock::clock::now_ms())?;
     let url = config.targets.get(&row.target).with_context(|| {
         format!(
             "intent {id} is for target {:?}, which is not configured (use --config or --target)",

@@ -836,16 +836,10 @@ impl Verification<'_> {
                 from.next(&Event::Rejection)
             }
             "expired" => from.next(&Event::Expiry),
-            "applied" => match from.next(&Event::ApplyStarted) {
-                Ok(applying) => applying.next(&Event::ApplySucceeded),
-                Err(_) => from.next(&Event::ApplySucceeded),
-            },
+            "applied" => from.next(&Event::ApplySucceeded),
             // From `queued`: its names did not resolve in the target, before policy.
             "failed" if from == State::Queued => from.next(&Event::Unresolvable),
-            "failed" => match from.next(&Event::ApplyStarted) {
-                Ok(applying) => applying.next(&Event::ApplyFailed { permanent: true }),
-                Err(_) => from.next(&Event::ApplyFailed { permanent: true }),
-            },
+            "failed" => from.next(&Event::ApplyFailed { permanent: true }),
             "undone" => from.next(&Event::Undo),
             "rows_changed" => {
                 // Back to review: every approval so far is void.

@@ -300,6 +300,25 @@ fn approvers_see_a_preview_and_approve_only_the_digest_they_saw() {
         &json!({"digest": d, "comment": "  "}),
     );
     assert_eq!(blank.status, 400);
+    assert!(blank.text().contains("needs a reason"), "{}", blank.text());
+    // Comments are bounded by the review rules, for approvals and rejections alike,
+    // before the intent's state is looked at.
+    let long = "x".repeat(4_001);
+    for (route, body) in [
+        ("reject", json!({"digest": d, "comment": long})),
+        (
+            "approve",
+            json!({"digest": d, "preview_digest": "sha256:seen", "comment": long}),
+        ),
+    ] {
+        let answer = bob.post(&format!("/v1/intents/delete-1/{route}"), &body);
+        assert_eq!(answer.status, 400, "{route}: {}", answer.text());
+        assert!(
+            answer.text().contains("4000 characters"),
+            "{}",
+            answer.text()
+        );
+    }
     let rejected = bob.post(
         "/v1/intents/delete-1/reject",
         &json!({"digest": d, "comment": "we keep customers"}),

@@ -487,4 +487,18 @@ mod tests {
         assert_eq!(doc["envelope"]["keyid"], Value::Null);
         assert_eq!(doc["run"]["counts"], json!({}));
     }
+
+    #[test]
+    fn the_published_schema_names_exactly_the_stored_states() {
+        // A state the queue never writes must not be promised to policy authors.
+        let schema: Value =
+            serde_json::from_str(include_str!("../../../examples/policies/input.schema.json"))
+                .unwrap();
+        let names = &schema["properties"]["run"]["properties"]["counts"]["propertyNames"]["enum"];
+        let stored: Vec<&str> = crate::lifecycle::State::ALL
+            .iter()
+            .map(|s| s.as_str())
+            .collect();
+        assert_eq!(names, &json!(stored));
+    }
 }

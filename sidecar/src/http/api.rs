@@ -29,7 +29,8 @@ use crate::apply::{Target, UndoImage};
 use crate::clock::timestamp;
 use crate::lifecycle::State as IntentState;
 use crate::queue::{Filter, IntentRow, Queue, QueueError, Record, ReviewVote};
-use crate::{review, undo};
+use crate::review::{self, ReviewError};
+use crate::undo;
 
 /// The session cookie's name.
 pub const SESSION_COOKIE: &str = "airlock_session";
@@ -117,10 +118,30 @@ impl From<QueueError> for ApiError {
     fn from(error: QueueError) -> Self {
         match error {
             QueueError::NotFound(id) => ApiError::not_found(format!("no intent with id {id:?}")),
-            QueueError::Refused(message) => ApiError::new(StatusCode::CONFLICT, message),
             QueueError::Transition(t) => ApiError::new(StatusCode::CONFLICT, t.to_string()),
             other => ApiError::internal("the queue", other),
         }
+    }
+}
+
+/// The one place a review's refusal becomes an HTTP status: a malformed vote is a
+/// bad request (400); a vote the intent does not take now (its state, deadline,
+/// digest, the rows shown, a second vote by the same reviewer) is a conflict (409).
+impl From<ReviewError> for ApiError {
+    fn from(error: ReviewError) -> Self {
+        let message = error.to_string();
+        let status = match error {
+            ReviewError::Queue(error) => return error.into(),
+            ReviewError::Reviewer | ReviewError::CommentTooLong | ReviewError::NoReason => {
+                StatusCode::BAD_REQUEST
+            }
+            ReviewError::NotAwaitingReview { .. }
+            | ReviewError::Expired { .. }
+            | ReviewError::OtherBytes { .. }
+            | ReviewError::RowsChanged { .. }
+            | ReviewError::AlreadyReviewed { .. } => StatusCode::CONFLICT,
+        };
+        ApiError::new(status, message)
     }
 }
 
@@ -518,16 +539,6 @@ pub struct Reject {
     comment: String,
 }
 
-fn check_comment(comment: Option<&str>) -> ApiResult<()> {
-    let max = crate::review::MAX_COMMENT;
-    match comment {
-        Some(c) if c.chars().count() > max => Err(ApiError::bad_request(format!(
-            "comment: at most {max} characters"
-        ))),
-        _ => Ok(()),
-    }
-}
-
 pub async fn approve(
     State(state): State<AppState>,
     who: Identity,
@@ -536,47 +547,43 @@ pub async fn approve(
 ) -> ApiResult {
     who.require(Role::Approver, "approving")?;
     let id = path_value(id)?;
-    check_comment(body.comment.as_deref())?;
-    // The rows as they are now: the approval is refused unless the reviewer saw them.
+    let comment = body.comment.filter(|c| !c.trim().is_empty());
+    review::check_vote(&who.name, comment.as_deref())?;
     let row = state
         .with_queue({
             let id = id.clone();
             move |queue| queue.intent(&id)?.ok_or(QueueError::NotFound(id))
         })
         .await?;
-    let now = if row.state == IntentState::AwaitingReview {
-        let target = state.targets.get(&row.target).cloned();
-        let shown = state.previews.fresh(target, &row, state.max_rows).await;
-        match shown["digest"].as_str() {
-            Some(digest) => digest.to_owned(),
-            None => {
-                let why = shown["error"]["message"].as_str().unwrap_or("no preview");
-                return Err(ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!(
-                        "cannot preview the intent's rows now ({why}), so it cannot be \
-                         approved yet; try again"
-                    ),
-                ));
-            }
-        }
-    } else {
-        // The queue refuses it, naming the state.
-        body.preview_digest.clone()
+    // Refused before anything is computed if the intent takes no vote now; the
+    // queue's transaction checks again.
+    review::check_open(&row, Some(&body.digest), crate::clock::now_ms())?;
+    // The rows as they are now: the approval is refused unless the reviewer saw them.
+    let target = state.targets.get(&row.target).cloned();
+    let shown = state.previews.fresh(target, &row, state.max_rows).await;
+    let Some(now) = shown["digest"].as_str().map(str::to_owned) else {
+        let why = shown["error"]["message"].as_str().unwrap_or("no preview");
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "cannot preview the intent's rows now ({why}), so it cannot be \
+                 approved yet; try again"
+            ),
+        ));
     };
     let reviewer = who.name.clone();
     let progress = state
-        .with_queue({
+        .with_queue_as({
             let id = id.clone();
             move |queue| {
-                crate::review::approve(
+                review::approve(
                     queue,
                     &id,
                     &reviewer,
                     Some(&body.digest),
                     &body.preview_digest,
                     &now,
-                    body.comment.as_deref().filter(|c| !c.trim().is_empty()),
+                    comment.as_deref(),
                 )
             }
         })
@@ -599,19 +606,11 @@ pub async fn reject(
 ) -> ApiResult {
     who.require(Role::Approver, "rejecting")?;
     let id = path_value(id)?;
-    check_comment(Some(&body.comment))?;
-    if body.comment.trim().is_empty() {
-        return Err(ApiError::bad_request(
-            "comment: a rejection needs a reason; the agent is told it",
-        ));
-    }
     let reviewer = who.name.clone();
     let next = state
-        .with_queue({
+        .with_queue_as({
             let id = id.clone();
-            move |queue| {
-                crate::review::reject(queue, &id, &reviewer, Some(&body.digest), &body.comment)
-            }
+            move |queue| review::reject(queue, &id, &reviewer, Some(&body.digest), &body.comment)
         })
         .await?;
     info!(message = "rejected", id = %id, by = %who.name);
@@ -826,10 +825,7 @@ fn summary(row: &IntentRow, votes: &[ReviewVote]) -> Value {
     let mut tables: Vec<&str> = ops.iter().filter_map(|op| op["table"].as_str()).collect();
     tables.sort_unstable();
     tables.dedup();
-    let approvals = votes
-        .iter()
-        .filter(|v| v.verdict == "approve" && v.digest == row.digest)
-        .count();
+    let approvals = review::approvals(votes, &row.digest);
     let review = if row.approvals_needed > 0 {
         json!({
             "approvals": approvals,
@@ -1060,14 +1056,42 @@ impl AppState {
         &self,
         f: impl FnOnce(&mut Queue) -> Result<T, QueueError> + Send + 'static,
     ) -> ApiResult<T> {
+        self.with_queue_as(f).await
+    }
+
+    /// [`AppState::with_queue`] for `f` with its own error (a review's refusal).
+    async fn with_queue_as<T: Send + 'static, E: Into<ApiError> + 'static>(
+        &self,
+        f: impl FnOnce(&mut Queue) -> Result<T, E> + Send + 'static,
+    ) -> ApiResult<T> {
         let queue = self.queue.clone();
         tokio::task::spawn_blocking(move || {
             let mut queue = queue
                 .lock()
                 .map_err(|_| ApiError::internal("the queue", "its lock was poisoned"))?;
-            f(&mut queue).map_err(ApiError::from)
+            f(&mut queue).map_err(Into::into)
         })
         .await
         .map_err(|e| ApiError::internal("the queue", e))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use crate::lifecycle::State;
+
+    #[test]
+    fn the_published_states_are_exactly_the_stored_states() {
+        // No state the queue never writes in `openapi.json` (issue 11).
+        let doc: Value = serde_json::from_str(super::super::OPENAPI).unwrap();
+        let stored: Vec<&str> = State::ALL.iter().map(|s| s.as_str()).collect();
+        assert_eq!(doc["components"]["schemas"]["State"]["enum"], json!(stored));
+        let params = doc["paths"]["/v1/intents"]["get"]["parameters"]
+            .as_array()
+            .unwrap();
+        let filter = params.iter().find(|p| p["name"] == "state").unwrap();
+        assert_eq!(filter["schema"]["enum"], json!(stored));
     }
 }

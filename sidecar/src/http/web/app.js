@@ -166,7 +166,7 @@
 
   const STATES = {
     received: "neutral", queued: "neutral", awaiting_review: "wait", approved: "ok",
-    applying: "ok", applied: "ok", undone: "neutral", invalid: "bad", denied: "bad",
+    applied: "ok", undone: "neutral", invalid: "bad", denied: "bad",
     rejected: "bad", expired: "bad", failed: "bad",
   };
 
