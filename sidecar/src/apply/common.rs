@@ -13,8 +13,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use airlock_intent::{Column, Intent, Row, TableName};
 
 use super::{
-    Applied, ApplyError, ApplyMeta, Image, LedgerEntry, UndoConflict, UndoImage, UndoReport, codes,
-    rows_digest, show,
+    Applied, ApplyError, ApplyMeta, Image, LedgerEntry, UndoConflict, UndoImage, UndoReport,
+    check_columns, codes, rows_digest, show,
 };
 
 /// Whether the row found now still holds the after-image of `image`. Columns the
@@ -220,6 +220,22 @@ impl<'a> OpImages<'a> {
             before,
             after,
         });
+    }
+}
+
+/// A table's catalog entry, as a target read it inside its transaction.
+pub(crate) trait Columns {
+    /// All the table's columns, as stored, in declaration order.
+    fn columns(&self) -> &[String];
+
+    /// Fails unless every name is a column of the table ([`check_columns`]).
+    fn check<'n>(
+        &self,
+        table: &TableName,
+        part: &str,
+        names: impl IntoIterator<Item = &'n str>,
+    ) -> Result<(), ApplyError> {
+        check_columns(self.columns(), table, part, names)
     }
 }
 

@@ -83,9 +83,9 @@ use tokio_postgres::error::{Severity, SqlState};
 use tokio_postgres::types::{ToSql, Type};
 
 use super::common::{
-    OpImages, check_delete, check_update, check_upsert, expect_failed, image_table, key_not_unique,
-    keys, ledger_hit, new_entry, no_row, not_in_ledger, now_ms, on_not_unique, too_many_rows,
-    undoing,
+    Columns, OpImages, check_delete, check_update, check_upsert, expect_failed, image_table,
+    key_not_unique, keys, ledger_hit, new_entry, no_row, not_in_ledger, now_ms, on_not_unique,
+    too_many_rows, undoing,
 };
 use super::sql::{self, Dialect, pg};
 use super::{
@@ -1109,17 +1109,13 @@ fn reserved(table: &TableName) -> ApplyError {
     .with_code(codes::RESERVED_TABLE)
 }
 
-impl TableInfo {
-    /// Fails unless every name is a column of the table.
-    fn check<'n>(
-        &self,
-        table: &TableName,
-        part: &str,
-        names: impl IntoIterator<Item = &'n str>,
-    ) -> Result<(), ApplyError> {
-        super::check_columns(&self.columns, table, part, names)
+impl Columns for TableInfo {
+    fn columns(&self) -> &[String] {
+        &self.columns
     }
+}
 
+impl TableInfo {
     /// How each column of a key or `expect` compares.
     fn compare<'r>(&self, row: &'r Row) -> Vec<pg::Compare<'r>> {
         row.iter()

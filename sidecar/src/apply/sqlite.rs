@@ -60,9 +60,9 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, ffi, params_f
 use serde_json::Value;
 
 use super::common::{
-    OpImages, check_delete, check_update, check_upsert, expect_failed, image_table, key_not_unique,
-    keys, ledger_hit, new_entry, no_row, not_in_ledger, now_ms, on_not_unique, too_many_rows,
-    undoing,
+    Columns, OpImages, check_delete, check_update, check_upsert, expect_failed, image_table,
+    key_not_unique, keys, ledger_hit, new_entry, no_row, not_in_ledger, now_ms, on_not_unique,
+    too_many_rows, undoing,
 };
 use super::sql::{self, Arg, Dialect, Statement};
 use super::{
@@ -757,15 +757,11 @@ impl TableInfo {
             None => None,
         }
     }
+}
 
-    /// Fails unless every name is a column of the table.
-    fn check<'n>(
-        &self,
-        table: &TableName,
-        part: &str,
-        names: impl IntoIterator<Item = &'n str>,
-    ) -> Result<(), ApplyError> {
-        super::check_columns(&self.columns, table, part, names)
+impl Columns for TableInfo {
+    fn columns(&self) -> &[String] {
+        &self.columns
     }
 }
 
