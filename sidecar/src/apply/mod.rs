@@ -14,7 +14,10 @@
 //! ledger's statements differ by [`sql::Dialect`]; op statements are the generic
 //! builders for SQLite and [`sql::pg`] for PostgreSQL (which lets the server convert
 //! JSON values to column types). Reading the catalogue (columns, primary key) and
-//! classifying driver errors are each target module's. The ledger is the table
+//! classifying driver errors are each target module's; the rules and errors that
+//! do not depend on the database (the ledger hit, the new ledger entry and its
+//! review check, the checks an op passes before it runs, recording undo images,
+//! finding undo conflicts) are written once, in `common`, for both. The ledger is the table
 //! `airlock_ledger` in an SQLite target and `airlock.ledger` in a PostgreSQL one.
 //!
 //! A run's consecutive intents can share one transaction ([`Target::apply_chain`]):
@@ -64,6 +67,7 @@
 //! again; if they differ, the transaction rolls back with
 //! [`codes::ROWS_CHANGED`] and nothing is written.
 
+mod common;
 pub mod postgres;
 pub mod sql;
 pub mod sqlite;
@@ -393,24 +397,6 @@ impl fmt::Display for UndoConflict {
     }
 }
 
-/// Whether the row found now still holds the after-image of `image`. Columns the
-/// after-image does not name (added to the table since) are not compared.
-pub(crate) fn holds_after(image: &UndoImage, found: Option<&Image>) -> bool {
-    match (&image.after, found) {
-        (None, None) => true,
-        (Some(after), Some(found)) => after.iter().all(|(c, v)| found.get(c) == Some(v)),
-        _ => false,
-    }
-}
-
-/// Parses the table name of an undo image.
-pub(crate) fn image_table(image: &UndoImage) -> Result<airlock_intent::TableName, ApplyError> {
-    airlock_intent::TableName::parse(&image.table).map_err(|e| {
-        ApplyError::permanent(format!("undo image of op {}: {e}", image.op))
-            .with_code(codes::LEDGER)
-    })
-}
-
 /// What the caller knows about an intent that is not in the intent itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ApplyMeta {
@@ -471,28 +457,6 @@ fn canonical_digest(value: &serde_json::Value) -> String {
     // (no `preserve_order`), so equal values give equal bytes.
     let bytes = serde_json::to_vec(value).unwrap_or_default();
     crate::seal::digest(&bytes)
-}
-
-/// Fails with [`codes::ROWS_CHANGED`] when `meta` binds reviewed rows and the
-/// before-images just captured (`undo`) are not those rows. Called inside the
-/// transaction, before the ledger row: the error rolls everything back.
-pub(crate) fn check_reviewed(meta: &ApplyMeta, undo: &[UndoImage]) -> Result<(), ApplyError> {
-    let Some(reviewed) = &meta.reviewed else {
-        return Ok(());
-    };
-    let found = rows_digest(undo);
-    if &found == reviewed {
-        return Ok(());
-    }
-    Err(ApplyError::permanent(
-        "rows changed since review: the rows this intent touches are not the rows its \
-         reviewers saw in the preview they approved; nothing was written, and it needs \
-         a new review",
-    )
-    .with_code(codes::ROWS_CHANGED)
-    .with_detail(format!(
-        "approved preview {reviewed}, rows now hash to {found}"
-    )))
 }
 
 /// The outcome of a successful [`Target::apply`].

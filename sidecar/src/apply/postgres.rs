@@ -82,11 +82,16 @@ use serde_json::Value;
 use tokio_postgres::error::{Severity, SqlState};
 use tokio_postgres::types::{ToSql, Type};
 
+use super::common::{
+    Columns, OpImages, check_delete, check_update, check_upsert, expect_failed, image_table,
+    key_not_unique, keys, ledger_hit, new_entry, no_row, not_in_ledger, now_ms, on_not_unique,
+    too_many_rows, undoing,
+};
 use super::sql::{self, Dialect, pg};
 use super::{
     Applied, ApplyError, ApplyMeta, ErrorKind, Finish, Image, LedgerEntry, OpResult, Preview,
-    ResolvedOp, Target, UndoConflict, UndoImage, UndoReport, apply_each, check_canonical,
-    check_reviewed, check_target, codes, holds_after, image_table, resolve_op, show, uncommitted,
+    ResolvedOp, Target, UndoImage, UndoReport, apply_each, check_canonical, check_target, codes,
+    resolve_op, show, uncommitted,
 };
 use crate::clock::now_ms;
 
@@ -525,27 +530,11 @@ async fn undo_intents(
             let Some(info) = tables.get(&table) else {
                 continue;
             };
-            let context = |e: ApplyError| {
-                e.context(&format!(
-                    "undoing intent {id:?} op {} on {table} key {}",
-                    image.op,
-                    show(&image.key)
-                ))
-            };
+            let context = undoing(id, image, &table);
             let found = current_row(&tx, &table, info, &image.key)
                 .await
-                .map_err(context)?;
-            let found_image = found.as_ref().map(|f| f.image.clone());
-            if !holds_after(image, found_image.as_ref()) {
-                report.conflicts.push(UndoConflict {
-                    intent_id: id.clone(),
-                    op: image.op,
-                    table: image.table.clone(),
-                    key: image.key.clone(),
-                    expected: image.after.clone(),
-                    found: found_image,
-                });
-            }
+                .map_err(&context)?;
+            report.compare(id, image, found.as_ref().map(|f| &f.image));
             // Revert even after a conflict: later checks then see what an undo
             // would leave, and without `force` the transaction is rolled back.
             revert(&tx, &table, image, found.as_ref())
@@ -558,8 +547,7 @@ async fn undo_intents(
             .map_err(|e| pg_error(&e).context("marking the ledger row undone"))?;
         report.undone.push(id.clone());
     }
-    if !report.conflicts.is_empty() && !force {
-        report.undone.clear();
+    if !report.may_commit(force) {
         return Ok(report);
     }
     tx.commit()
@@ -567,13 +555,6 @@ async fn undo_intents(
         .map_err(|e| pg_error(&e).context("committing the undo"))?;
     report.committed = true;
     Ok(report)
-}
-
-fn not_in_ledger(id: &str) -> ApplyError {
-    ApplyError::permanent(format!(
-        "intent {id:?} is not in this target's ledger: it was not applied here"
-    ))
-    .with_code(codes::LEDGER)
 }
 
 async fn query_text(
@@ -611,10 +592,7 @@ async fn current_row(
         query_text(tx, &sql, &[&to_json(key)]).await?
     };
     if rows.len() > 1 {
-        return Err(
-            ApplyError::permanent(format!("key {} matches more than one row", show(key)))
-                .with_code(codes::TOO_MANY_ROWS),
-        );
+        return Err(key_not_unique(key));
     }
     rows.first().map(fetched).transpose()
 }
@@ -735,21 +713,14 @@ async fn read_ledger<C: GenericClient + Sync>(
 
 fn ledger_entry(row: &tokio_postgres::Row) -> Result<LedgerEntry, ApplyError> {
     let get = |e: tokio_postgres::Error| pg_error(&e).context("reading the ledger");
-    let intent_id: String = row.try_get(0).map_err(get)?;
     let undo: String = row.try_get(4).map_err(get)?;
-    let undo = serde_json::from_str(&undo).map_err(|e| {
-        ApplyError::permanent(format!(
-            "the ledger row of intent {intent_id:?} has unreadable undo images: {e}"
-        ))
-        .with_code(codes::LEDGER)
-    })?;
-    Ok(LedgerEntry {
-        run: row.try_get(1).map_err(get)?,
-        digest: row.try_get(2).map_err(get)?,
-        applied_at_ms: row.try_get(3).map_err(get)?,
-        intent_id,
-        undo,
-    })
+    LedgerEntry::from_stored(
+        row.try_get(0).map_err(get)?,
+        row.try_get(1).map_err(get)?,
+        row.try_get(2).map_err(get)?,
+        row.try_get(3).map_err(get)?,
+        &undo,
+    )
 }
 
 /// Why an apply failed, and, for a value PostgreSQL could not convert, what to try
@@ -989,21 +960,7 @@ async fn run_intent<'i>(
     lock.map_err(|e| pg_error(&e).context("locking the intent id"))?;
     let ledger = ledger.map_err(|e| pg_error(&e).context("reading the ledger"))?;
     if let Some(row) = ledger.first() {
-        let entry = ledger_entry(row)?;
-        if entry.digest != meta.digest {
-            return Err(ApplyError::permanent(format!(
-                "intent {id:?} was already applied with digest {}, and this one has digest \
-                 {}: same id, different bytes",
-                entry.digest, meta.digest
-            ))
-            .with_code(codes::DIGEST_MISMATCH)
-            .into());
-        }
-        return Ok(Applied {
-            already: true,
-            ledger: entry,
-            ops: Vec::new(),
-        });
+        return Ok(ledger_hit(id, ledger_entry(row)?, meta)?);
     }
     let catalog: HashMap<&TableName, Result<TableInfo, ApplyError>> =
         tables.into_iter().zip(catalog).collect();
@@ -1023,21 +980,13 @@ async fn run_intent<'i>(
         let mut step = Step {
             tx,
             info,
-            index,
             max_rows: meta.max_rows,
-            undo: &mut undo,
+            images: OpImages::new(index, &mut undo),
         };
         let rows = step.apply(op).await.map_err(|f| f.at_op(index, op))?;
         ops.push(OpResult { index, rows });
     }
-    let entry = LedgerEntry {
-        intent_id: id.to_owned(),
-        run: intent.run.as_str().to_owned(),
-        digest: meta.digest.clone(),
-        applied_at_ms: now_ms(),
-        undo,
-    };
-    check_reviewed(meta, &entry.undo)?;
+    let entry = new_entry(intent, meta, undo)?;
     if finish == Finish::Commit {
         write_ledger(tx, &entry).await?;
     }
@@ -1049,9 +998,7 @@ async fn run_intent<'i>(
 }
 
 async fn write_ledger(tx: &Transaction<'_>, entry: &LedgerEntry) -> Result<(), ApplyError> {
-    let undo = serde_json::to_string(&entry.undo).map_err(|e| {
-        ApplyError::permanent(format!("cannot encode undo images: {e}")).with_code(codes::LEDGER)
-    })?;
+    let undo = entry.stored_undo()?;
     let context = |e: tokio_postgres::Error| {
         let error = pg_error(&e);
         if error.code.as_deref() == Some("23505") {
@@ -1163,17 +1110,13 @@ fn reserved(table: &TableName) -> ApplyError {
     .with_code(codes::RESERVED_TABLE)
 }
 
-impl TableInfo {
-    /// Fails unless every name is a column of the table.
-    fn check<'n>(
-        &self,
-        table: &TableName,
-        part: &str,
-        names: impl IntoIterator<Item = &'n str>,
-    ) -> Result<(), ApplyError> {
-        super::check_columns(&self.columns, table, part, names)
+impl Columns for TableInfo {
+    fn columns(&self) -> &[String] {
+        &self.columns
     }
+}
 
+impl TableInfo {
     /// How each column of a key or `expect` compares.
     fn compare<'r>(&self, row: &'r Row) -> Vec<pg::Compare<'r>> {
         row.iter()
@@ -1226,9 +1169,8 @@ fn fetched(row: &tokio_postgres::Row) -> Result<Fetched, ApplyError> {
 struct Step<'a, 't> {
     tx: &'a Transaction<'t>,
     info: &'a TableInfo,
-    index: usize,
     max_rows: u64,
-    undo: &'a mut Vec<UndoImage>,
+    images: OpImages<'a>,
 }
 
 impl<'i> Step<'_, '_> {
@@ -1287,7 +1229,8 @@ impl<'i> Step<'_, '_> {
             .await?;
         for row in &rows {
             let after = fetched(row)?;
-            self.record(table, self.info.key(&after), None, Some(after.image));
+            self.images
+                .record(table, self.info.key(&after), None, Some(after.image));
         }
         Ok(rows.len() as u64)
     }
@@ -1301,18 +1244,7 @@ impl<'i> Step<'_, '_> {
         self.info.check(table, "values", keys(values))?;
         self.info
             .check(table, "on", on.iter().map(Column::as_str))?;
-        if on.is_empty() {
-            return Err(
-                bad_op("on is empty: an upsert needs the columns of a unique constraint").into(),
-            );
-        }
-        if let Some(missing) = on.iter().find(|c| !values.contains_key(c.as_str())) {
-            return Err(bad_op(format!(
-                "on names column {:?}, which is not in values",
-                missing.as_str()
-            ))
-            .into());
-        }
+        check_upsert(values, on)?;
         let columns: Vec<&str> = keys(values).collect();
         let on: Vec<&str> = on.iter().map(Column::as_str).collect();
         let json = to_json(values);
@@ -1331,11 +1263,7 @@ impl<'i> Step<'_, '_> {
                 .run(table, &read_conflict(true), &[&json], &parts)
                 .await?;
             if rows.len() > 1 {
-                return Err(bad_op(format!(
-                    "on {} matches more than one row: those columns are not a unique key",
-                    show(&on)
-                ))
-                .into());
+                return Err(on_not_unique(&on).into());
             }
             rows.first().map(fetched).transpose()?
         } else {
@@ -1347,7 +1275,7 @@ impl<'i> Step<'_, '_> {
         let Some(row) = rows.first() else {
             // DO NOTHING on a conflict (or a trigger skipped the insert).
             if let Some(before) = before {
-                self.record(
+                self.images.record(
                     table,
                     self.info.key(&before),
                     Some(before.image.clone()),
@@ -1370,7 +1298,7 @@ impl<'i> Step<'_, '_> {
         if before.is_none() && !inserted {
             return Err(concurrent(&on).into());
         }
-        self.record(
+        self.images.record(
             table,
             self.info.key(&after),
             before.map(|b| b.image),
@@ -1391,12 +1319,7 @@ impl<'i> Step<'_, '_> {
         if let Some(expect) = expect {
             self.info.check(table, "expect", keys(expect))?;
         }
-        if key.is_empty() {
-            return Err(bad_op("key is empty: an update must name the row it changes").into());
-        }
-        if set.is_empty() {
-            return Err(bad_op("set is empty: the update would change nothing").into());
-        }
+        check_update(key, set)?;
         let before = self.matched(table, key, expect).await?;
         let columns: Vec<&str> = keys(set).collect();
         let sql = pg::update_row(table, &columns);
@@ -1411,7 +1334,7 @@ impl<'i> Step<'_, '_> {
             match written.first() {
                 Some(after) => {
                     let after = fetched(after)?;
-                    self.record(
+                    self.images.record(
                         table,
                         self.info.key(&after),
                         Some(row.image),
@@ -1419,7 +1342,9 @@ impl<'i> Step<'_, '_> {
                     );
                 }
                 // A trigger skipped it; the image says so.
-                None => self.record(table, self.info.key(&row), Some(row.image), None),
+                None => self
+                    .images
+                    .record(table, self.info.key(&row), Some(row.image), None),
             }
         }
         Ok(rows)
@@ -1435,9 +1360,7 @@ impl<'i> Step<'_, '_> {
         if let Some(expect) = expect {
             self.info.check(table, "expect", keys(expect))?;
         }
-        if key.is_empty() {
-            return Err(bad_op("key is empty: a delete must name the row it removes").into());
-        }
+        check_delete(key)?;
         let before = self.matched(table, key, expect).await?;
         let sql = pg::delete_row(table);
         let mut rows = 0;
@@ -1446,7 +1369,8 @@ impl<'i> Step<'_, '_> {
             let deleted = self.run(table, &sql, &[&tableoid, &row.ctid], &[]).await?;
             rows += deleted.len() as u64;
             if !deleted.is_empty() {
-                self.record(table, self.info.key(&row), Some(row.image), None);
+                self.images
+                    .record(table, self.info.key(&row), Some(row.image), None);
             }
         }
         Ok(rows)
@@ -1483,48 +1407,22 @@ impl<'i> Step<'_, '_> {
                     .run(table, &sql, &[&key_json, &expect_json], &parts)
                     .await?;
                 if let Some(row) = found.first() {
-                    return Err(expect_failed(row, key, expect, &expect_compare).into());
+                    return Err(expect_not_held(row, key, expect, &expect_compare).into());
                 }
             }
-            return Err(
-                ApplyError::permanent(format!("key {} matched no row", show(key)))
-                    .with_code(codes::NO_ROW)
-                    .into(),
-            );
+            return Err(no_row(key).into());
         }
         if rows.len() as u64 > self.max_rows {
-            return Err(ApplyError::permanent(format!(
-                "key {} matched more than {} row(s), the most one op may change (max_rows)",
-                show(key),
-                self.max_rows
-            ))
-            .with_code(codes::TOO_MANY_ROWS)
-            .into());
+            return Err(too_many_rows(key, self.max_rows).into());
         }
         rows.iter()
             .map(|r| fetched(r).map_err(Failure::from))
             .collect()
     }
-
-    fn record(
-        &mut self,
-        table: &TableName,
-        key: Image,
-        before: Option<Image>,
-        after: Option<Image>,
-    ) {
-        self.undo.push(UndoImage {
-            op: self.index,
-            table: table.to_string(),
-            key,
-            before,
-            after,
-        });
-    }
 }
 
 /// Names the `expect` columns that did not hold, with the values the row has.
-fn expect_failed(
+fn expect_not_held(
     row: &tokio_postgres::Row,
     key: &Row,
     expect: &Row,
@@ -1548,20 +1446,8 @@ fn expect_failed(
             wanted.insert(column, expect.get(c.column).cloned().unwrap_or(Value::Null));
         }
     }
-    let differ: Vec<&String> = found.keys().collect();
-    // The agent learns which columns differ, never what the row holds (it may not
-    // read them); the values found are detail for humans.
-    ApplyError::permanent(format!(
-        "expect did not hold: key {} matched a row, but its column(s) {} differ from expect",
-        show(key),
-        show(&differ)
-    ))
-    .with_code(codes::EXPECT_FAILED)
-    .with_detail(format!(
-        "the row has {}, expect was {}",
-        show(&found),
-        show(&wanted)
-    ))
+    let differ: Vec<&str> = keys(&found).collect();
+    expect_failed(key, &differ, &found, &wanted)
 }
 
 fn concurrent(on: &[&str]) -> ApplyError {
@@ -1571,14 +1457,6 @@ fn concurrent(on: &[&str]) -> ApplyError {
         show(&on)
     ))
     .with_code("40001")
-}
-
-fn bad_op(message: impl Into<String>) -> ApplyError {
-    ApplyError::permanent(message).with_code(codes::BAD_OP)
-}
-
-fn keys(row: &Row) -> impl Iterator<Item = &str> {
-    row.keys().map(String::as_str)
 }
 
 fn to_json(row: &Row) -> String {

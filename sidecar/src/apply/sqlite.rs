@@ -59,11 +59,16 @@ use rusqlite::types::{Value as SqlValue, ValueRef};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, ffi, params_from_iter};
 use serde_json::Value;
 
+use super::common::{
+    Columns, OpImages, check_delete, check_update, check_upsert, expect_failed, image_table,
+    key_not_unique, keys, ledger_hit, new_entry, no_row, not_in_ledger, now_ms, on_not_unique,
+    too_many_rows, undoing,
+};
 use super::sql::{self, Arg, Dialect, Statement};
 use super::{
     Applied, ApplyError, ApplyMeta, ErrorKind, Finish, Image, LedgerEntry, OpResult, Preview,
-    ResolvedOp, Target, UndoConflict, UndoImage, UndoReport, check_canonical, check_reviewed,
-    check_target, codes, holds_after, image_table, resolve_op, show, uncommitted,
+    ResolvedOp, Target, UndoImage, UndoReport, check_canonical, check_target, codes, resolve_op,
+    uncommitted,
 };
 use crate::clock::now_ms;
 
@@ -294,25 +299,11 @@ fn read_ledger(conn: &Connection, intent_id: &str) -> Result<Option<LedgerEntry>
     let Some((intent_id, run, digest, applied_at_ms, undo)) = row else {
         return Ok(None);
     };
-    let undo = serde_json::from_str(&undo).map_err(|e| {
-        ApplyError::permanent(format!(
-            "the ledger row of intent {intent_id:?} has unreadable undo images: {e}"
-        ))
-        .with_code(codes::LEDGER)
-    })?;
-    Ok(Some(LedgerEntry {
-        intent_id,
-        run,
-        digest,
-        applied_at_ms,
-        undo,
-    }))
+    LedgerEntry::from_stored(intent_id, run, digest, applied_at_ms, &undo).map(Some)
 }
 
 fn write_ledger(conn: &Connection, entry: &LedgerEntry) -> Result<(), ApplyError> {
-    let undo = serde_json::to_string(&entry.undo).map_err(|e| {
-        ApplyError::permanent(format!("cannot encode undo images: {e}")).with_code(codes::LEDGER)
-    })?;
+    let undo = entry.stored_undo()?;
     conn.execute(
         &DIALECT.ledger_insert(),
         rusqlite::params![
@@ -457,21 +448,7 @@ fn run_intent(
     finish: Finish,
 ) -> Result<Applied, ApplyError> {
     if let Some(entry) = read_ledger(tx, intent.id.as_str())? {
-        if entry.digest != meta.digest {
-            return Err(ApplyError::permanent(format!(
-                "intent {:?} was already applied with digest {}, and this one has digest \
-                 {}: same id, different bytes",
-                intent.id.as_str(),
-                entry.digest,
-                meta.digest
-            ))
-            .with_code(codes::DIGEST_MISMATCH));
-        }
-        return Ok(Applied {
-            already: true,
-            ledger: entry,
-            ops: Vec::new(),
-        });
+        return ledger_hit(intent.id.as_str(), entry, meta);
     }
     let mut tables: HashMap<TableName, TableInfo> = HashMap::new();
     let mut undo = Vec::new();
@@ -486,21 +463,13 @@ fn run_intent(
         let mut step = Step {
             conn: tx,
             info,
-            index,
             max_rows: meta.max_rows,
-            undo: &mut undo,
+            images: OpImages::new(index, &mut undo),
         };
         let rows = step.apply(op).map_err(|e| e.at_op(index, op))?;
         ops.push(OpResult { index, rows });
     }
-    let entry = LedgerEntry {
-        intent_id: intent.id.as_str().to_owned(),
-        run: intent.run.as_str().to_owned(),
-        digest: meta.digest.clone(),
-        applied_at_ms: now_ms(),
-        undo,
-    };
-    check_reviewed(meta, &entry.undo)?;
+    let entry = new_entry(intent, meta, undo)?;
     if finish == Finish::Commit {
         write_ledger(tx, &entry)?;
     }
@@ -544,24 +513,9 @@ fn undo_intents(
                 Entry::Occupied(e) => e.into_mut(),
                 Entry::Vacant(e) => e.insert(table_info(&tx, &table)?),
             };
-            let context = |e: ApplyError| {
-                e.context(&format!(
-                    "undoing intent {id:?} op {} on {table} key {}",
-                    image.op,
-                    show(&image.key)
-                ))
-            };
-            let found = current_row(&tx, &table, info, &image.key).map_err(context)?;
-            if !holds_after(image, found.as_ref()) {
-                report.conflicts.push(UndoConflict {
-                    intent_id: id.clone(),
-                    op: image.op,
-                    table: image.table.clone(),
-                    key: image.key.clone(),
-                    expected: image.after.clone(),
-                    found: found.clone(),
-                });
-            }
+            let context = undoing(id, image, &table);
+            let found = current_row(&tx, &table, info, &image.key).map_err(&context)?;
+            report.compare(id, image, found.as_ref());
             // Revert even after a conflict: later checks then see what an undo
             // would leave, and without `force` the transaction is rolled back.
             revert(&tx, &table, info, image, found.is_some()).map_err(context)?;
@@ -570,21 +524,13 @@ fn undo_intents(
             .map_err(|e| db_error(e).context("marking the ledger row undone"))?;
         report.undone.push(id.clone());
     }
-    if !report.conflicts.is_empty() && !force {
-        report.undone.clear();
+    if !report.may_commit(force) {
         return Ok(report);
     }
     tx.commit()
         .map_err(|e| db_error(e).context("committing the undo"))?;
     report.committed = true;
     Ok(report)
-}
-
-fn not_in_ledger(id: &str) -> ApplyError {
-    ApplyError::permanent(format!(
-        "intent {id:?} is not in this target's ledger: it was not applied here"
-    ))
-    .with_code(codes::LEDGER)
 }
 
 /// The row at `key` now (its image), or `None` when there is none.
@@ -604,10 +550,7 @@ fn current_row(
     );
     let rows = query(conn, &stmt)?;
     if rows.len() > 1 {
-        return Err(
-            ApplyError::permanent(format!("key {} matches more than one row", show(key)))
-                .with_code(codes::TOO_MANY_ROWS),
-        );
+        return Err(key_not_unique(key));
     }
     Ok(rows.first().map(|row| info.image(row).1))
 }
@@ -815,15 +758,11 @@ impl TableInfo {
             None => None,
         }
     }
+}
 
-    /// Fails unless every name is a column of the table.
-    fn check<'n>(
-        &self,
-        table: &TableName,
-        part: &str,
-        names: impl IntoIterator<Item = &'n str>,
-    ) -> Result<(), ApplyError> {
-        super::check_columns(&self.columns, table, part, names)
+impl Columns for TableInfo {
+    fn columns(&self) -> &[String] {
+        &self.columns
     }
 }
 
@@ -831,9 +770,8 @@ impl TableInfo {
 struct Step<'a> {
     conn: &'a Connection,
     info: &'a TableInfo,
-    index: usize,
     max_rows: u64,
-    undo: &'a mut Vec<UndoImage>,
+    images: OpImages<'a>,
 }
 
 impl Step<'_> {
@@ -857,7 +795,7 @@ impl Step<'_> {
         let values = bind("values", values)?;
         let rows = execute(self.conn, &sql::insert(DIALECT, table, refs(&values)))?;
         let (key, after) = self.find_written(table, &values, None)?;
-        self.record(table, key, None, Some(after));
+        self.images.record(table, key, None, Some(after));
         Ok(rows)
     }
 
@@ -870,17 +808,7 @@ impl Step<'_> {
         self.info.check(table, "values", keys(values))?;
         self.info
             .check(table, "on", on.iter().map(Column::as_str))?;
-        if on.is_empty() {
-            return Err(bad_op(
-                "on is empty: an upsert needs the columns of a unique constraint",
-            ));
-        }
-        if let Some(missing) = on.iter().find(|c| !values.contains_key(c.as_str())) {
-            return Err(bad_op(format!(
-                "on names column {:?}, which is not in values",
-                missing.as_str()
-            )));
-        }
+        check_upsert(values, on)?;
         let values = bind("values", values)?;
         let on: Vec<&str> = on.iter().map(Column::as_str).collect();
         let on_filter: Vec<(&str, &SqlValue)> =
@@ -893,14 +821,11 @@ impl Step<'_> {
         };
         let rows = execute(self.conn, &sql::upsert(DIALECT, table, refs(&values), &on))?;
         if before.len() > 1 {
-            return Err(bad_op(format!(
-                "on {} matches more than one row: those columns are not a unique key",
-                show(&on)
-            )));
+            return Err(on_not_unique(&on));
         }
         let before = before.first().map(|row| self.info.image(row).1);
         let (key, after) = self.find_written(table, &values, Some(&on))?;
-        self.record(table, key, before, Some(after));
+        self.images.record(table, key, before, Some(after));
         Ok(rows)
     }
 
@@ -916,14 +841,7 @@ impl Step<'_> {
         self.info.check(table, "key", keys(key))?;
         self.info.check(table, "set", keys(set))?;
         self.info.check(table, "expect", keys(expect))?;
-        if key.is_empty() {
-            return Err(bad_op(
-                "key is empty: an update must name the row it changes",
-            ));
-        }
-        if set.is_empty() {
-            return Err(bad_op("set is empty: the update would change nothing"));
-        }
+        check_update(key, set)?;
         let key_args = bind("key", key)?;
         let set_args = bind("set", set)?;
         let expect_args = bind("expect", expect)?;
@@ -955,7 +873,8 @@ impl Step<'_> {
                 // A trigger removed it; the image says so.
                 None => (old_key, None),
             };
-            self.record(table, key, Some(before_image), after_image);
+            self.images
+                .record(table, key, Some(before_image), after_image);
         }
         Ok(rows)
     }
@@ -970,11 +889,7 @@ impl Step<'_> {
         let expect = expect.unwrap_or(&empty);
         self.info.check(table, "key", keys(key))?;
         self.info.check(table, "expect", keys(expect))?;
-        if key.is_empty() {
-            return Err(bad_op(
-                "key is empty: a delete must name the row it removes",
-            ));
-        }
+        check_delete(key)?;
         let key_args = bind("key", key)?;
         let expect_args = bind("expect", expect)?;
         let filter = || refs(&key_args).chain(refs(&expect_args));
@@ -983,7 +898,7 @@ impl Step<'_> {
         self.check_rows(rows, key)?;
         for row in &before {
             let (key, image) = self.info.image(row);
-            self.record(table, key, Some(image), None);
+            self.images.record(table, key, Some(image), None);
         }
         Ok(rows)
     }
@@ -1022,13 +937,10 @@ impl Step<'_> {
                     return Err(expect_failed(key, &differ, &found, expect));
                 }
             }
-            return Err(
-                ApplyError::permanent(format!("key {} matched no row", show(key)))
-                    .with_code(codes::NO_ROW),
-            );
+            return Err(no_row(key));
         }
         if before.len() as u64 > self.max_rows {
-            return Err(self.too_many(key));
+            return Err(too_many_rows(key, self.max_rows));
         }
         Ok(before)
     }
@@ -1036,18 +948,9 @@ impl Step<'_> {
     /// Defensive: the write itself must not exceed the limit either.
     fn check_rows(&self, rows: u64, key: &Row) -> Result<(), ApplyError> {
         if rows > self.max_rows {
-            return Err(self.too_many(key));
+            return Err(too_many_rows(key, self.max_rows));
         }
         Ok(())
-    }
-
-    fn too_many(&self, key: &Row) -> ApplyError {
-        ApplyError::permanent(format!(
-            "key {} matched more than {} row(s), the most one op may change (max_rows)",
-            show(key),
-            self.max_rows
-        ))
-        .with_code(codes::TOO_MANY_ROWS)
     }
 
     /// Finds the row an insert or upsert just wrote, for its after-image: by the
@@ -1110,46 +1013,6 @@ impl Step<'_> {
         let stmt = sql::select(DIALECT, table, &self.info.select_list(), filter, limit);
         query(self.conn, &stmt)
     }
-
-    fn record(
-        &mut self,
-        table: &TableName,
-        key: Image,
-        before: Option<Image>,
-        after: Option<Image>,
-    ) {
-        self.undo.push(UndoImage {
-            op: self.index,
-            table: table.to_string(),
-            key,
-            before,
-            after,
-        });
-    }
-}
-
-/// A failed `expect`: the agent learns which columns differ, never what the row
-/// holds (it may not read them); the values found are detail for humans.
-fn expect_failed(key: &Row, differ: &[&str], found: &Image, expect: &Row) -> ApplyError {
-    ApplyError::permanent(format!(
-        "expect did not hold: key {} matched a row, but its column(s) {} differ from expect",
-        show(key),
-        show(&differ)
-    ))
-    .with_code(codes::EXPECT_FAILED)
-    .with_detail(format!(
-        "the row has {}, expect was {}",
-        show(found),
-        show(expect)
-    ))
-}
-
-fn bad_op(message: impl Into<String>) -> ApplyError {
-    ApplyError::permanent(message).with_code(codes::BAD_OP)
-}
-
-fn keys(row: &Row) -> impl Iterator<Item = &str> {
-    row.keys().map(String::as_str)
 }
 
 fn refs<'a>(
