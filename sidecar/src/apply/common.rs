@@ -8,7 +8,7 @@
 //! target module calls these with what it read inside its own transaction, so both
 //! answer the same words for the same problem.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use crate::clock::now_ms;
 
 use airlock_intent::{Column, Intent, Row, TableName};
 
@@ -149,14 +149,6 @@ pub(crate) fn new_entry(
     };
     check_reviewed(meta, &entry.undo)?;
     Ok(entry)
-}
-
-/// Milliseconds since the Unix epoch (0 before it), for `applied_at_ms` and
-/// `undone_at_ms`.
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 impl LedgerEntry {

@@ -61,7 +61,7 @@ use serde_json::Value;
 
 use super::common::{
     Columns, OpImages, check_delete, check_update, check_upsert, expect_failed, image_table,
-    key_not_unique, keys, ledger_hit, new_entry, no_row, not_in_ledger, now_ms, on_not_unique,
+    key_not_unique, keys, ledger_hit, new_entry, no_row, not_in_ledger, on_not_unique,
     too_many_rows, undoing,
 };
 use super::sql::{self, Arg, Dialect, Statement};
