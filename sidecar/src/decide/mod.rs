@@ -1,7 +1,7 @@
 //! The decide stage: asks a policy whether an intent may be applied.
 //!
 //! The parts, the first two pure:
-//! - `input` builds the policy input document v1 from an intent and its context;
+//! - `input` builds the policy input document (version 2) from an intent and its context;
 //! - `result` turns the policy's result document v1 into a [`Verdict`] and reasons;
 //! - `embedded` evaluates Rego in-process with `regorus` ([`EmbeddedPolicy`]), and
 //!   `reload` swaps in a new one when the files change ([`ReloadingPolicy`]);
