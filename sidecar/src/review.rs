@@ -1,16 +1,24 @@
 //! Review: human approvers decide intents the policy sent to review.
 //!
-//! Every way of deciding (the CLI and the HTTP endpoint) goes through these
-//! functions, so the rules live in one place: an approval names the reviewer and may
-//! name the digest it approves (a digest that is not the intent's current one is
-//! refused); `approvals` distinct reviewers are needed; one rejection rejects.
+//! Every way of deciding (the CLI, the HTTP endpoint, the demo) goes through these
+//! functions, so the rules are the same for each (the HTTP API also checks comments
+//! and a rejection's reason up front, to answer 400). This module checks what comes
+//! with a review (a reviewer name of 1 to 256 characters, comments of at most
+//! [`MAX_COMMENT`] characters, a rejection's reason, the preview seen against a fresh
+//! one); the queue's writer ([`crate::queue::Writer::approve`] and
+//! [`crate::queue::Writer::reject`]) checks the rest inside the transaction that
+//! records the review: the intent awaits review and its deadline has not passed, a
+//! digest the review names is the intent's current one, approvals come from distinct
+//! reviewers and the intent is approved when `approvals` of them agree; one
+//! rejection rejects.
 //!
 //! An approval also binds the rows the reviewer saw: the digest of the preview
-//! shown ([`crate::apply::Preview::digest`]). Front ends compute a fresh preview and
-//! refuse an approval whose preview digest is not the fresh one (the rows changed
-//! since the reviewer looked). Approvals count together only when they saw the same
-//! rows, and the apply checks the rows again inside its transaction: if they
-//! changed since, the intent goes back to review (see [`crate::pipeline`]).
+//! shown ([`crate::apply::Preview::digest`]). Front ends compute a fresh preview
+//! ([`show`]) and [`approve`] refuses an approval whose preview digest is not the
+//! fresh one (the rows changed since the reviewer looked). Approvals count together
+//! only when they saw the same rows, and the apply checks the rows again inside its
+//! transaction: if they changed since, the intent goes back to review (see
+//! [`crate::pipeline`]).
 
 use crate::apply::{ApplyError, ApplyMeta, Preview, Target, failed_preview_digest};
 use crate::lifecycle::State;
