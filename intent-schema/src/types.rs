@@ -98,7 +98,7 @@ checked_string!(
     TargetName, is_target_name, "target name"
 );
 checked_string!(
-    /// A column name: a plain SQL identifier (see [`is_identifier`]).
+    /// A column name: a plain SQL identifier (see `is_identifier`).
     Column, is_identifier, "column name"
 );
 checked_string!(
@@ -181,7 +181,7 @@ pub struct Intent {
     pub run: RunId,
     #[serde(default)]
     pub target: TargetName,
-    /// 1 to [`MAX_OPS`] ops, applied in order in one transaction.
+    /// 1 to `MAX_OPS` ops, applied in order in one transaction.
     #[serde(deserialize_with = "wire::ops")]
     pub ops: Vec<Op>,
     /// Why, for the approvers: at least one character that is not whitespace.

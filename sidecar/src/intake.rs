@@ -19,7 +19,7 @@
 //! `limits.max_file_bytes + 1` bytes of it, into a buffer that grows as bytes
 //! arrive: a file whose size the agent toggles (say with `ftruncate` to 1 TiB and
 //! back) is at worst refused as too large, and no allocation follows its metadata.
-//! A batch is committed after [`BATCH`] files or [`BATCH_BYTES`] bytes read,
+//! A batch is committed after `BATCH` files or `BATCH_BYTES` bytes read,
 //! whichever comes first, and a refusal holds only the first bytes the queue keeps
 //! ([`REFUSED_PAYLOAD_PREFIX`]).
 //!

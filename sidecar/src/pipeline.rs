@@ -1,14 +1,22 @@
 //! The pipeline: moves queued intents forward — expire, decide, apply — and tells the
-//! agent each outcome. One [`Pipeline::step`] does one pass of every stage, batching
-//! each stage's queue writes into one commit; the daemon calls it whenever intake
-//! admits something, a reviewer decides, or a timer fires.
+//! agent each outcome. One [`Pipeline::step`] does one pass of every stage (expire
+//! overdue reviews, decide, apply, write pending outcome files, then sign the
+//! checkpoints that are due), batching each stage's queue writes into one commit. The
+//! daemon calls it when intake admits something or the review endpoint records a
+//! review or an undo, again at once while steps make progress, and otherwise on a timer (which
+//! picks up reviews decided by the CLI, retries whose backoff ended, and deadlines).
 //!
 //! Order and safety:
-//! - Only approved intents are applied, and only the first still-pending intent of
-//!   each run ([`Queue::apply_heads`]): a run's intents apply in queue order, and one
+//! - Only approved intents are applied, and only those at the front of their run
+//!   ([`Queue::apply_chains`]): for each run, its first still-pending intent and the
+//!   approved ones right after it, up to the first that is not approved or is
+//!   backing off (at most 64 per run). A run's intents apply in queue order, and one
 //!   awaiting review holds back the rest of its run (DESIGN invariants 3 and 7).
-//! - An intent's writes and its ledger row commit in one target transaction before
-//!   the queue marks it applied. After a crash in between, applying again finds the
+//! - Runs apply concurrently; one run's chain goes to its target in one transaction
+//!   (a savepoint per intent, see [`Target::apply_chain`]) and stops at its first
+//!   error, so nothing overtakes an intent that has to be retried.
+//! - An intent's writes and its ledger row commit together in the target before the
+//!   queue marks it applied. After a crash in between, applying again finds the
 //!   ledger row and only marks it (invariant 2).
 //! - A policy that cannot answer leaves the intent queued, retried with backoff
 //!   (invariant 4); a transient target error retries the same way.

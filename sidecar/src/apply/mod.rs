@@ -1,4 +1,4 @@
-//! Apply: the box of DESIGN.md that writes an approved intent to its target database.
+//! Apply: the box of `docs/design.md` that writes an approved intent to its target database.
 //!
 //! One intent is one target transaction: its ops run in order, the before- and
 //! after-images of every row they touch are captured as [`UndoImage`]s, and a

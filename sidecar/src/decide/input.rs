@@ -67,7 +67,7 @@ pub struct InputContext<'a> {
     pub names: Option<&'a [ResolvedOp]>,
 }
 
-/// Builds the input document, version 1, for one intent.
+/// Builds the input document, version 2, for one intent.
 pub fn build_input(ctx: &InputContext<'_>) -> Value {
     let intent = ctx.intent;
     let counts: Map<String, Value> = ctx

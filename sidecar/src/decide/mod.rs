@@ -1,12 +1,12 @@
 //! The decide stage: asks a policy whether an intent may be applied.
 //!
 //! The parts, the first two pure:
-//! - [`input`] builds the policy input document v1 from an intent and its context;
-//! - [`result`] turns the policy's result document v1 into a [`Verdict`] and reasons;
-//! - [`embedded`] evaluates Rego in-process with `regorus` ([`EmbeddedPolicy`]), and
-//!   [`reload`] swaps in a new one when the files change ([`ReloadingPolicy`]);
-//! - [`remote`] asks an Open Policy Agent over its REST Data API ([`RemotePolicy`]);
-//! - [`policy`] is what the pipeline calls, whichever engine answers ([`Policy`]).
+//! - `input` builds the policy input document (version 2) from an intent and its context;
+//! - `result` turns the policy's result document v1 into a [`Verdict`] and reasons;
+//! - `embedded` evaluates Rego in-process with `regorus` ([`EmbeddedPolicy`]), and
+//!   `reload` swaps in a new one when the files change ([`ReloadingPolicy`]);
+//! - `remote` asks an Open Policy Agent over its REST Data API ([`RemotePolicy`]);
+//! - `policy` is what the pipeline calls, whichever engine answers ([`Policy`]).
 //!
 //! The policy is evaluated at `data.airlock.authz`, the whole package document, so
 //! the same policy runs unchanged in OPA (`POST /v1/data/airlock/authz`). Policy

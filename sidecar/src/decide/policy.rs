@@ -124,7 +124,7 @@ impl Policy {
 /// intent file, and the policy's answer.
 #[derive(Debug)]
 pub struct Trial {
-    /// The input document v1.
+    /// The input document (version 2).
     pub input: Value,
     /// The decision, or why there is none.
     pub decision: Result<Decision, PolicyError>,

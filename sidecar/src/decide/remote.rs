@@ -1,7 +1,7 @@
 //! A remote Open Policy Agent, asked over its REST Data API.
 //!
 //! `POST <url>` (e.g. `http://127.0.0.1:8181/v1/data/airlock/authz`) with
-//! `{"input": <input document v1>}`; OPA answers `{"result": <result document v1>,
+//! `{"input": <input document v2>}`; OPA answers `{"result": <result document v1>,
 //! "decision_id": "…"}`, with no `result` key when the document is undefined and a
 //! `decision_id` only when its decision log is on. The decision names the URL as its
 //! policy and carries the `decision_id`, so an audit can find OPA's own log entry.

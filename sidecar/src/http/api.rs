@@ -882,8 +882,8 @@ fn record_json(record: &Record) -> Value {
 }
 
 /// Recent previews, so pages refreshing on every queue change do not each run a
-/// transaction on the target: at most one preview per intent per [`PREVIEW_FRESH`],
-/// and at most [`PREVIEWS_AT_ONCE`] in flight.
+/// transaction on the target: at most one preview per intent per `PREVIEW_FRESH`,
+/// and at most `PREVIEWS_AT_ONCE` in flight.
 #[derive(Debug)]
 pub struct Previews {
     recent: std::sync::Mutex<BTreeMap<String, (std::time::Instant, Value)>>,
