@@ -942,9 +942,9 @@ fn open_queue_sealed(args: StateArgs) -> Result<(Queue, bool)> {
 #[cfg(not(feature = "review"))]
 fn token(_command: TokenCommand) -> Result<ExitCode> {
     anyhow::bail!(
-        "airlock token: this airlock was built without the `review` feature, so it has no \
-         review endpoint for reviewer tokens; decide reviews with airlock approve/reject, \
-         or build airlock with its default features"
+        "reviewer tokens are for the review endpoint, and this airlock was built without \
+         the `review` feature; decide reviews with airlock approve/reject, or build \
+         airlock with its default features"
     )
 }
 
