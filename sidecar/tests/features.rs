@@ -15,7 +15,7 @@ mod support;
 
 use std::process::{Output, Stdio};
 
-use support::{Sandbox, insert_customer};
+use support::Sandbox;
 
 /// Exit status of a configuration airlock cannot use.
 const EXIT_CONFIG: i32 = 64;
@@ -96,7 +96,7 @@ fn with_nothing_configured_the_endpoint_is_off_and_intents_apply() {
         .stdout(Stdio::null())
         .stderr(log);
     sb.child = Some(command.spawn().unwrap());
-    sb.submit_json(&insert_customer("c-1", "run-a", 1, "Ada"));
+    sb.submit_json(&support::insert_customer("c-1", "run-a", 1, "Ada"));
     let outcome = sb.outcome_in("c-1", "applied");
     assert_eq!(outcome["final"], true);
     assert_eq!(sb.rows("SELECT id, name FROM customers").len(), 1);
