@@ -150,7 +150,8 @@ pub struct Review {
     pub ttl_secs: u64,
     /// Where the review endpoint (HTTP API and web page) listens, `host:port`;
     /// `"off"` disables it. Port 0 picks a free port (written to
-    /// `<state>/review-endpoint`).
+    /// `<state>/review-endpoint`). [`DEFAULT_LISTEN`] unless set; an airlock built
+    /// without the `review` feature takes only `"off"`.
     pub listen: String,
     /// The reviewer tokens file (names, roles, SHA-256 hashes); defaults to
     /// `<state>/review-tokens.toml`.
@@ -235,11 +236,20 @@ impl Default for Intake {
     }
 }
 
+/// Where the review endpoint listens unless configured: `"off"` in an airlock built
+/// without the `review` feature, which has no endpoint.
+#[cfg(feature = "review")]
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Where the review endpoint listens unless configured: `"off"` in an airlock built
+/// without the `review` feature, which has no endpoint.
+#[cfg(not(feature = "review"))]
+pub const DEFAULT_LISTEN: &str = "off";
+
 impl Default for Review {
     fn default() -> Self {
         Self {
             ttl_secs: 3_600,
-            listen: "127.0.0.1:8080".to_owned(),
+            listen: DEFAULT_LISTEN.to_owned(),
             tokens: None,
             tls_cert: None,
             tls_key: None,
@@ -377,6 +387,15 @@ impl Config {
         }
         if let Some(url) = &review.public_url {
             check_public_url(url).map_err(ConfigError::Invalid)?;
+        }
+        if !cfg!(feature = "review") && !review.listen.trim().eq_ignore_ascii_case("off") {
+            return Err(ConfigError::Invalid(format!(
+                "review.listen = {:?}: this airlock was built without the `review` feature, \
+                 so it has no review endpoint; set review.listen = \"off\" (the default in \
+                 such a build) and decide reviews with airlock approve/reject, or build \
+                 airlock with its default features",
+                review.listen
+            )));
         }
         if review.tls_cert.is_some() != review.tls_key.is_some() {
             return Err(ConfigError::Invalid(
@@ -572,6 +591,26 @@ mod tests {
         assert_eq!(config.intents, PathBuf::from("./intents"));
         assert_eq!(config.results_dir(), PathBuf::from("./intents/results"));
         assert_eq!(config.targets["default"], "sqlite://./.airlock/target.db");
+    }
+
+    #[cfg(feature = "review")]
+    #[test]
+    fn the_review_endpoint_listens_by_default() {
+        let config = Config::load(None, env(&[])).unwrap();
+        assert_eq!(config.review.listen, "127.0.0.1:8080");
+    }
+
+    #[cfg(not(feature = "review"))]
+    #[test]
+    fn without_the_review_feature_a_listener_is_refused_and_off_is_the_default() {
+        let config = Config::load(None, env(&[])).unwrap();
+        assert_eq!(config.review.listen, "off");
+        assert!(Config::load(None, env(&[("AIRLOCK_REVIEW__LISTEN", "OFF")])).is_ok());
+        let error = Config::load(None, env(&[("AIRLOCK_REVIEW__LISTEN", "127.0.0.1:0")]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("review.listen"), "{error}");
+        assert!(error.contains("`review` feature"), "{error}");
     }
 
     #[test]

@@ -25,6 +25,7 @@ use tracing::{error, info, warn};
 use crate::apply::{self, Target};
 use crate::config::{self, Config};
 use crate::decide::{Policy, PolicyOptions};
+#[cfg(feature = "review")]
 use crate::http::{self, Endpoint};
 use crate::intake::Intake;
 use crate::outcome::Outcomes;
@@ -62,6 +63,7 @@ pub enum StartError {
     Key(#[from] crate::seal::SealError),
     #[error(transparent)]
     Queue(#[from] crate::queue::QueueError),
+    #[cfg(feature = "review")]
     #[error("review endpoint: {0}")]
     Endpoint(#[from] crate::http::EndpointError),
 }
@@ -246,6 +248,7 @@ pub async fn run(
     );
     let (intake_tx, intake_rx) = mpsc::channel();
     let (pipeline_tx, pipeline_rx) = mpsc::channel();
+    #[cfg(feature = "review")]
     let endpoint = Endpoint::start(
         &config,
         http::Parts {
@@ -261,6 +264,12 @@ pub async fn run(
         },
     )
     .await?;
+    // Built without the `review` feature: no endpoint (config::Review::listen is
+    // "off", the only value such a build takes).
+    #[cfg(feature = "review")]
+    let review_url = endpoint.as_ref().map(|e| e.url.clone());
+    #[cfg(not(feature = "review"))]
+    let review_url: Option<String> = None;
     let pipeline = Pipeline::new(
         &config,
         Queue::open(&config.state)?.with_sealer(sealer.clone(), checkpoints),
@@ -272,9 +281,9 @@ pub async fn run(
     let pipeline = match config.review.webhook.as_deref() {
         Some(url) => {
             // Links point at the public address, else at where the endpoint listens.
-            let base = match (&config.review.public_url, &endpoint) {
+            let base = match (&config.review.public_url, &review_url) {
                 (Some(public), _) => public.clone(),
-                (None, Some(endpoint)) => endpoint.url.clone(),
+                (None, Some(url)) => url.clone(),
                 (None, None) => {
                     warn!(
                         message = "review.webhook is set but the review endpoint is off and review.public_url is unset: message links point nowhere useful"
@@ -314,7 +323,7 @@ pub async fn run(
         targets = ?config.targets.keys().collect::<Vec<_>>(),
         policy = %policy.identity(),
         keyid = %sealer.keyid(),
-        review = endpoint.as_ref().map_or("off", |e| e.url.as_str()),
+        review = review_url.as_deref().unwrap_or("off"),
     );
 
     shutdown.await;
@@ -326,6 +335,7 @@ pub async fn run(
     let grace = Duration::from_millis(config.shutdown.grace_ms);
     let deadline = tokio::time::Instant::now() + grace;
     // Reviewers first: no decision may land while the rest drains.
+    #[cfg(feature = "review")]
     if let Some(endpoint) = endpoint {
         endpoint.stop(deadline).await;
     }

@@ -26,6 +26,17 @@
 //!    after it (apply): `apply`;
 //! 4. stages: `decide`, `review`, `undo`, `replay`, `outcome`, `intake`, `webhook`;
 //! 5. drivers: `pipeline`, `http`, `daemon`, `submit`, `demo`, `telemetry`.
+//!
+//! # Features
+//!
+//! Both on by default; `--no-default-features` builds a SQLite-only airlock without
+//! the review endpoint.
+//!
+//! - `postgres`: the PostgreSQL target (`apply::postgres`). Without it a
+//!   `postgres://` target URL is refused when the target is opened, saying so.
+//! - `review`: the review endpoint (`http`) and `airlock token`. Without it
+//!   `[review] listen` defaults to `"off"`, and any other value is a configuration
+//!   error; reviews are decided with `airlock approve` / `airlock reject`.
 #![forbid(unsafe_code)]
 
 pub mod apply;
@@ -34,6 +45,7 @@ pub mod config;
 pub mod daemon;
 pub mod decide;
 pub mod demo;
+#[cfg(feature = "review")]
 pub mod http;
 pub mod intake;
 pub mod lifecycle;

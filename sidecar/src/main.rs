@@ -937,6 +937,18 @@ fn open_queue_sealed(args: StateArgs) -> Result<(Queue, bool)> {
     }
 }
 
+/// Reviewer tokens are for the review endpoint, which a build without the `review`
+/// feature lacks: say so rather than manage a file nothing reads.
+#[cfg(not(feature = "review"))]
+fn token(_command: TokenCommand) -> Result<ExitCode> {
+    anyhow::bail!(
+        "reviewer tokens are for the review endpoint, and this airlock was built without \
+         the `review` feature; decide reviews with airlock approve/reject, or build \
+         airlock with its default features"
+    )
+}
+
+#[cfg(feature = "review")]
 fn token(command: TokenCommand) -> Result<ExitCode> {
     use airlock::http::auth;
     match command {

@@ -68,6 +68,7 @@
 //! [`codes::ROWS_CHANGED`] and nothing is written.
 
 mod common;
+#[cfg(feature = "postgres")]
 pub mod postgres;
 pub mod sql;
 pub mod sqlite;
@@ -79,6 +80,7 @@ use airlock_intent::{Intent, Op};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+#[cfg(feature = "postgres")]
 pub use postgres::PostgresTarget;
 pub use sqlite::SqliteTarget;
 
@@ -735,11 +737,15 @@ impl ApplyError {
 /// - `postgres://…` or `postgresql://…` (libpq's URL form, plus `pool_size=N`; see
 ///   [`PostgresTarget::open`]). Nothing is connected yet, so a database that is down
 ///   does not stop start-up: its connection errors are transient apply errors. Needs
-///   a tokio runtime when applying, not when opening.
+///   a tokio runtime when applying, not when opening. Only with the `postgres`
+///   feature (a default one); without it such a URL is a permanent error saying so.
 ///
 /// Errors never repeat the URL itself, which for server databases holds credentials.
 pub fn open(name: &str, url: &str) -> Result<Arc<dyn Target>, ApplyError> {
+    #[cfg(feature = "postgres")]
     const SUPPORTED: &str = "supported: sqlite://<path>, postgres://user@host/db";
+    #[cfg(not(feature = "postgres"))]
+    const SUPPORTED: &str = "supported by this build (no `postgres` feature): sqlite://<path>";
     if let Some(path) = url.strip_prefix("sqlite://") {
         if path.is_empty() {
             return Err(ApplyError::permanent(format!(
@@ -752,8 +758,17 @@ pub fn open(name: &str, url: &str) -> Result<Arc<dyn Target>, ApplyError> {
     }
     let scheme = url.split_once("://").map(|(scheme, _)| scheme);
     let message = match scheme {
+        #[cfg(feature = "postgres")]
         Some(s) if s.eq_ignore_ascii_case("postgres") || s.eq_ignore_ascii_case("postgresql") => {
             return Ok(Arc::new(PostgresTarget::open(name, url)?));
+        }
+        #[cfg(not(feature = "postgres"))]
+        Some(s) if s.eq_ignore_ascii_case("postgres") || s.eq_ignore_ascii_case("postgresql") => {
+            format!(
+                "target {name:?}: this airlock was built without the `postgres` feature, so \
+                 it cannot open {s}:// targets; use sqlite://<path>, or build airlock with \
+                 its default features"
+            )
         }
         Some(s) => format!("target {name:?}: unsupported URL scheme {s:?}; {SUPPORTED}"),
         None => {
@@ -833,8 +848,9 @@ mod tests {
         assert!(shown.ends_with('…'));
     }
 
+    #[cfg(feature = "postgres")]
     #[test]
-    fn open_refuses_other_schemes_without_echoing_the_url() {
+    fn open_takes_postgres_urls_without_echoing_them() {
         // PostgreSQL opens lazily: nothing listens at db, and nothing is connected.
         let target = open("main", "postgres://user:secret@db/x").unwrap();
         assert_eq!(target.name(), "main");
@@ -843,6 +859,28 @@ mod tests {
         assert!(err.message.contains("pool_size"), "{err}");
         assert!(!err.message.contains("secret"), "{err}");
         assert_eq!(err.code.as_deref(), Some(codes::UNSUPPORTED_URL));
+    }
+
+    #[cfg(not(feature = "postgres"))]
+    #[test]
+    fn open_names_the_missing_postgres_feature_without_echoing_the_url() {
+        for url in [
+            "postgres://user:secret@db/x",
+            "PostgreSQL://user:secret@db/x",
+        ] {
+            let err = open("main", url).unwrap_err();
+            assert!(err.message.contains("`postgres` feature"), "{err}");
+            assert!(err.message.contains("\"main\""), "{err}");
+            assert!(!err.message.contains("secret"), "{err}");
+            assert_eq!(err.kind, ErrorKind::Permanent);
+            assert_eq!(err.code.as_deref(), Some(codes::UNSUPPORTED_URL));
+        }
+        let err = open("main", "mysql://h/db").unwrap_err();
+        assert!(!err.message.contains("postgres://"), "{err}");
+    }
+
+    #[test]
+    fn open_refuses_other_schemes_without_echoing_the_url() {
         let err = open("main", "mysql://h/db").unwrap_err();
         assert!(err.message.contains("\"mysql\""), "{err}");
         assert!(err.message.contains("sqlite://"), "{err}");
