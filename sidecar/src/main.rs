@@ -622,22 +622,7 @@ fn approve(
     comment: Option<&str>,
     state: StateArgs,
 ) -> Result<ExitCode> {
-    let config = load_run_config(RunArgs {
-        config: state.config.clone(),
-        intents: None,
-        results: None,
-        state: state.state.clone(),
-        target,
-        policy: PolicyArgs {
-            policy: None,
-            policy_url: None,
-        },
-        check: false,
-    })?;
-    let mut queue = open_queue(StateArgs {
-        config: state.config,
-        state: Some(config.state.clone()),
-    })?;
+    let (config, mut queue) = config_and_queue(state, target)?;
     let row = queue
         .intent(id)?
         .ok_or_else(|| airlock::queue::QueueError::NotFound(id.to_owned()))?;
@@ -704,25 +689,38 @@ fn print_preview(intent: &airlock_intent::Intent, shown: &airlock::review::Shown
     Ok(())
 }
 
-/// `airlock undo`.
-fn undo(args: UndoArgs) -> Result<ExitCode> {
-    use airlock::undo::{Outcome, Request};
+/// The configuration (state and targets, no policy) and the queue, for a command
+/// that works on queued intents and their target (`approve`, `undo`).
+fn config_and_queue(state: StateArgs, target: Option<String>) -> Result<(Config, Queue)> {
     let config = load_run_config(RunArgs {
-        config: args.config.clone(),
+        config: state.config.clone(),
         intents: None,
         results: None,
-        state: args.state.clone(),
-        target: args.target.clone(),
+        state: state.state,
+        target,
         policy: PolicyArgs {
             policy: None,
             policy_url: None,
         },
         check: false,
     })?;
-    let mut queue = open_queue(StateArgs {
-        config: args.config,
+    let queue = open_queue(StateArgs {
+        config: state.config,
         state: Some(config.state.clone()),
     })?;
+    Ok((config, queue))
+}
+
+/// `airlock undo`.
+fn undo(args: UndoArgs) -> Result<ExitCode> {
+    use airlock::undo::{Outcome, Request};
+    let (config, mut queue) = config_and_queue(
+        StateArgs {
+            config: args.config,
+            state: args.state,
+        },
+        args.target,
+    )?;
     let request = Request {
         run: args.run,
         intent: args.intent,

@@ -218,25 +218,13 @@ pub(crate) fn resolve_op(
         } => {
             check_columns(columns, spelled, "key", key.keys().map(String::as_str))?;
             check_columns(columns, spelled, "set", set.keys().map(String::as_str))?;
-            if let Some(expect) = expect {
-                check_columns(
-                    columns,
-                    spelled,
-                    "expect",
-                    expect.keys().map(String::as_str),
-                )?;
-            }
+            let expected = expect.iter().flat_map(|e| e.keys().map(String::as_str));
+            check_columns(columns, spelled, "expect", expected)?;
         }
         Op::Delete { key, expect, .. } => {
             check_columns(columns, spelled, "key", key.keys().map(String::as_str))?;
-            if let Some(expect) = expect {
-                check_columns(
-                    columns,
-                    spelled,
-                    "expect",
-                    expect.keys().map(String::as_str),
-                )?;
-            }
+            let expected = expect.iter().flat_map(|e| e.keys().map(String::as_str));
+            check_columns(columns, spelled, "expect", expected)?;
         }
     }
     let written = op
