@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::apply::{self, ApplyError, Target, UndoConflict, UndoImage};
 use crate::queue::{Queue, QueueError};
@@ -325,15 +325,18 @@ pub async fn undo(
                     .iter()
                     .filter(|c| &c.intent_id == id)
                     .collect();
-                let mut data = json!({ "by": request.by, "target": name });
-                if request.force {
-                    data["forced"] = json!(true);
-                    data["conflicts"] = json!(conflicts);
-                }
-                if report.already.contains(id) {
-                    data["recorded_after_target"] = json!(true);
-                }
-                w.record_undone(id, data)?;
+                let undone = crate::log::Undone {
+                    by: request.by.clone(),
+                    target: name.to_owned(),
+                    forced: request.force.then_some(true),
+                    conflicts: if request.force {
+                        Some(serde_json::to_value(&conflicts)?)
+                    } else {
+                        None
+                    },
+                    recorded_after_target: report.already.contains(id).then_some(true),
+                };
+                w.record_undone(id, undone)?;
             }
             Ok(())
         })?;
@@ -351,6 +354,7 @@ pub async fn undo(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn image(table: &str, id: i64) -> UndoImage {
         let key: apply::Image = serde_json::from_value(json!({ "id": id })).unwrap();
