@@ -50,6 +50,7 @@ use crate::clock::now_ms;
 use crate::config::Config;
 use crate::decide::{InputContext, Policy, build_input, preview_json};
 use crate::lifecycle::{State, Verdict};
+use crate::log;
 use crate::outcome::{Outcome, Outcomes};
 use crate::queue::{DecisionOutcome, IntentRow, Queue, QueueError};
 use crate::webhook::{ReviewNotice, Webhook};
@@ -417,7 +418,7 @@ impl Pipeline {
             for (row, result) in heads.iter().zip(results) {
                 match result {
                     Ok(applied) => {
-                        let record = crate::log::Applied {
+                        let record = log::Applied {
                             already: applied.already,
                             ops: serde_json::to_value(&applied.ops)?,
                             target: row.target.clone(),

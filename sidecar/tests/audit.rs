@@ -228,3 +228,35 @@ fn a_queue_written_by_an_earlier_release_still_loads_verifies_and_exports() {
         String::from_utf8_lossy(&exported)
     );
 }
+
+#[test]
+fn every_record_an_earlier_release_wrote_reads_back_typed_and_encodes_to_its_bytes() {
+    use airlock::log::{Link, Record, RecordLine};
+    let export =
+        std::fs::read_to_string(std::path::Path::new(FIXTURE).join("export.jsonl")).unwrap();
+    let mut records = 0;
+    for line in export.lines() {
+        let Ok(record) = serde_json::from_str::<RecordLine>(line) else {
+            continue;
+        };
+        records += 1;
+        let entry = record
+            .entry()
+            .unwrap_or_else(|e| panic!("{line}: not a typed entry: {e}"));
+        assert_eq!(Ok(entry.name()), record.event(), "{line}");
+        let (bytes, _) = Record {
+            run: &record.run,
+            link: Link {
+                seq: record.seq,
+                prev: record.prev.clone(),
+            },
+            intent: record.intent.as_deref(),
+            entry: &entry,
+            at: record.at,
+        }
+        .encode()
+        .unwrap();
+        assert_eq!(String::from_utf8(bytes).unwrap(), line);
+    }
+    assert_eq!(records, 33);
+}
