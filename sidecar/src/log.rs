@@ -30,7 +30,10 @@ pub const INTENT: &str = "intent";
 /// The `type` of a checkpoint line of an export, and of a checkpoint's payload.
 pub const CHECKPOINT: &str = "checkpoint";
 
-/// What a record says happened: its `event` member.
+/// What a record says happened: its `event` member. Not the same vocabulary as
+/// [`crate::lifecycle::Event`], the state machine's input: one record may stand for
+/// two lifecycle events (`applied` is ApplyStarted then ApplySucceeded), `failed`
+/// for either of two, and `invalid` for none (see `docs/log-format.md`, 3.1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EventName {

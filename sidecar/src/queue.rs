@@ -12,7 +12,8 @@
 //! - **One state change, one record.** Each change of an intent's state is checked by
 //!   the pure state machine ([`State::next`]) and appended, in the same transaction,
 //!   as a record of its run's log: a JSON statement holding the SHA-256 of the
-//!   previous record of the run, so the log is a hash chain. Intents are stored with
+//!   previous record of the run, so the log is a hash chain. What a record says and
+//!   its exact bytes come from [`crate::log`]; the queue only persists them. Intents are stored with
 //!   their DSSE envelope (the exact bytes, signed at intake).
 //! - **Checkpoints.** A checkpoint is a DSSE envelope, signed with the sidecar key,
 //!   over a run's head (sequence number and digest of its last record). With a key,
