@@ -20,7 +20,9 @@
 //! a back edge; a new module must be placed in it. The `airlock` binary (`main.rs`)
 //! is above them all.
 //!
-//! 1. vocabulary, pure: `clock`, `lifecycle` (states, verdicts, decisions), `config`;
+//! 1. vocabulary, pure: `clock`, `lifecycle` (states, verdicts, decisions), `log`
+//!    (run-log records, their encoding and chaining, checkpoints, export lines),
+//!    `config`;
 //! 2. storage and trust: `state`, `seal`, `verify`, `queue`;
 //! 3. the target, which the pipeline asks before the policy (names, preview) and
 //!    after it (apply): `apply`;
@@ -49,6 +51,7 @@ pub mod demo;
 pub mod http;
 pub mod intake;
 pub mod lifecycle;
+pub mod log;
 pub mod outcome;
 pub mod pipeline;
 pub mod queue;

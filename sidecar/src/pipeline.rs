@@ -58,6 +58,7 @@ use crate::clock::now_ms;
 use crate::config::Config;
 use crate::decide::{InputContext, Policy, build_input, preview_json};
 use crate::lifecycle::{State, Verdict};
+use crate::log;
 use crate::outcome::{Outcome, Outcomes};
 use crate::queue::{DecisionOutcome, IntentRow, Queue, QueueError};
 use crate::webhook::{ReviewNotice, Webhook};
@@ -425,13 +426,13 @@ impl Pipeline {
             for (row, result) in heads.iter().zip(results) {
                 match result {
                     Ok(applied) => {
-                        let summary = json!({
-                            "target": row.target,
-                            "already": applied.already,
-                            "ops": applied.ops,
-                            "undo": applied.ledger.undo,
-                        });
-                        w.record_applied(&row.id, summary)?;
+                        let record = log::Applied {
+                            already: applied.already,
+                            ops: serde_json::to_value(&applied.ops)?,
+                            target: row.target.clone(),
+                            undo: serde_json::to_value(&applied.ledger.undo)?,
+                        };
+                        w.record_applied(&row.id, record)?;
                         report.applied += 1;
                         info!(message = "intent applied", id = %row.id, run = %row.run, target = %row.target, already = applied.already);
                     }

@@ -12,7 +12,8 @@
 //! - **One state change, one record.** Each change of an intent's state is checked by
 //!   the pure state machine ([`State::next`]) and appended, in the same transaction,
 //!   as a record of its run's log: a JSON statement holding the SHA-256 of the
-//!   previous record of the run, so the log is a hash chain. Intents are stored with
+//!   previous record of the run, so the log is a hash chain. What a record says and
+//!   its exact bytes come from [`crate::log`]; the queue only persists them. Intents are stored with
 //!   their DSSE envelope (the exact bytes, signed at intake).
 //! - **Checkpoints.** A checkpoint is a DSSE envelope, signed with the sidecar key,
 //!   over a run's head (sequence number and digest of its last record). With a key,
@@ -53,6 +54,7 @@ use serde_json::{Value, json};
 
 use crate::clock::now_ms;
 use crate::lifecycle::{Decision, Event, IllegalTransition, State, UnknownState, Verdict};
+use crate::log::{self, CheckpointPayload, Entry, ExportLine, Link};
 use crate::seal::{self, Sealer};
 
 /// The schema version this code writes.
@@ -558,7 +560,7 @@ impl Queue {
                 .query_map([&run], |row| Ok((row.get(0)?, row.get(1)?)))?
                 .collect::<Result<_, _>>()?;
             for record in self.records(&run)? {
-                if record.event == "received"
+                if record.event == log::EventName::Received.as_str()
                     && let Some(id) = &record.intent_id
                 {
                     let envelope: Vec<u8> = self
@@ -566,17 +568,19 @@ impl Queue {
                         .prepare_cached("SELECT envelope FROM intents WHERE id = ?1")?
                         .query_row([id], |row| row.get(0))?;
                     let envelope: Value = serde_json::from_slice(&envelope)?;
-                    lines.push(serde_json::to_vec(
-                        &json!({"type": "intent", "id": id, "envelope": envelope}),
-                    )?);
+                    lines.push(
+                        ExportLine::Intent {
+                            id: id.clone(),
+                            envelope,
+                        }
+                        .encode()?,
+                    );
                 }
                 let seq = record.seq;
                 lines.push(record.body);
                 if let Some(envelope) = checkpoints.remove(&seq) {
                     let envelope: Value = serde_json::from_slice(&envelope)?;
-                    lines.push(serde_json::to_vec(
-                        &json!({"type": "checkpoint", "envelope": envelope}),
-                    )?);
+                    lines.push(ExportLine::Checkpoint { envelope }.encode()?);
                 }
             }
         }
@@ -1065,12 +1069,11 @@ impl Writer<'_> {
         self.append_record(
             intent.run.as_str(),
             Some(id),
-            "received",
-            json!({
-                "digest": arrival.digest,
-                "file": arrival.file,
-                "target": intent.target.as_str(),
-                "keyid": arrival.keyid,
+            &Entry::Received(log::Received {
+                digest: arrival.digest.clone(),
+                file: arrival.file.clone(),
+                keyid: arrival.keyid.clone(),
+                target: intent.target.to_string(),
             }),
         )?;
         Ok(Admission::Queued)
@@ -1133,13 +1136,12 @@ impl Writer<'_> {
         self.append_record(
             run,
             None,
-            "invalid",
-            json!({
-                "file": refusal.file,
-                "id": refusal.id,
-                "kind": refusal.kind,
-                "digest": refusal.digest,
-                "problems": refusal.problems,
+            &Entry::Invalid(log::Invalid {
+                digest: refusal.digest.clone(),
+                file: refusal.file.clone(),
+                id: refusal.id.clone(),
+                kind: refusal.kind.to_owned(),
+                problems: refusal.problems.clone(),
             }),
         )
     }
@@ -1178,8 +1180,10 @@ impl Writer<'_> {
                 self.append_record(
                     &row.run,
                     Some(id),
-                    "decided",
-                    json!({ "decision": decision, "state": next }),
+                    &Entry::Decided(log::Decided {
+                        decision: decision.clone(),
+                        state: next,
+                    }),
                 )?;
                 Ok(next)
             }
@@ -1201,7 +1205,14 @@ impl Writer<'_> {
                 "UPDATE intents SET state = ?2, error = ?3, updated_at = ?4, outcome_pending = 1 WHERE id = ?1",
             )?
             .execute(params![id, next.as_str(), serde_json::to_string(&error)?, self.now])?;
-        self.append_record(&row.run, Some(id), "failed", json!({ "error": error }))?;
+        self.append_record(
+            &row.run,
+            Some(id),
+            &Entry::Failed(log::Failed {
+                error,
+                detail: None,
+            }),
+        )?;
         Ok(next)
     }
 
@@ -1243,8 +1254,11 @@ impl Writer<'_> {
         self.append_record(
             &row.run,
             Some(id),
-            if quorum_met { "approved" } else { "approval" },
-            approval_data(approval, &row.digest),
+            &if quorum_met {
+                Entry::Approved(approval_data(approval, &row.digest))
+            } else {
+                Entry::Approval(approval_data(approval, &row.digest))
+            },
         )?;
         Ok(ReviewProgress {
             state: next,
@@ -1277,8 +1291,11 @@ impl Writer<'_> {
         self.append_record(
             &row.run,
             Some(id),
-            "rejected",
-            json!({ "by": reviewer, "digest": row.digest, "reason": reason }),
+            &Entry::Rejected(log::Rejected {
+                by: reviewer.to_owned(),
+                digest: row.digest.clone(),
+                reason: reason.to_owned(),
+            }),
         )?;
         Ok(next)
     }
@@ -1291,14 +1308,15 @@ impl Writer<'_> {
         self.append_record(
             &row.run,
             Some(id),
-            "expired",
-            json!({ "deadline": row.review_deadline }),
+            &Entry::Expired(log::Expired {
+                deadline: row.review_deadline,
+            }),
         )?;
         Ok(next)
     }
 
     /// Records that an intent's writes are committed in its target.
-    pub fn record_applied(&mut self, id: &str, summary: Value) -> Result<State, QueueError> {
+    pub fn record_applied(&mut self, id: &str, applied: log::Applied) -> Result<State, QueueError> {
         let row = self.intent(id)?;
         let next = row.state.next(&Event::ApplySucceeded)?;
         self.tx
@@ -1306,17 +1324,17 @@ impl Writer<'_> {
                 "UPDATE intents SET state = ?2, error = NULL, updated_at = ?3, outcome_pending = 1 WHERE id = ?1",
             )?
             .execute(params![id, next.as_str(), self.now])?;
-        self.append_record(&row.run, Some(id), "applied", summary)?;
+        self.append_record(&row.run, Some(id), &Entry::Applied(applied))?;
         Ok(next)
     }
 
     /// Records that an applied intent's writes were reverted in its target (state
-    /// Undone); `data` says by whom, whether forced, and any overridden conflicts.
-    pub fn record_undone(&mut self, id: &str, data: Value) -> Result<State, QueueError> {
+    /// Undone); `undone` says by whom, whether forced, and any overridden conflicts.
+    pub fn record_undone(&mut self, id: &str, undone: log::Undone) -> Result<State, QueueError> {
         let row = self.intent(id)?;
         let next = row.state.next(&Event::Undo)?;
         self.set_state(id, next)?;
-        self.append_record(&row.run, Some(id), "undone", data)?;
+        self.append_record(&row.run, Some(id), &Entry::Undone(undone))?;
         Ok(next)
     }
 
@@ -1336,11 +1354,14 @@ impl Writer<'_> {
                 "UPDATE intents SET state = ?2, error = ?3, updated_at = ?4, outcome_pending = 1 WHERE id = ?1",
             )?
             .execute(params![id, next.as_str(), serde_json::to_string(&error)?, self.now])?;
-        let mut data = json!({ "error": error });
-        if let Some(detail) = detail {
-            data["detail"] = detail.into();
-        }
-        self.append_record(&row.run, Some(id), "failed", data)?;
+        self.append_record(
+            &row.run,
+            Some(id),
+            &Entry::Failed(log::Failed {
+                error,
+                detail: detail.map(str::to_owned),
+            }),
+        )?;
         Ok(next)
     }
 
@@ -1374,13 +1395,12 @@ impl Writer<'_> {
         self.append_record(
             &row.run,
             Some(id),
-            "rows_changed",
-            json!({
-                "state": next,
-                "error": error,
-                "detail": detail,
-                "voided": voided,
-                "deadline": review_deadline,
+            &Entry::RowsChanged(log::RowsChanged {
+                deadline: review_deadline,
+                detail: detail.map(str::to_owned),
+                error,
+                state: next,
+                voided,
             }),
         )?;
         Ok(next)
@@ -1474,40 +1494,43 @@ impl Writer<'_> {
         &mut self,
         run: &str,
         intent_id: Option<&str>,
-        event: &str,
-        data: Value,
+        entry: &Entry,
     ) -> Result<(), QueueError> {
         let head: Option<(i64, String)> = self
             .tx
             .prepare_cached("SELECT head_seq, head_digest FROM runs WHERE run = ?1")?
             .query_row([run], |row| Ok((row.get(0)?, row.get(1)?)))
             .optional()?;
-        let (seq, prev) = match head {
-            Some((seq, digest)) => (seq + 1, Value::String(digest)),
-            None => (1, Value::Null),
+        let head = match &head {
+            Some((seq, digest)) => Some((
+                u64::try_from(*seq)
+                    .map_err(|_| QueueError::Corrupt(format!("run {run} has head seq {seq}")))?,
+                digest.as_str(),
+            )),
+            None => None,
         };
-        let body = serde_json::to_vec(&json!({
-            "type": "record",
-            "run": run,
-            "seq": seq,
-            "intent": intent_id,
-            "event": event,
-            "data": data,
-            "at": self.now,
-            "prev": prev,
-        }))?;
-        let digest = seal::digest(&body);
+        let link = Link::after(head);
+        let seq = link.seq;
+        let (body, digest) = log::Record {
+            run,
+            link,
+            intent: intent_id,
+            entry,
+            at: self.now,
+        }
+        .encode()?;
+        let event = entry.name().as_str();
         self.tx
             .prepare_cached(
                 "INSERT INTO records (run, seq, intent_id, event, body, digest) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?
-            .execute(params![run, seq, intent_id, event, body, digest])?;
+            .execute(params![run, seq as i64, intent_id, event, body, digest])?;
         self.tx
             .prepare_cached(
                 "INSERT INTO runs (run, head_seq, head_digest) VALUES (?1, ?2, ?3) \
                  ON CONFLICT (run) DO UPDATE SET head_seq = excluded.head_seq, head_digest = excluded.head_digest",
             )?
-            .execute(params![run, seq, digest])?;
+            .execute(params![run, seq as i64, digest])?;
         self.touched.insert(run.to_owned());
         Ok(())
     }
@@ -1539,13 +1562,9 @@ impl Writer<'_> {
         if !due {
             return Ok(false);
         }
-        let payload = serde_json::to_vec(&json!({
-            "type": "checkpoint",
-            "run": run,
-            "seq": head_seq,
-            "head": head_digest,
-            "at": self.now,
-        }))?;
+        let seq = u64::try_from(head_seq)
+            .map_err(|_| QueueError::Corrupt(format!("run {run} has head seq {head_seq}")))?;
+        let payload = CheckpointPayload::new(run, seq, &head_digest, self.now).encode()?;
         let envelope = sealer
             .seal(seal::CHECKPOINT_PAYLOAD_TYPE, payload)
             .to_json()
@@ -1564,24 +1583,30 @@ impl Writer<'_> {
 }
 
 /// The data of an `approval` or `approved` record of an intent with digest `digest`.
-fn approval_data(approval: &Approval<'_>, digest: &str) -> Value {
-    let mut data = json!({
-        "by": approval.reviewer,
-        "digest": digest,
-        "preview": approval.preview,
-        "comment": approval.comment,
-        "approvals": approval.approvals,
-        "needed": approval.needed,
-    });
-    if !approval.voided.is_empty() {
-        data["voided"] = json!(approval.voided);
+fn approval_data(approval: &Approval<'_>, digest: &str) -> log::Approval {
+    log::Approval {
+        approvals: approval.approvals,
+        by: approval.reviewer.to_owned(),
+        comment: approval.comment.map(str::to_owned),
+        digest: digest.to_owned(),
+        needed: approval.needed,
+        preview: approval.preview.to_owned(),
+        voided: approval.voided.to_vec(),
     }
-    data
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn applied_to(target: &str) -> log::Applied {
+        log::Applied {
+            already: false,
+            ops: json!([]),
+            target: target.to_owned(),
+            undo: json!([]),
+        }
+    }
 
     fn arrival(id: &str, run: &str, body: &str) -> Arrival {
         let text = format!(
@@ -1824,7 +1849,8 @@ mod tests {
             .map(|r| r.id)
             .collect();
         assert_eq!(heads, vec!["a1", "b1"]);
-        q.write(|w| w.record_applied("a1", json!({}))).unwrap();
+        q.write(|w| w.record_applied("a1", applied_to("t")))
+            .unwrap();
         let heads: Vec<String> = q
             .apply_heads(i64::MAX, 10)
             .unwrap()
@@ -1833,7 +1859,10 @@ mod tests {
             .collect();
         assert_eq!(heads, vec!["a2", "b1"]);
         // Applied is final for the lifecycle: applying again is illegal.
-        assert!(q.write(|w| w.record_applied("a1", json!({}))).is_err());
+        assert!(
+            q.write(|w| w.record_applied("a1", applied_to("t")))
+                .is_err()
+        );
     }
 
     #[test]

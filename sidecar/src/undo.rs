@@ -24,9 +24,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::apply::{self, ApplyError, Target, UndoConflict, UndoImage};
+use crate::log::{self, EventName};
 use crate::queue::{Queue, QueueError};
 use crate::seal::Envelope;
 
@@ -97,13 +98,6 @@ struct Line {
     data: Option<Value>,
 }
 
-#[derive(Deserialize)]
-struct AppliedData {
-    target: String,
-    #[serde(default)]
-    undo: Vec<UndoImage>,
-}
-
 impl RunLog {
     /// Reads the lines of an export (records, checkpoints and intent envelopes) of
     /// run `run`; lines of other runs are skipped. Checks shapes only: verify the
@@ -124,27 +118,33 @@ impl RunLog {
             };
             let line: Line = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
             match line.kind.as_str() {
-                "intent" => {
+                log::INTENT => {
                     let (Some(id), Some(envelope)) = (line.id, line.envelope) else {
                         return Err(bad("an intent line needs id and envelope".to_owned()));
                     };
                     log.payloads.insert(id, envelope.payload);
                 }
-                "record" if line.run.as_deref() == Some(run) => {
+                log::RECORD if line.run.as_deref() == Some(run) => {
                     let Some(id) = line.intent else { continue };
-                    match line.event.as_deref() {
-                        Some("applied") => {
-                            let data: AppliedData = serde_json::from_value(
-                                line.data.unwrap_or(Value::Null),
-                            )
-                            .map_err(|e| bad(format!("applied record of intent {id}: {e}")))?;
+                    match line.event.as_deref().map(str::parse::<EventName>) {
+                        Some(Ok(EventName::Applied)) => {
+                            let bad = |e: serde_json::Error| {
+                                bad(format!("applied record of intent {id}: {e}"))
+                            };
+                            let data: log::Applied =
+                                serde_json::from_value(line.data.unwrap_or(Value::Null))
+                                    .map_err(bad)?;
+                            let undo = match data.undo {
+                                Value::Null => Vec::new(),
+                                images => serde_json::from_value(images).map_err(bad)?,
+                            };
                             log.applied.push(AppliedIntent {
                                 id,
                                 target: data.target,
-                                undo: data.undo,
+                                undo,
                             });
                         }
-                        Some("undone") => {
+                        Some(Ok(EventName::Undone)) => {
                             log.undone.insert(id);
                         }
                         _ => {}
@@ -325,15 +325,18 @@ pub async fn undo(
                     .iter()
                     .filter(|c| &c.intent_id == id)
                     .collect();
-                let mut data = json!({ "by": request.by, "target": name });
-                if request.force {
-                    data["forced"] = json!(true);
-                    data["conflicts"] = json!(conflicts);
-                }
-                if report.already.contains(id) {
-                    data["recorded_after_target"] = json!(true);
-                }
-                w.record_undone(id, data)?;
+                let undone = log::Undone {
+                    by: request.by.clone(),
+                    target: name.to_owned(),
+                    forced: request.force.then_some(true),
+                    conflicts: if request.force {
+                        Some(serde_json::to_value(&conflicts)?)
+                    } else {
+                        None
+                    },
+                    recorded_after_target: report.already.contains(id).then_some(true),
+                };
+                w.record_undone(id, undone)?;
             }
             Ok(())
         })?;
@@ -351,6 +354,7 @@ pub async fn undo(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn image(table: &str, id: i64) -> UndoImage {
         let key: apply::Image = serde_json::from_value(json!({ "id": id })).unwrap();

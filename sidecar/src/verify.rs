@@ -43,6 +43,7 @@ use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 
 use crate::lifecycle::{Event, State, Verdict};
+use crate::log::{self, CheckpointPayload, EventName, RecordLine};
 use crate::seal::{CHECKPOINT_PAYLOAD_TYPE, Envelope, INTENT_PAYLOAD_TYPE, Verifier, digest};
 
 /// Whether the log is a finished export or the live log of a running sidecar.
@@ -321,36 +322,6 @@ pub fn verify(
     verification.finish(options)
 }
 
-/// A record line, as Airlock writes it.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RecordLine {
-    #[allow(dead_code)]
-    at: i64,
-    data: serde_json::Map<String, Value>,
-    event: String,
-    intent: Option<String>,
-    prev: Option<String>,
-    run: String,
-    seq: u64,
-    #[serde(rename = "type")]
-    #[allow(dead_code)]
-    kind: String,
-}
-
-/// The payload of a checkpoint envelope.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CheckpointPayload {
-    #[allow(dead_code)]
-    at: i64,
-    head: String,
-    run: String,
-    seq: u64,
-    #[serde(rename = "type")]
-    kind: String,
-}
-
 /// An intent line waiting for its `received` record (the next line).
 struct IntentLine {
     line: usize,
@@ -449,12 +420,12 @@ impl Verification<'_> {
             }
         };
         match value.get("type").and_then(Value::as_str) {
-            Some("record") => self.record(line, bytes, value),
-            Some("intent") => {
+            Some(log::RECORD) => self.record(line, bytes, value),
+            Some(log::INTENT) => {
                 self.flush_pending();
                 self.intent_line(line, value);
             }
-            Some("checkpoint") => {
+            Some(log::CHECKPOINT) => {
                 self.flush_pending();
                 self.checkpoint(line, value);
             }
@@ -557,7 +528,7 @@ impl Verification<'_> {
             );
             return;
         }
-        if claims.kind != "checkpoint" {
+        if claims.kind != log::CHECKPOINT {
             state.fail(
                 run,
                 line,
@@ -711,7 +682,7 @@ impl Verification<'_> {
     ) -> bool {
         let pending = match pending {
             Some(p)
-                if record.event == "received"
+                if record.event() == Ok(EventName::Received)
                     && record.intent.as_deref() == Some(p.id.as_str()) =>
             {
                 Some(p)
@@ -723,7 +694,8 @@ impl Verification<'_> {
             None => None,
         };
         let name = record.event.as_str();
-        if name == "invalid" {
+        let event = record.event();
+        if event == Ok(EventName::Invalid) {
             if record.intent.is_some() {
                 findings.push((line, "an invalid record must have intent null".to_owned()));
             }
@@ -736,7 +708,7 @@ impl Verification<'_> {
             ));
             return false;
         };
-        if name == "received" {
+        if event == Ok(EventName::Received) {
             return self.received(line, record, id, pending, findings);
         }
         let Some(track) = self.intents.get_mut(id) else {
@@ -758,8 +730,10 @@ impl Verification<'_> {
         }
         let data = &record.data;
         let from = track.state;
-        let next = match name {
-            "decided" => {
+        let next = match event {
+            // Answered above.
+            Ok(EventName::Invalid | EventName::Received) => return false,
+            Ok(EventName::Decided) => {
                 let Some(verdict) = decided_verdict(data) else {
                     findings.push((
                         line,
@@ -791,9 +765,9 @@ impl Verification<'_> {
                 }
                 next
             }
-            "approval" | "approved" => {
+            Ok(EventName::Approval | EventName::Approved) => {
                 check_review_digest(name, data, track, line, findings);
-                let quorum_met = name == "approved";
+                let quorum_met = event == Ok(EventName::Approved);
                 // Approvals of another preview than this one's no longer count.
                 for voided in data
                     .get("voided")
@@ -831,23 +805,23 @@ impl Verification<'_> {
                 }
                 from.next(&Event::Approval { quorum_met })
             }
-            "rejected" => {
+            Ok(EventName::Rejected) => {
                 check_review_digest(name, data, track, line, findings);
                 from.next(&Event::Rejection)
             }
-            "expired" => from.next(&Event::Expiry),
-            "applied" => from.next(&Event::ApplySucceeded),
+            Ok(EventName::Expired) => from.next(&Event::Expiry),
+            Ok(EventName::Applied) => from.next(&Event::ApplySucceeded),
             // From `queued`: its names did not resolve in the target, before policy.
-            "failed" if from == State::Queued => from.next(&Event::Unresolvable),
-            "failed" => from.next(&Event::ApplyFailed { permanent: true }),
-            "undone" => from.next(&Event::Undo),
-            "rows_changed" => {
+            Ok(EventName::Failed) if from == State::Queued => from.next(&Event::Unresolvable),
+            Ok(EventName::Failed) => from.next(&Event::ApplyFailed { permanent: true }),
+            Ok(EventName::Undone) => from.next(&Event::Undo),
+            Ok(EventName::RowsChanged) => {
                 // Back to review: every approval so far is void.
                 track.approvers.clear();
                 from.next(&Event::RowsChanged)
             }
-            other => {
-                findings.push((line, format!("unknown event {other:?}")));
+            Err(unknown) => {
+                findings.push((line, unknown.to_string()));
                 return false;
             }
         };

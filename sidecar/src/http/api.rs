@@ -28,6 +28,7 @@ use super::auth::{Identity, Role, Via, csrf_matches};
 use crate::apply::{Target, UndoImage};
 use crate::clock::timestamp;
 use crate::lifecycle::State as IntentState;
+use crate::log::RecordLine;
 use crate::queue::{Filter, IntentRow, Queue, QueueError, Record, ReviewVote};
 use crate::review::{self, ReviewError};
 use crate::undo;
@@ -869,14 +870,15 @@ fn vote_json(vote: &ReviewVote) -> Value {
 }
 
 fn record_json(record: &Record) -> Value {
-    let body: Value = serde_json::from_slice(&record.body).unwrap_or(Value::Null);
+    // The queue wrote the body; should it not read back, `at` and `data` are null.
+    let line: Option<RecordLine> = serde_json::from_slice(&record.body).ok();
     json!({
         "run": record.run,
         "seq": record.seq,
         "intent": record.intent_id,
         "event": record.event,
-        "at": body["at"].as_i64().map(timestamp),
-        "data": body["data"],
+        "at": line.as_ref().map(|line| timestamp(line.at)),
+        "data": line.map(|line| Value::Object(line.data)),
         "digest": record.digest,
     })
 }
