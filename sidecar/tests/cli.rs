@@ -101,3 +101,20 @@ fn submit_writes_atomically_under_the_id() {
         1
     );
 }
+
+#[test]
+fn logs_to_a_file_are_plain_text() {
+    // The daemon's standard error is the sandbox's log file, not a terminal: no
+    // colour codes, whatever `NO_COLOR` says.
+    let mut sb = support::Sandbox::new();
+    sb.start();
+    sb.submit_json(&support::insert_customer("plain-1", "r1", 1, "Ada"));
+    sb.outcome_in("plain-1", "applied");
+    assert!(sb.stop().success());
+    let log = sb.log();
+    assert!(log.contains("intent queued"), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "ANSI escapes in a log file:\n{log}"
+    );
+}
