@@ -120,25 +120,32 @@ fn tighten(path: &Path) -> io::Result<()> {
 }
 
 /// Writes `bytes` to `path` with mode 0600, atomically: into a new temporary file
-/// with an unpredictable name beside it (never an existing file, never through a
-/// link), flushed, then renamed over `path`. A crash leaves the old file or the new
-/// one. Missing parent directories are created with mode 0700.
+/// beside it ([`write_private_temp`]), then renamed over `path`. A crash leaves the
+/// old file or the new one. Missing parent directories are created with mode 0700.
 pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let parent = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
-        .create(parent)?;
+        .create(parent_of(path))?;
+    let tmp = write_private_temp(path, bytes)?;
+    let renamed = fs::rename(&tmp, path);
+    if renamed.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    renamed
+}
+
+/// Writes `bytes`, flushed, into a new file with mode 0600 beside `path`, under an
+/// unpredictable name (never an existing file, never through a link), and returns
+/// its path for the caller to move into place.
+pub(crate) fn write_private_temp(path: &Path, bytes: &[u8]) -> io::Result<PathBuf> {
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(ErrorKind::InvalidInput, "the path names no file"))?;
     let mut tmp_name = std::ffi::OsString::from(".");
     tmp_name.push(name);
     tmp_name.push(format!(".{}.tmp", random_hex()?));
-    let tmp = parent.join(tmp_name);
+    let tmp = parent_of(path).join(tmp_name);
     let written = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -147,12 +154,22 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
         .and_then(|mut file| {
             file.write_all(bytes)?;
             file.sync_all()
-        })
-        .and_then(|()| fs::rename(&tmp, path));
-    if written.is_err() {
-        let _ = fs::remove_file(&tmp);
+        });
+    match written {
+        Ok(()) => Ok(tmp),
+        Err(error) => {
+            let _ = fs::remove_file(&tmp);
+            Err(error)
+        }
     }
-    written
+}
+
+/// The directory `path` is in (`.` for a bare name).
+fn parent_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    }
 }
 
 /// 16 random bytes as hex: temporary names the agent cannot predict.

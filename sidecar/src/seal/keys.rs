@@ -369,20 +369,9 @@ fn create(path: &Path, public_mode: u32) -> Result<Sealer, SealError> {
         source,
     })?;
 
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(format!(".{}.tmp", std::process::id()));
-    let tmp = PathBuf::from(tmp_name);
-    let _ = std::fs::remove_file(&tmp);
-    let written = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .and_then(|mut file| {
-            file.write_all(private_pem.as_bytes())?;
-            file.sync_all()
-        });
-    let linked = written.and_then(|()| std::fs::hard_link(&tmp, path));
+    let tmp =
+        crate::state::write_private_temp(path, private_pem.as_bytes()).map_err(write_error)?;
+    let linked = std::fs::hard_link(&tmp, path);
     let _ = std::fs::remove_file(&tmp);
     match linked {
         Ok(()) => {}
