@@ -210,12 +210,9 @@ impl Intake {
                     let read = if candidate.utf8 {
                         self.read(&candidate.name, &path)
                     } else {
-                        Read2::Refusal(refusal(
+                        Read2::Refusal(unread(
                             &candidate.name,
-                            Vec::new(),
-                            String::new(),
                             candidate.size,
-                            "",
                             format!(
                                 "the file name {:?} is not UTF-8; name intent files `<id>.json`",
                                 candidate.raw
@@ -228,12 +225,9 @@ impl Intake {
                 Claim::Failed(error) => {
                     // Left in place: refused once, then ignored while it stays.
                     self.reported.insert(candidate.key);
-                    let refused = refusal(
+                    let refused = unread(
                         &candidate.name,
-                        Vec::new(),
-                        String::new(),
                         candidate.size,
-                        "",
                         format!(
                             "{} cannot be taken from the intent directory ({error}); it is left in place and ignored",
                             candidate.name
@@ -292,13 +286,7 @@ impl Intake {
             };
             if meta.file_type().is_dir() {
                 if self.reported.insert(key) {
-                    refusals.push(refusal(
-                        &name,
-                        Vec::new(),
-                        String::new(),
-                        0,
-                        "",
-                        format!(
+                    refusals.push(unread(&name, 0, format!(
                             "{name} is a directory; intents must be regular files (write, then rename into place)"
                         ),
                     ));
@@ -329,14 +317,7 @@ impl Intake {
         let bytes = match read_regular(path, limit) {
             Ok(bytes) => bytes,
             Err(Unread { size, message }) => {
-                return Read2::Refusal(refusal(
-                    name,
-                    Vec::new(),
-                    String::new(),
-                    size,
-                    "",
-                    format!("{name} {message}"),
-                ));
+                return Read2::Refusal(unread(name, size, format!("{name} {message}")));
             }
         };
         let digest = seal::digest(&bytes);
@@ -380,7 +361,6 @@ impl Intake {
                         kept(bytes),
                         digest,
                         size,
-                        "",
                         format!("cannot seal {name}: {error}"),
                     ))
                 }
@@ -457,14 +437,13 @@ fn kept(mut bytes: Vec<u8>) -> Vec<u8> {
     bytes
 }
 
-fn refusal(
-    name: &str,
-    bytes: Vec<u8>,
-    digest: String,
-    size: u64,
-    pointer: &str,
-    message: String,
-) -> Refusal {
+/// A refusal of a file whose bytes were never read (they stay unknown: no digest).
+fn unread(name: &str, size: u64, message: String) -> Refusal {
+    refusal(name, Vec::new(), String::new(), size, message)
+}
+
+/// A refusal with one problem about the whole file.
+fn refusal(name: &str, bytes: Vec<u8>, digest: String, size: u64, message: String) -> Refusal {
     Refusal {
         file: name.to_owned(),
         kind: "invalid",
@@ -474,7 +453,7 @@ fn refusal(
         id: None,
         run: None,
         problems: vec![Problem {
-            pointer: pointer.to_owned(),
+            pointer: String::new(),
             message,
         }],
     }
