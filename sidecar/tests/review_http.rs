@@ -730,42 +730,13 @@ fn the_openapi_document_lists_exactly_the_routes_served() {
 #[test]
 fn tls_serves_https_with_secure_cookies() {
     let mut sb = Sandbox::new();
-    let dir = sb.dir.path().to_owned();
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let made = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-        ])
-        .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
-        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl");
-    assert!(
-        made.status.success(),
-        "{}",
-        String::from_utf8_lossy(&made.stderr)
-    );
-    sb.env.push((
-        "AIRLOCK_REVIEW__TLS_CERT".into(),
-        cert.display().to_string(),
-    ));
-    sb.env
-        .push(("AIRLOCK_REVIEW__TLS_KEY".into(), key.display().to_string()));
+    let cert = sb.serve_tls();
     sb.start();
     let url = sb.review_url();
     assert!(url.starts_with("https://127.0.0.1:"), "{url}");
     let token = sb.token("alice", "viewer");
     let mut client = Client::new(&url);
-    client.ca = Some(std::fs::read(&cert).unwrap());
+    client.ca = Some(cert);
     assert_eq!(client.bearer(&token).get("/v1/intents").status, 200);
     let signed_in = client.post("/v1/session", &json!({"token": token}));
     assert!(signed_in.header("set-cookie").unwrap().contains("Secure"));

@@ -223,33 +223,7 @@ fn awaiting_review(tls: bool) -> (Sandbox, Client, SocketAddr, String) {
     let mut sb = Sandbox::new();
     let mut ca = None;
     if tls {
-        let dir = sb.dir.path().to_owned();
-        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-        let made = std::process::Command::new("openssl")
-            .args(["req", "-x509", "-newkey", "ec"])
-            .args([
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-days",
-                "1",
-            ])
-            .args(["-subj", "/CN=localhost"])
-            .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .output()
-            .expect("openssl");
-        assert!(made.status.success(), "{made:?}");
-        for (name, path) in [("TLS_CERT", &cert), ("TLS_KEY", &key)] {
-            sb.env.push((
-                format!("AIRLOCK_REVIEW__{name}"),
-                path.display().to_string(),
-            ));
-        }
-        ca = Some(std::fs::read(&cert).unwrap());
+        ca = Some(sb.serve_tls());
     }
     sb.start();
     sb.submit_json(&insert_customer("insert-1", "run-a", 1, "Ada"));

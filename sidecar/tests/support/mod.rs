@@ -409,3 +409,36 @@ pub fn canonical(intent: &airlock_intent::Intent) -> Vec<airlock::apply::Resolve
         })
         .collect()
 }
+
+impl Sandbox {
+    /// Serves the review endpoint over HTTPS with a fresh self-signed certificate
+    /// for localhost and 127.0.0.1 (made by `openssl`); returns the certificate's
+    /// PEM, for a client to trust.
+    pub fn serve_tls(&mut self) -> Vec<u8> {
+        let dir = self.dir.path().to_owned();
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        let made = Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec"])
+            .args(["-pkeyopt", "ec_paramgen_curve:prime256v1"])
+            .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
+            .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl");
+        assert!(
+            made.status.success(),
+            "{}",
+            String::from_utf8_lossy(&made.stderr)
+        );
+        for (name, path) in [("TLS_CERT", &cert), ("TLS_KEY", &key)] {
+            self.env.push((
+                format!("AIRLOCK_REVIEW__{name}"),
+                path.display().to_string(),
+            ));
+        }
+        std::fs::read(&cert).expect("certificate")
+    }
+}
