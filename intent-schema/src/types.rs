@@ -291,6 +291,34 @@ impl Op {
             Self::Delete { .. } => Vec::new(),
         }
     }
+
+    /// Every column this op names, grouped by the member that names it (`values`,
+    /// `on`, `key`, `set`, `expect`), in the order of the op's schema.
+    pub fn columns_named(&self) -> Vec<(&'static str, Vec<&str>)> {
+        fn names(row: &Row) -> Vec<&str> {
+            row.keys().map(String::as_str).collect()
+        }
+        fn expected(expect: &Option<Row>) -> Vec<&str> {
+            expect.as_ref().map(names).unwrap_or_default()
+        }
+        match self {
+            Self::Insert { values, .. } => vec![("values", names(values))],
+            Self::Upsert { values, on, .. } => vec![
+                ("values", names(values)),
+                ("on", on.iter().map(Column::as_str).collect()),
+            ],
+            Self::Update {
+                key, set, expect, ..
+            } => vec![
+                ("key", names(key)),
+                ("set", names(set)),
+                ("expect", expected(expect)),
+            ],
+            Self::Delete { key, expect, .. } => {
+                vec![("key", names(key)), ("expect", expected(expect))]
+            }
+        }
+    }
 }
 
 /// Where an intent came from: which agent, which model, which prompt and tool call.

@@ -195,37 +195,8 @@ pub(crate) fn resolve_op(
 ) -> Result<ResolvedOp, ApplyError> {
     check_canonical(op.table(), schema, table)?;
     let spelled = op.table();
-    match op {
-        Op::Insert { values, .. } => {
-            check_columns(
-                columns,
-                spelled,
-                "values",
-                values.keys().map(String::as_str),
-            )?;
-        }
-        Op::Upsert { values, on, .. } => {
-            check_columns(
-                columns,
-                spelled,
-                "values",
-                values.keys().map(String::as_str),
-            )?;
-            check_columns(columns, spelled, "on", on.iter().map(|c| c.as_str()))?;
-        }
-        Op::Update {
-            key, set, expect, ..
-        } => {
-            check_columns(columns, spelled, "key", key.keys().map(String::as_str))?;
-            check_columns(columns, spelled, "set", set.keys().map(String::as_str))?;
-            let expected = expect.iter().flat_map(|e| e.keys().map(String::as_str));
-            check_columns(columns, spelled, "expect", expected)?;
-        }
-        Op::Delete { key, expect, .. } => {
-            check_columns(columns, spelled, "key", key.keys().map(String::as_str))?;
-            let expected = expect.iter().flat_map(|e| e.keys().map(String::as_str));
-            check_columns(columns, spelled, "expect", expected)?;
-        }
+    for (part, names) in op.columns_named() {
+        check_columns(columns, spelled, part, names)?;
     }
     let written = op
         .columns_written()
