@@ -475,11 +475,15 @@ impl Pipeline {
         let intent = row
             .intent()
             .map_err(|e| ApplyError::permanent(e.to_string()))?;
-        // The rows the reviewers saw, for an intent they approved.
-        let reviewed = self
-            .queue
-            .review_binding(&row.id)
-            .map_err(|e| ApplyError::transient(format!("reading the intent's review: {e}")))?;
+        // The rows the reviewers saw, for an intent they approved; an intent the
+        // policy allowed had no review (no query on the common path).
+        let reviewed = if row.approvals_needed > 0 {
+            self.queue
+                .review_binding(&row.id)
+                .map_err(|e| ApplyError::transient(format!("reading the intent's review: {e}")))?
+        } else {
+            None
+        };
         let meta = ApplyMeta {
             digest: row.digest.clone(),
             max_rows: self.max_rows,
