@@ -4,10 +4,20 @@
 //! `AIRLOCK_LOG_FORMAT=json` switches to one JSON object per line for log shippers.
 //! Text lines are coloured only on a terminal, and never when `NO_COLOR` is set
 //! (<https://no-color.org>): a log file or a container's log stream gets plain text.
+//!
+//! Field values carry text the agent chose (file names, ids, reasons), so text lines
+//! escape every control character in them ([`EscapedFields`]): a file named
+//! `x\nINFO intent applied` cannot forge a log line, nor an escape sequence repaint
+//! an operator's terminal. (JSON lines escape them already.)
 
+use std::fmt::{self, Write as _};
 use std::io::IsTerminal;
 
+use tracing::field::{Field, Visit};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::field::RecordFields;
+use tracing_subscriber::fmt::FormatFields;
+use tracing_subscriber::fmt::format::Writer;
 
 /// Installs the global subscriber, with `default` as the filter when `AIRLOCK_LOG`
 /// is unset. Safe to call more than once (later calls do nothing).
@@ -25,8 +35,81 @@ pub fn init_logging(default: &str) {
     let _ = if json {
         builder.json().try_init()
     } else {
-        builder.try_init()
+        builder.fmt_fields(EscapedFields).try_init()
     };
+}
+
+/// Formats fields as `tracing-subscriber`'s default does (the message bare, then
+/// `name=value`, strings quoted), with every control character in a value escaped.
+#[derive(Debug)]
+struct EscapedFields;
+
+impl<'w> FormatFields<'w> for EscapedFields {
+    fn format_fields<R: RecordFields>(&self, mut writer: Writer<'w>, fields: R) -> fmt::Result {
+        let mut visitor = EscapingVisitor {
+            writer: &mut writer,
+            first: true,
+            result: Ok(()),
+        };
+        fields.record(&mut visitor);
+        visitor.result
+    }
+}
+
+struct EscapingVisitor<'a, 'w> {
+    writer: &'a mut Writer<'w>,
+    first: bool,
+    result: fmt::Result,
+}
+
+impl EscapingVisitor<'_, '_> {
+    fn field(&mut self, field: &Field, value: &str) {
+        if self.result.is_err() {
+            return;
+        }
+        let separator = if std::mem::take(&mut self.first) {
+            ""
+        } else {
+            " "
+        };
+        let value = escape_controls(value);
+        self.result = if field.name() == "message" {
+            write!(self.writer, "{separator}{value}")
+        } else {
+            write!(self.writer, "{separator}{}={value}", field.name())
+        };
+    }
+}
+
+impl Visit for EscapingVisitor<'_, '_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.field(field, value);
+        } else {
+            self.field(field, &format!("{value:?}"));
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.field(field, &format!("{value:?}"));
+    }
+}
+
+/// `text` with each control character (line breaks, escape, ...) written as its
+/// Rust escape (`\n`, `\u{1b}`), everything else as it is.
+fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return text.into();
+    }
+    let mut escaped = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            let _ = write!(escaped, "{}", c.escape_debug());
+        } else {
+            escaped.push(c);
+        }
+    }
+    escaped.into()
 }
 
 /// Whether text logs are coloured: on a terminal, unless `NO_COLOR` is set to
@@ -37,8 +120,17 @@ fn colour(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::colour;
+    use super::{colour, escape_controls};
     use std::ffi::OsStr;
+
+    #[test]
+    fn control_characters_are_escaped_and_nothing_else() {
+        assert_eq!(escape_controls("plain ünïcode"), "plain ünïcode");
+        assert_eq!(
+            escape_controls("a\nINFO forged\r\u{1b}[31m\t"),
+            "a\\nINFO forged\\r\\u{1b}[31m\\t"
+        );
+    }
 
     #[test]
     fn colour_only_on_a_terminal_without_no_color() {

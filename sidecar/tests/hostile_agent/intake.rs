@@ -477,3 +477,32 @@ fn a_conflicting_duplicate_never_overwrites_the_original_outcome() {
         ]
     );
 }
+
+/// File names are the agent's text, and they reach the operator's log: a name with a
+/// line break and an escape sequence must not forge a log line or repaint a terminal.
+#[test]
+fn a_file_name_cannot_forge_log_lines() {
+    let mut sb = Sandbox::new();
+    sb.start();
+    let forged = "FAKE 2026-01-01T00:00:00Z  INFO intent applied id=forged";
+    let name = format!("evil\n{forged}\u{1b}[2K.json");
+    fs::write(sb.intents().join(&name), b"{}").unwrap();
+    sb.submit_json(&insert_customer("after-evil", "r1", 1, "Ada"));
+    sb.outcome_in("after-evil", "applied");
+    // The refusal names the file, escaped.
+    let log = eventually("the refusal in the log", || {
+        let log = sb.log();
+        log.lines()
+            .any(|line| line.contains("evil\\nFAKE"))
+            .then_some(log)
+    });
+    assert!(
+        !log.lines().any(|line| line.starts_with("FAKE")),
+        "a forged log line:\n{log}"
+    );
+    assert!(
+        !log.contains('\u{1b}'),
+        "an escape sequence reached the log"
+    );
+    assert!(sb.stop().success());
+}
