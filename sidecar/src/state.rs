@@ -120,7 +120,7 @@ fn tighten(path: &Path) -> io::Result<()> {
 }
 
 /// Writes `bytes` to `path` with mode 0600, atomically: into a new temporary file
-/// beside it ([`write_private_temp`]), then renamed over `path`. A crash leaves the
+/// beside it (`write_private_temp`), then renamed over `path`. A crash leaves the
 /// old file or the new one. Missing parent directories are created with mode 0700.
 pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
     fs::DirBuilder::new()

@@ -6,7 +6,7 @@
 //! (<https://no-color.org>): a log file or a container's log stream gets plain text.
 //!
 //! Field values carry text the agent chose (file names, ids, reasons), so text lines
-//! escape every control character in them ([`EscapedFields`]): a file named
+//! escape every control character in them (`EscapedFields`): a file named
 //! `x\nINFO intent applied` cannot forge a log line, nor an escape sequence repaint
 //! an operator's terminal. (JSON lines escape them already.)
 
