@@ -32,14 +32,40 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
-    /// Write intent files into the intent directory atomically ("-" reads stdin).
+    /// Validate intent files, then write them into the intent directory atomically
+    /// ("-" reads stdin); with --wait, wait for their outcomes.
+    ///
+    /// Every file is checked first, as `airlock run` would check it (with the
+    /// configuration's limits, and its targets when --config is given); if any is
+    /// not a valid intent, its problems are printed as FILE: /pointer: message and
+    /// nothing is written. Each file is written under a temporary dotfile name, then
+    /// renamed to <id>.json. The written paths are printed; with --wait, each final
+    /// outcome instead, one JSON document per line.
+    #[command(after_help = airlock::submit::exit_status_help())]
     Submit {
-        /// Intent files to submit.
+        /// Intent files to submit ("-" reads standard input).
         #[arg(required = true)]
         files: Vec<PathBuf>,
-        /// The intent directory.
-        #[arg(long, env = "AIRLOCK_INTENTS", default_value = "./intents")]
-        intents: PathBuf,
+        /// Configuration file (TOML), for its directories, limits and targets.
+        #[arg(long, env = "AIRLOCK_CONFIG")]
+        config: Option<PathBuf>,
+        /// The intent directory (default: the configuration's, ./intents). It must
+        /// exist, unless --create is given.
+        #[arg(long)]
+        intents: Option<PathBuf>,
+        /// Make the intent directory (mode 0755) if it is missing.
+        #[arg(long)]
+        create: bool,
+        /// Wait until every intent's outcome is final, print each one and exit with
+        /// its state's status (the highest, with several files).
+        #[arg(long)]
+        wait: bool,
+        /// How long --wait waits, in seconds, before it exits with status 75.
+        #[arg(long, value_name = "SECONDS", default_value_t = 300, requires = "wait")]
+        timeout: u64,
+        /// The results directory --wait reads (default: <intents>/results).
+        #[arg(long)]
+        results: Option<PathBuf>,
     },
     /// Approve an intent that awaits review.
     Approve {
@@ -373,22 +399,41 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             runtime()?.block_on(airlock::demo::run(dir))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Submit { files, intents } => {
-            for file in files {
-                let (name, bytes) = if file.as_os_str() == "-" {
-                    let mut bytes = Vec::new();
-                    std::io::stdin().read_to_end(&mut bytes)?;
-                    ("intent.json".to_owned(), bytes)
-                } else {
-                    let bytes = std::fs::read(&file)
-                        .with_context(|| format!("reading {}", file.display()))?;
-                    (file.display().to_string(), bytes)
-                };
-                let path = airlock::submit::submit_bytes(&intents, &name, &bytes)
-                    .with_context(|| format!("writing into {}", intents.display()))?;
-                println!("{}", path.display());
+        Command::Submit {
+            files,
+            config,
+            intents,
+            create,
+            wait,
+            timeout,
+            results,
+        } => {
+            let mut loaded = match Config::load(config.as_deref(), std::env::vars()) {
+                Ok(loaded) => loaded,
+                Err(error) => {
+                    eprintln!("airlock: {error}");
+                    return Ok(ExitCode::from(airlock::submit::EXIT_CONFIG));
+                }
+            };
+            if let Some(intents) = intents {
+                loaded.intents = intents;
             }
-            Ok(ExitCode::SUCCESS)
+            if let Some(results) = results {
+                loaded.results = Some(results);
+            }
+            let options = airlock::submit::Options {
+                create,
+                wait: wait.then(|| std::time::Duration::from_secs(timeout)),
+                ..airlock::submit::Options::from_config(files, &loaded, config.is_some())
+            };
+            let stdin: &mut dyn Read = &mut std::io::stdin().lock();
+            let status = airlock::submit::submit(
+                &options,
+                stdin,
+                &mut std::io::stdout().lock(),
+                &mut std::io::stderr().lock(),
+            );
+            Ok(ExitCode::from(status))
         }
         Command::Approve {
             id,

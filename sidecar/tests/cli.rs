@@ -80,10 +80,12 @@ fn unsupported_target_exits_64() {
 fn submit_writes_atomically_under_the_id() {
     let dir = tempfile::tempdir().unwrap();
     let source = dir.path().join("draft.json");
-    std::fs::write(&source, br#"{"id":"order-7","version":1}"#).unwrap();
+    let intent = support::insert_customer("order-7", "r1", 7, "Ada");
+    std::fs::write(&source, serde_json::to_vec(&intent).unwrap()).unwrap();
     let out = airlock()
         .arg("submit")
         .arg(&source)
+        .arg("--create")
         .arg("--intents")
         .arg(dir.path().join("intents"))
         .output()
