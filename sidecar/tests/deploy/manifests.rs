@@ -330,11 +330,8 @@ impl Pod {
                 .as_str()
                 .or_else(|| source["secretName"].as_str())
                 .unwrap();
-            let default = if volume.get("secret").is_some() {
-                0o644
-            } else {
-                0o644
-            };
+            // The API server's default mode for both kinds.
+            let default = 0o644;
             let mode = source["defaultMode"].as_u64().map_or(default, |m| m as u32);
             let optional = source["optional"] == true;
             let files = match self.objects.get(object) {
