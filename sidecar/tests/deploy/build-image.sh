@@ -11,7 +11,7 @@
 # Needs podman, runc and mmdebstrap (Debian: apt-get install podman runc mmdebstrap).
 #
 # The base image is the one the Dockerfile's runtime stage names, made once with
-# mmdebstrap (about 2 minutes) and then reused. The image gets the binary's SHA-256 as
+# mmdebstrap (2 to 3 minutes here) and then reused. The image gets the binary's SHA-256 as
 # a label, so a test can tell an image built from another binary.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
