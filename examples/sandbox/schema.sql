@@ -1,4 +1,6 @@
 -- The tables of the demo's target database (and a starting point for a sandbox).
+-- Plain SQL that SQLite and PostgreSQL both run: the demo's SQLite target and the
+-- docker-compose sandbox's PostgreSQL (examples/compose/) start from this file.
 CREATE TABLE IF NOT EXISTS customers (
     id INTEGER PRIMARY KEY,
     name TEXT NOT NULL,
@@ -16,4 +18,5 @@ CREATE TABLE IF NOT EXISTS audit_log (
     at TEXT NOT NULL,
     message TEXT NOT NULL
 );
-INSERT OR IGNORE INTO audit_log (id, at, message) VALUES (1, '2026-11-01T00:00:00Z', 'sandbox created');
+INSERT INTO audit_log (id, at, message) VALUES (1, '2026-11-01T00:00:00Z', 'sandbox created')
+    ON CONFLICT (id) DO NOTHING;
