@@ -537,7 +537,7 @@ async fn undo_intents(
             report.compare(id, image, found.as_ref().map(|f| &f.image));
             // Revert even after a conflict: later checks then see what an undo
             // would leave, and without `force` the transaction is rolled back.
-            revert(&tx, &table, image, found.as_ref())
+            revert(&tx, &table, info, image, found.as_ref())
                 .await
                 .map_err(context)?;
         }
@@ -598,13 +598,19 @@ async fn current_row(
 }
 
 /// Sets the row at the image's key to its before-image: deletes it when there was
-/// none, updates it when it exists, inserts it when it does not.
+/// none, updates it when it exists, inserts it when it does not. Stored generated
+/// columns are never written (they compute), identity columns `GENERATED ALWAYS`
+/// are not set on a row that exists (nothing can have changed them), and a row
+/// inserted back keeps its own identity value (`OVERRIDING SYSTEM VALUE`).
 async fn revert(
     tx: &Transaction<'_>,
     table: &TableName,
+    info: &TableInfo,
     image: &UndoImage,
     found: Option<&Fetched>,
 ) -> Result<(), ApplyError> {
+    let computed = |c: &&str| info.computed.iter().any(|k| k == c);
+    let always = |c: &&str| info.identity_always.iter().any(|k| k == c);
     match (&image.before, found) {
         (None, None) => {}
         (None, Some(row)) => {
@@ -612,14 +618,24 @@ async fn revert(
             query_text(tx, &pg::delete_row(table), &[&tableoid, &row.ctid]).await?;
         }
         (Some(before), Some(row)) => {
-            let columns: Vec<&str> = keys(before).collect();
+            let columns: Vec<&str> = keys(before)
+                .filter(|c| !computed(c) && !always(c))
+                .collect();
+            if columns.is_empty() {
+                return Ok(());
+            }
             let tableoid = row.tableoid.to_string();
             let sql = pg::update_row(table, &columns);
             query_text(tx, &sql, &[&to_json(before), &tableoid, &row.ctid]).await?;
         }
         (Some(before), None) => {
-            let columns: Vec<&str> = keys(before).collect();
-            let sql = pg::insert(table, &columns, pg::Identity::Refused);
+            let columns: Vec<&str> = keys(before).filter(|c| !computed(c)).collect();
+            let identity = if columns.iter().any(always) {
+                pg::Identity::Override
+            } else {
+                pg::Identity::Refused
+            };
+            let sql = pg::insert(table, &columns, identity);
             query_text(tx, &sql, &[&to_json(before)]).await?;
         }
     }

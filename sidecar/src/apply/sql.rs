@@ -679,8 +679,9 @@ pub mod pg {
     }
 
     /// Whether an insert may write values into `GENERATED ALWAYS` identity
-    /// columns. Only a replay writing recorded generated values ever does
-    /// ([`Generated`](crate::apply::Generated)); an agent's values never do.
+    /// columns: only values the database itself generated earlier, which a replay
+    /// ([`Generated`](crate::apply::Generated)) or an undo putting a deleted row
+    /// back writes again; an agent's values never.
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
     pub enum Identity {
         /// The database refuses a value for such a column, as it refuses the agent.
