@@ -165,8 +165,10 @@ enum Command {
     /// Revert a run's applied intents in their targets (reverse apply order, one
     /// transaction per target). Exit status 1 on conflicts or a refused --intent.
     Undo(UndoArgs),
-    /// Apply a run's applied intents, from its verified log, to another database.
-    /// Exit status 1 if the log does not verify or (with --check) the rows diverge.
+    /// Apply a run's applied intents, from its verified log, to another (existing)
+    /// database, with the values the database generated for them (keys, defaults);
+    /// intents undone in the run are skipped unless --include-undone. Exit status 1
+    /// if the log does not verify or (with --check) the rows diverge.
     Replay(ReplayArgs),
     /// Write one run's log as JSON Lines (records, checkpoints, intent envelopes).
     Export {
@@ -278,13 +280,18 @@ struct ReplayArgs {
     /// The run to replay.
     #[arg(long)]
     run: String,
-    /// The database to replay into (sqlite://PATH or postgres://...).
+    /// The database to replay into (sqlite://PATH or postgres://...); it must
+    /// exist (a missing SQLite file is an error, and is not created).
     #[arg(long)]
     target: String,
     /// Compare each resulting row with the recorded after-image; exit 1 on any
     /// divergence.
     #[arg(long)]
     check: bool,
+    /// Also apply the intents the run's log records as undone (skipped by
+    /// default: their rows were reverted).
+    #[arg(long)]
+    include_undone: bool,
     /// An exported run log (JSON Lines).
     #[arg(conflicts_with = "state", required_unless_present = "state")]
     file: Option<PathBuf>,
@@ -680,7 +687,7 @@ fn approve(
             row.target
         )
     })?;
-    let target = airlock::apply::open(&row.target, url)?;
+    let target = airlock::apply::open_existing(&row.target, url)?;
     let shown = runtime()?
         .block_on(airlock::review::show(
             target.as_ref(),
@@ -777,7 +784,7 @@ fn undo(args: UndoArgs) -> Result<ExitCode> {
         let url = targets.get(name).ok_or_else(|| {
             airlock::undo::UndoError::NotFound(format!("no target named {name:?} is configured"))
         })?;
-        airlock::apply::open(name, url).map_err(|error| airlock::undo::UndoError::Target {
+        airlock::apply::open_existing(name, url).map_err(|error| airlock::undo::UndoError::Target {
             target: name.to_owned(),
             error: Box::new(error),
         })
@@ -887,30 +894,35 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
         }
         return Ok(ExitCode::FAILURE);
     }
+    let options = airlock::replay::Options {
+        check: args.check,
+        include_undone: args.include_undone,
+    };
     let outcome = runtime()?.block_on(airlock::replay::replay(
         &lines,
         &args.run,
         &args.target,
-        args.check,
+        &options,
     ))?;
-    for step in &outcome.intents {
-        println!(
-            "{}: {}",
-            step.id,
-            if step.already {
-                "already replayed"
-            } else {
-                "applied"
-            }
-        );
+    let mut replayed = 0;
+    for intent in &outcome.intents {
+        use airlock::replay::Step;
+        let done = match intent.step {
+            Step::Applied => "applied",
+            Step::AlreadyReplayed => "already replayed",
+            Step::SkippedUndone => "skipped: undone in the run (--include-undone replays it)",
+        };
+        if intent.step != Step::SkippedUndone {
+            replayed += 1;
+        }
+        println!("{}: {done}", intent.id);
     }
     for divergence in &outcome.divergences {
         eprintln!("divergence: {divergence}");
     }
     if args.check {
         println!(
-            "check: {} intent(s), {} divergence(s)",
-            outcome.intents.len(),
+            "check: {replayed} intent(s), {} divergence(s)",
             outcome.divergences.len()
         );
     }

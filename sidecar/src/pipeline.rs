@@ -360,6 +360,7 @@ impl Pipeline {
                 digest: row.digest.clone(),
                 max_rows: self.max_rows,
                 reviewed: None,
+                replay: None,
             };
             async move {
                 let result = match target {
@@ -488,6 +489,7 @@ impl Pipeline {
             digest: row.digest.clone(),
             max_rows: self.max_rows,
             reviewed,
+            replay: None,
         };
         Ok((target.clone(), intent, meta))
     }

@@ -1,14 +1,33 @@
 //! Replay: applies a run's applied intents, from its (verified) log, to another
 //! database, and optionally checks that every row came out as recorded.
 //!
-//! The intents are the exact payload bytes of the sealed envelopes in the log,
-//! applied in the order of the run's `applied` records through the ordinary
-//! [`Target::apply`]: the replay target gets its own
-//! ledger, so replaying twice applies nothing the second time. Intents the log
-//! records as undone are replayed too (they were applied); undo them in the
-//! replay target separately if wanted. Every intent goes to the one database
-//! given, whatever target name it was for. Verify the log first
-//! ([`crate::verify::verify`]); this module only checks its shape.
+//! - **The sealed bytes, in apply order.** The intents are the exact payload
+//!   bytes of the sealed envelopes in the log, applied in the order of the run's
+//!   `applied` records through the ordinary [`Target::apply`], each in its own
+//!   transaction. The replay target gets its own ledger, holding each intent's
+//!   digest (of those sealed bytes), so replaying twice applies nothing the
+//!   second time. Every intent goes to the one database given, whatever target
+//!   name it was for.
+//! - **The generated values as recorded.** Each insert (and each upsert that
+//!   inserted) also writes the values the database generated for its row the
+//!   first time (serial and identity keys, defaults), read from the undo images
+//!   of its `applied` record ([`Generated`]), and PostgreSQL sequences are
+//!   advanced past them. Sequences do not roll back: a preview, or an insert that
+//!   failed, burned values in the original database, so without this a replay into
+//!   a snapshot would hand out other keys than the run got. With it, the replay
+//!   target's rows are the recorded ones whatever its sequences say. Columns the
+//!   database computes (generated columns) are not written; they compute again.
+//! - **Undone intents are skipped** by default: they were reverted, so a snapshot
+//!   of the original after the run does not hold their rows. They are listed in
+//!   [`Outcome::intents`] as [`Step::SkippedUndone`]. With
+//!   [`Options::include_undone`] they are applied too (as they were applied;
+//!   their undo is not replayed).
+//! - **Into an existing database only.** The target is opened with
+//!   [`apply::open_existing`]: a SQLite path that does not exist is an error
+//!   ([`ReplayError::NoDatabase`]) and no file is created.
+//!
+//! Verify the log first ([`crate::verify::verify`]); this module only checks its
+//! shape.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -16,7 +35,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::apply::{self, ApplyError, ApplyMeta, Image, Target, UndoImage};
+use crate::apply::{self, ApplyError, ApplyMeta, Generated, Image, Target, UndoImage, codes};
 use crate::undo::{RunLog, UndoError};
 
 /// Why a replay stopped.
@@ -34,6 +53,17 @@ pub enum ReplayError {
         /// What is wrong.
         problem: String,
     },
+    /// The replay target is an SQLite file that does not exist: replay writes into
+    /// an existing database (created from the schema, a snapshot), and creates
+    /// none.
+    #[error(
+        "replay target {url}: no such database file (replay writes into an existing \
+         database; create it from your schema first)"
+    )]
+    NoDatabase {
+        /// The target's URL (a `sqlite://` one, so it holds no credentials).
+        url: String,
+    },
     /// The replay target refused an intent (nothing of that intent was written;
     /// intents before it stay applied).
     #[error("intent {id}: {error}")]
@@ -45,13 +75,36 @@ pub enum ReplayError {
     },
 }
 
-/// One intent replayed.
+/// One applied intent of the run, and what the replay did with it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Replayed {
     /// The intent id.
     pub id: String,
-    /// The replay target's ledger already held it (an earlier replay).
-    pub already: bool,
+    /// What the replay did.
+    pub step: Step,
+}
+
+/// What the replay did with one applied intent of the run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// Applied to the replay target now.
+    Applied,
+    /// The replay target's ledger already held it (an earlier replay): nothing
+    /// written.
+    AlreadyReplayed,
+    /// The run's log records it undone, and undone intents were not asked for
+    /// ([`Options::include_undone`]): not applied.
+    SkippedUndone,
+}
+
+/// How to replay.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Options {
+    /// Compare every row written with the after-image recorded at the original
+    /// apply ([`Outcome::divergences`]).
+    pub check: bool,
+    /// Apply the intents the log records as undone too (skipped by default).
+    pub include_undone: bool,
 }
 
 /// A row that came out differently in the replay target than recorded.
@@ -92,25 +145,33 @@ impl fmt::Display for Divergence {
 /// What [`replay`] did.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Outcome {
-    /// The intents, in the order applied.
+    /// The run's applied intents, in apply order, each with what the replay did.
     pub intents: Vec<Replayed>,
     /// Differences from the recorded after-images (only with `check`).
     pub divergences: Vec<Divergence>,
 }
 
-/// Applies the applied intents of `run`, read from export `lines`, to the database
-/// at `url`; with `check`, compares the rows written with the recorded images.
+/// Applies the applied intents of `run`, read from export `lines`, to the existing
+/// database at `url` (see the module's docs); with [`Options::check`], compares
+/// the rows written with the recorded images.
 pub async fn replay(
     lines: &[Vec<u8>],
     run: &str,
     url: &str,
-    check: bool,
+    options: &Options,
 ) -> Result<Outcome, ReplayError> {
     let log = RunLog::parse(lines, run)?;
     let mut targets: BTreeMap<String, Arc<dyn Target>> = BTreeMap::new();
     let mut outcome = Outcome::default();
     for recorded in &log.applied {
         let id = &recorded.id;
+        if log.undone.contains(id) && !options.include_undone {
+            outcome.intents.push(Replayed {
+                id: id.clone(),
+                step: Step::SkippedUndone,
+            });
+            continue;
+        }
         let bad = |problem: String| ReplayError::Intent {
             id: id.clone(),
             problem,
@@ -125,20 +186,30 @@ pub async fn replay(
         let target = match targets.get(&name) {
             Some(target) => Arc::clone(target),
             None => {
-                let target = apply::open(&name, url).map_err(|error| ReplayError::Apply {
-                    id: id.clone(),
-                    error,
+                let target = apply::open_existing(&name, url).map_err(|error| {
+                    if error.code.as_deref() == Some(codes::NO_DATABASE) {
+                        ReplayError::NoDatabase {
+                            url: url.to_owned(),
+                        }
+                    } else {
+                        ReplayError::Apply {
+                            id: id.clone(),
+                            error,
+                        }
+                    }
                 })?;
                 targets.insert(name, Arc::clone(&target));
                 target
             }
         };
         let meta = ApplyMeta {
+            // The sealed bytes' digest, as in the original ledger.
             digest: crate::seal::digest(payload),
             // The recorded apply already passed the limit it was configured with.
             max_rows: u64::MAX,
             // Replay re-applies what was applied; no review binds other rows.
             reviewed: None,
+            replay: Some(Generated::recorded(&intent, &recorded.undo)),
         };
         let applied = target
             .apply(&intent, &meta)
@@ -147,14 +218,18 @@ pub async fn replay(
                 id: id.clone(),
                 error,
             })?;
-        if check {
+        if options.check {
             outcome
                 .divergences
                 .extend(compare(id, &recorded.undo, &applied.ledger.undo));
         }
         outcome.intents.push(Replayed {
             id: id.clone(),
-            already: applied.already,
+            step: if applied.already {
+                Step::AlreadyReplayed
+            } else {
+                Step::Applied
+            },
         });
     }
     Ok(outcome)

@@ -206,6 +206,7 @@ pub async fn show(
         digest: row.digest.clone(),
         max_rows,
         reviewed: None,
+        replay: None,
     };
     match target.preview(&intent, &meta).await {
         Ok(preview) => Ok(Shown {

@@ -11,6 +11,7 @@
 use crate::clock::now_ms;
 
 use airlock_intent::{Column, Intent, Row, TableName};
+use serde_json::Value;
 
 use super::{
     Applied, ApplyError, ApplyMeta, Image, LedgerEntry, UndoConflict, UndoImage, UndoReport,
@@ -245,6 +246,24 @@ pub(crate) fn check_upsert(values: &Row, on: &[Column]) -> Result<(), ApplyError
         )));
     }
     Ok(())
+}
+
+/// The recorded generated values a replayed insert or upsert writes besides the
+/// op's own `values` ([`Generated`](super::Generated)): those of `generated` whose
+/// column the op does not name and the table can take (`writable`: a column of
+/// the table that the database does not compute). Empty outside a replay
+/// (`generated` is `None`).
+pub(crate) fn generated_values<'g>(
+    generated: Option<&'g Image>,
+    values: &Row,
+    writable: impl Fn(&str) -> bool,
+) -> Vec<(&'g str, &'g Value)> {
+    generated
+        .into_iter()
+        .flatten()
+        .filter(|(column, _)| !values.contains_key(column.as_str()) && writable(column))
+        .map(|(column, value)| (column.as_str(), value))
+        .collect()
 }
 
 /// Refuses an update with an empty key or an empty set.

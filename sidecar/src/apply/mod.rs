@@ -50,6 +50,12 @@
 //! directly or through a role it is a member of) is refused unless the operator
 //! allows it (`[apply] allow_privileged_role`); see `docs/postgres-role.md`.
 //!
+//! Replay ([`ApplyMeta::replay`]): a replay applies an intent as above and also
+//! writes, for each row an op inserted, the values the database generated the
+//! first time ([`Generated`]), so its target ends up with the recorded rows
+//! whatever its sequences say; only a replay overrides identity columns, and
+//! PostgreSQL sequences are advanced past the values it wrote.
+//!
 //! Op indexes in errors and images count from 0, as in the JSON pointer `/ops/N`.
 //!
 //! **Errors never show the agent data it could not read.** An [`ApplyError`]'s
@@ -73,6 +79,7 @@ pub mod postgres;
 pub mod sql;
 pub mod sqlite;
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -371,6 +378,13 @@ pub struct ApplyMeta {
     /// rows it touches still hash to it. `None`: no review binds the rows (the
     /// policy allowed the intent, or this is a preview or a replay).
     pub reviewed: Option<String>,
+    /// Only for a replay ([`crate::replay`]): the values the database generated
+    /// when the intent was first applied, which the replay writes again so that
+    /// its target ends up with the very rows the log records, whatever its
+    /// sequences and defaults would give now. `None` for every other apply: an
+    /// agent's intent writes the columns it names and no others, and never
+    /// overrides an identity column.
+    pub replay: Option<Generated>,
 }
 
 impl ApplyMeta {
@@ -380,7 +394,70 @@ impl ApplyMeta {
             digest: digest.into(),
             max_rows: DEFAULT_MAX_ROWS,
             reviewed: None,
+            replay: None,
         }
+    }
+}
+
+/// What a replay writes besides an intent's own values ([`ApplyMeta::replay`]).
+///
+/// For each op that inserted a row when the intent was first applied (an insert,
+/// or an upsert whose undo image has no before-image), the recorded after-image
+/// of that row without the columns the op names: the values the database
+/// generated (serial and identity keys, defaults such as timestamps). A replayed
+/// insert writes them as if the op had named them, except into columns the
+/// target cannot take: columns it does not have, and columns it computes itself
+/// (PostgreSQL `GENERATED ALWAYS AS (...) STORED`, SQLite generated columns),
+/// which compute the same value again. A PostgreSQL identity column `GENERATED
+/// ALWAYS` takes the value with `OVERRIDING SYSTEM VALUE`, unless the op itself
+/// names such a column (then the database refuses it, as it refuses the agent).
+/// An upsert that meets a conflicting row in the replay target updates only the
+/// columns the op names, as it always does. After writing generated values into
+/// a PostgreSQL column fed by a sequence (`serial`, identity), the apply
+/// advances that sequence to at least the largest value written, so the next
+/// ordinary insert does not collide; SQLite's rowid (and `AUTOINCREMENT`'s
+/// `sqlite_sequence`) follows explicit values by itself.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Generated {
+    /// Op index → the generated values of the row it inserted.
+    ops: BTreeMap<usize, Image>,
+}
+
+impl Generated {
+    /// The generated values of the rows `intent`'s ops inserted, from the undo
+    /// images its first apply recorded (`images`, as the run log's `applied`
+    /// record holds them). Images of other ops, of rows that existed before
+    /// (`before` is set), and of rows gone after the op are ignored.
+    pub fn recorded(intent: &Intent, images: &[UndoImage]) -> Self {
+        let mut ops = BTreeMap::new();
+        for image in images {
+            let (None, Some(after)) = (&image.before, &image.after) else {
+                continue;
+            };
+            let named = match intent.ops.get(image.op) {
+                Some(op @ (Op::Insert { .. } | Op::Upsert { .. })) => op.columns_written(),
+                _ => continue,
+            };
+            let generated: Image = after
+                .iter()
+                .filter(|(column, _)| !named.contains(&column.as_str()))
+                .map(|(column, value)| (column.clone(), value.clone()))
+                .collect();
+            if !generated.is_empty() {
+                ops.insert(image.op, generated);
+            }
+        }
+        Self { ops }
+    }
+
+    /// The generated values op `index` writes besides its own, if any.
+    pub fn op(&self, index: usize) -> Option<&Image> {
+        self.ops.get(&index)
+    }
+
+    /// Whether no op has generated values to write.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
     }
 }
 
@@ -589,6 +666,9 @@ pub mod codes {
     pub const WRONG_TARGET: &str = "AIRLOCK_WRONG_TARGET";
     /// The target URL is not one Airlock supports.
     pub const UNSUPPORTED_URL: &str = "AIRLOCK_UNSUPPORTED_URL";
+    /// The SQLite database file does not exist, and the command opening it
+    /// creates none ([`open_existing`](super::open_existing)).
+    pub const NO_DATABASE: &str = "AIRLOCK_NO_DATABASE";
     /// The op's table resolves into a system catalog (`pg_catalog`, `pg_toast`,
     /// `information_schema`, `sqlite_*`) or Airlock's own tables.
     pub const SYSTEM_TABLE: &str = "AIRLOCK_SYSTEM_TABLE";
@@ -691,7 +771,8 @@ impl ApplyError {
 /// Supported:
 /// - `sqlite://<path>`, where the path is relative (`sqlite://target.db`,
 ///   `sqlite://./.airlock/target.db`) or absolute (`sqlite:///abs/path.db`). The file
-///   and its parent directory are created if missing. Opening does blocking I/O; call
+///   and its parent directory are created if missing ([`open_existing`] creates
+///   nothing). Opening does blocking I/O; call
 ///   it at start-up (or inside `spawn_blocking`).
 /// - `postgres://…` or `postgresql://…` (libpq's URL form, plus `pool_size=N`; see
 ///   [`PostgresTarget::open`]). Nothing is connected yet, so a database that is down
@@ -701,6 +782,28 @@ impl ApplyError {
 ///
 /// Errors never repeat the URL itself, which for server databases holds credentials.
 pub fn open(name: &str, url: &str) -> Result<Arc<dyn Target>, ApplyError> {
+    open_with(name, url, Create::Yes)
+}
+
+/// Opens the target called `name` at `url` as [`open`] does, but never creates a
+/// database: an SQLite file that does not exist is a permanent error with code
+/// [`codes::NO_DATABASE`], and nothing is created, neither the file nor its
+/// directory. For the commands that work on a database that must be there already
+/// (`airlock replay`, `approve`, `undo`), where a mistyped path must fail instead
+/// of quietly giving an empty database. (A PostgreSQL target never creates its
+/// database.)
+pub fn open_existing(name: &str, url: &str) -> Result<Arc<dyn Target>, ApplyError> {
+    open_with(name, url, Create::No)
+}
+
+/// Whether opening an SQLite target may create its file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Create {
+    Yes,
+    No,
+}
+
+fn open_with(name: &str, url: &str, create: Create) -> Result<Arc<dyn Target>, ApplyError> {
     #[cfg(feature = "postgres")]
     const SUPPORTED: &str = "supported: sqlite://<path>, postgres://user@host/db";
     #[cfg(not(feature = "postgres"))]
@@ -713,7 +816,10 @@ pub fn open(name: &str, url: &str) -> Result<Arc<dyn Target>, ApplyError> {
             ))
             .with_code(codes::UNSUPPORTED_URL));
         }
-        return Ok(Arc::new(SqliteTarget::open(name, path)?));
+        return Ok(Arc::new(match create {
+            Create::Yes => SqliteTarget::open(name, path)?,
+            Create::No => SqliteTarget::open_existing(name, path)?,
+        }));
     }
     let scheme = url.split_once("://").map(|(scheme, _)| scheme);
     let message = match scheme {

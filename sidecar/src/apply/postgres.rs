@@ -67,7 +67,7 @@
 //! database that is down does not stop Airlock from starting; connection errors are
 //! transient apply errors. See [`PostgresTarget::open`] for the URL's options.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::time::Duration;
@@ -83,8 +83,8 @@ use tokio_postgres::error::{Severity, SqlState};
 use tokio_postgres::types::{ToSql, Type};
 
 use super::common::{
-    Columns, OpImages, check_delete, check_update, check_upsert, expect_failed, image_table,
-    key_not_unique, keys, ledger_hit, new_entry, no_row, not_in_ledger, on_not_unique,
+    Columns, OpImages, check_delete, check_update, check_upsert, expect_failed, generated_values,
+    image_table, key_not_unique, keys, ledger_hit, new_entry, no_row, not_in_ledger, on_not_unique,
     too_many_rows, undoing,
 };
 use super::sql::{self, Dialect, pg};
@@ -537,7 +537,7 @@ async fn undo_intents(
             report.compare(id, image, found.as_ref().map(|f| &f.image));
             // Revert even after a conflict: later checks then see what an undo
             // would leave, and without `force` the transaction is rolled back.
-            revert(&tx, &table, image, found.as_ref())
+            revert(&tx, &table, info, image, found.as_ref())
                 .await
                 .map_err(context)?;
         }
@@ -598,13 +598,19 @@ async fn current_row(
 }
 
 /// Sets the row at the image's key to its before-image: deletes it when there was
-/// none, updates it when it exists, inserts it when it does not.
+/// none, updates it when it exists, inserts it when it does not. Stored generated
+/// columns are never written (they compute), identity columns `GENERATED ALWAYS`
+/// are not set on a row that exists (nothing can have changed them), and a row
+/// inserted back keeps its own identity value (`OVERRIDING SYSTEM VALUE`).
 async fn revert(
     tx: &Transaction<'_>,
     table: &TableName,
+    info: &TableInfo,
     image: &UndoImage,
     found: Option<&Fetched>,
 ) -> Result<(), ApplyError> {
+    let computed = |c: &&str| info.computed.iter().any(|k| k == c);
+    let always = |c: &&str| info.identity_always.iter().any(|k| k == c);
     match (&image.before, found) {
         (None, None) => {}
         (None, Some(row)) => {
@@ -612,14 +618,25 @@ async fn revert(
             query_text(tx, &pg::delete_row(table), &[&tableoid, &row.ctid]).await?;
         }
         (Some(before), Some(row)) => {
-            let columns: Vec<&str> = keys(before).collect();
+            let columns: Vec<&str> = keys(before)
+                .filter(|c| !computed(c) && !always(c))
+                .collect();
+            if columns.is_empty() {
+                return Ok(());
+            }
             let tableoid = row.tableoid.to_string();
             let sql = pg::update_row(table, &columns);
             query_text(tx, &sql, &[&to_json(before), &tableoid, &row.ctid]).await?;
         }
         (Some(before), None) => {
-            let columns: Vec<&str> = keys(before).collect();
-            query_text(tx, &pg::insert(table, &columns), &[&to_json(before)]).await?;
+            let columns: Vec<&str> = keys(before).filter(|c| !computed(c)).collect();
+            let identity = if columns.iter().any(always) {
+                pg::Identity::Override
+            } else {
+                pg::Identity::Refused
+            };
+            let sql = pg::insert(table, &columns, identity);
+            query_text(tx, &sql, &[&to_json(before)]).await?;
         }
     }
     Ok(())
@@ -967,6 +984,7 @@ async fn run_intent<'i>(
 
     let mut undo = Vec::new();
     let mut ops = Vec::with_capacity(intent.ops.len());
+    let mut sequences = BTreeMap::new();
     for (index, op) in intent.ops.iter().enumerate() {
         let info = match catalog.get(op.table()) {
             Some(Ok(info)) => info,
@@ -981,6 +999,8 @@ async fn run_intent<'i>(
             tx,
             info,
             max_rows: meta.max_rows,
+            generated: meta.replay.as_ref().and_then(|g| g.op(index)),
+            sequences: &mut sequences,
             images: OpImages::new(index, &mut undo),
         };
         let rows = step.apply(op).await.map_err(|f| f.at_op(index, op))?;
@@ -988,6 +1008,8 @@ async fn run_intent<'i>(
     }
     let entry = new_entry(intent, meta, undo)?;
     if finish == Finish::Commit {
+        // Not for a preview: a sequence change is not rolled back.
+        advance_sequences(tx, &sequences).await?;
         write_ledger(tx, &entry).await?;
     }
     Ok(Applied {
@@ -995,6 +1017,28 @@ async fn run_intent<'i>(
         ledger: entry,
         ops,
     })
+}
+
+/// Sequence-fed columns a replay wrote generated values into: (the table's quoted
+/// canonical name, the column) → the largest value written.
+type Sequences = BTreeMap<(String, String), i64>;
+
+/// Advances the sequence of each column a replay wrote generated values into past
+/// the largest of them ([`pg::ADVANCE_SEQUENCE`]), so the replay target's next
+/// ordinary insert does not collide with a replayed row.
+async fn advance_sequences(tx: &Transaction<'_>, sequences: &Sequences) -> Result<(), ApplyError> {
+    for ((table, column), max) in sequences {
+        let max = max.to_string();
+        query_text(tx, pg::ADVANCE_SEQUENCE, &[table, column, &max])
+            .await
+            .map_err(|e| {
+                e.context(&format!(
+                    "advancing the sequence of column {column:?} of {table} past the \
+                     replayed value {max}"
+                ))
+            })?;
+    }
+    Ok(())
 }
 
 async fn write_ledger(tx: &Transaction<'_>, entry: &LedgerEntry) -> Result<(), ApplyError> {
@@ -1045,6 +1089,11 @@ struct TableInfo {
     types: HashMap<String, String>,
     /// Primary-key columns, in key order; empty when none is declared.
     pk: Vec<String>,
+    /// Identity columns `GENERATED ALWAYS`: only a replay may write them.
+    identity_always: Vec<String>,
+    /// Stored generated columns (`GENERATED ALWAYS AS (...) STORED`): nobody
+    /// writes them; they compute.
+    computed: Vec<String>,
 }
 
 /// Reads a table's catalog entry and checks Airlock may write it.
@@ -1071,6 +1120,18 @@ async fn table_info(tx: &Transaction<'_>, table: &TableName) -> Result<TableInfo
     let types: Vec<String> = row.try_get(3).map_err(context)?;
     let pk: Vec<String> = row.try_get(4).map_err(context)?;
     let name: String = row.try_get(5).map_err(context)?;
+    let identity: Vec<String> = row.try_get(6).map_err(context)?;
+    let generated: Vec<String> = row.try_get(7).map_err(context)?;
+    let flagged = |flags: Vec<String>, flag: &str| -> Vec<String> {
+        columns
+            .iter()
+            .zip(flags)
+            .filter(|(_, f)| f == flag)
+            .map(|(c, _)| c.clone())
+            .collect()
+    };
+    let identity_always = flagged(identity, "a");
+    let computed = flagged(generated, "s");
     if sql::is_reserved_schema(&schema) {
         return Err(reserved(table));
     }
@@ -1098,6 +1159,8 @@ async fn table_info(tx: &Transaction<'_>, table: &TableName) -> Result<TableInfo
         columns,
         types,
         pk,
+        identity_always,
+        computed,
     })
 }
 
@@ -1117,6 +1180,28 @@ impl Columns for TableInfo {
 }
 
 impl TableInfo {
+    /// The table's canonical name, quoted: `"schema"."name"`.
+    fn qualified(&self) -> String {
+        format!(
+            "{}.{}",
+            sql::quote_ident(&self.schema),
+            sql::quote_ident(&self.name)
+        )
+    }
+
+    /// Whether an insert of `values` and a replay's `generated` values overrides
+    /// `GENERATED ALWAYS` identity columns: only when the generated values name
+    /// one and the op's own values name none (an agent's value for one is refused
+    /// by the database, in a replay too).
+    fn identity(&self, values: &Row, generated: &Row) -> pg::Identity {
+        let always = |row: &Row| row.keys().any(|c| self.identity_always.contains(c));
+        if always(generated) && !always(values) {
+            pg::Identity::Override
+        } else {
+            pg::Identity::Refused
+        }
+    }
+
     /// How each column of a key or `expect` compares.
     fn compare<'r>(&self, row: &'r Row) -> Vec<pg::Compare<'r>> {
         row.iter()
@@ -1170,6 +1255,10 @@ struct Step<'a, 't> {
     tx: &'a Transaction<'t>,
     info: &'a TableInfo,
     max_rows: u64,
+    /// A replay's recorded generated values for this op ([`ApplyMeta::replay`]).
+    generated: Option<&'a Image>,
+    /// Where to note the sequence-fed columns this op wrote generated values into.
+    sequences: &'a mut Sequences,
     images: OpImages<'a>,
 }
 
@@ -1215,14 +1304,45 @@ impl<'i> Step<'_, '_> {
         })
     }
 
+    /// The recorded values a replay writes besides the op's `values` (none
+    /// outside a replay; see [`Generated`](super::Generated)): those of the
+    /// table's columns the op does not name, except stored generated columns,
+    /// which compute again.
+    fn generated(&self, values: &Row) -> Row {
+        let info = self.info;
+        let writable =
+            |c: &str| info.columns.iter().any(|k| k == c) && !info.computed.iter().any(|k| k == c);
+        generated_values(self.generated, values, writable)
+            .into_iter()
+            .map(|(column, value)| (column.to_owned(), value.clone()))
+            .collect()
+    }
+
+    /// Notes the largest integer written into each column of `generated` (the
+    /// sequence of any such column is advanced past it before the ledger row).
+    fn note_sequences(&mut self, generated: &Row) {
+        for (column, value) in generated {
+            let Some(value) = value.as_i64() else {
+                continue;
+            };
+            let max = self
+                .sequences
+                .entry((self.info.qualified(), column.clone()))
+                .or_insert(value);
+            *max = (*max).max(value);
+        }
+    }
+
     async fn insert(&mut self, table: &'i TableName, values: &'i Row) -> Result<u64, Failure<'i>> {
         self.info.check(table, "values", keys(values))?;
-        let columns: Vec<&str> = keys(values).collect();
-        let json = to_json(values);
+        let generated = self.generated(values);
+        let columns: Vec<&str> = keys(values).chain(keys(&generated)).collect();
+        let json = to_json_with(values, &generated);
+        let identity = self.info.identity(values, &generated);
         let rows = self
             .run(
                 table,
-                &pg::insert(table, &columns),
+                &pg::insert(table, &columns, identity),
                 &[&json],
                 &[("values", values)],
             )
@@ -1231,6 +1351,9 @@ impl<'i> Step<'_, '_> {
             let after = fetched(row)?;
             self.images
                 .record(table, self.info.key(&after), None, Some(after.image));
+        }
+        if !rows.is_empty() {
+            self.note_sequences(&generated);
         }
         Ok(rows.len() as u64)
     }
@@ -1245,9 +1368,13 @@ impl<'i> Step<'_, '_> {
         self.info
             .check(table, "on", on.iter().map(Column::as_str))?;
         check_upsert(values, on)?;
-        let columns: Vec<&str> = keys(values).collect();
+        let generated = self.generated(values);
+        // Written only if the row is inserted: a conflicting row keeps its own.
+        let insert_only: Vec<&str> = keys(&generated).collect();
+        let columns: Vec<&str> = keys(values).chain(keys(&generated)).collect();
+        let identity = self.info.identity(values, &generated);
         let on: Vec<&str> = on.iter().map(Column::as_str).collect();
-        let json = to_json(values);
+        let json = to_json_with(values, &generated);
         let parts = [("values", values)];
         // The row the upsert would conflict with, locked; a NULL never conflicts.
         let on_compare: Vec<pg::Compare<'_>> = self
@@ -1269,9 +1396,8 @@ impl<'i> Step<'_, '_> {
         } else {
             None
         };
-        let rows = self
-            .run(table, &pg::upsert(table, &columns, &on), &[&json], &parts)
-            .await?;
+        let upsert = pg::upsert(table, &columns, &on, &insert_only, identity);
+        let rows = self.run(table, &upsert, &[&json], &parts).await?;
         let Some(row) = rows.first() else {
             // DO NOTHING on a conflict (or a trigger skipped the insert).
             if let Some(before) = before {
@@ -1297,6 +1423,9 @@ impl<'i> Step<'_, '_> {
             .map_err(|e| pg_error(&e).context("reading the upsert's result"))?;
         if before.is_none() && !inserted {
             return Err(concurrent(&on).into());
+        }
+        if inserted {
+            self.note_sequences(&generated);
         }
         self.images.record(
             table,
@@ -1462,6 +1591,16 @@ fn concurrent(on: &[&str]) -> ApplyError {
 fn to_json(row: &Row) -> String {
     // Serialising a map of JSON values cannot fail.
     serde_json::to_string(row).unwrap_or_else(|_| "{}".to_owned())
+}
+
+/// The JSON of an op's `values` together with a replay's generated values.
+fn to_json_with(values: &Row, generated: &Row) -> String {
+    if generated.is_empty() {
+        return to_json(values);
+    }
+    let mut all = values.clone();
+    all.extend(generated.iter().map(|(c, v)| (c.clone(), v.clone())));
+    to_json(&all)
 }
 
 /// Classifies a tokio-postgres error: the SQLSTATE decides for server errors; a

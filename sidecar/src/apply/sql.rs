@@ -26,9 +26,9 @@ use airlock_intent::TableName;
 pub enum Dialect {
     /// SQLite 3.35 or newer (for `ON CONFLICT ... DO UPDATE` and `pragma_table_list`).
     Sqlite,
-    /// PostgreSQL 11 or newer (`to_regclass(text)`, `INSERT ... AS` with `ON
-    /// CONFLICT`, `json_populate_record` into array and composite columns); tested
-    /// on 15.
+    /// PostgreSQL 12 or newer (`to_regclass(text)`, `INSERT ... AS` with `ON
+    /// CONFLICT`, `json_populate_record` into array and composite columns,
+    /// `pg_attribute.attgenerated`); tested on 15.
     Postgres,
 }
 
@@ -369,18 +369,20 @@ pub fn insert<'c, P: Arg>(
 }
 
 /// `INSERT ... ON CONFLICT ("on") DO UPDATE SET "c"=excluded."c"` for every
-/// column of `values` not in `on`, or `DO NOTHING` when there is none.
+/// column of `values` not in `on` nor in `insert_only` (values written only into
+/// a new row: a replay's generated ones), or `DO NOTHING` when there is none.
 pub fn upsert<'c, P: Arg>(
     dialect: Dialect,
     table: &TableName,
     values: impl IntoIterator<Item = (&'c str, P)>,
     on: &[&str],
+    insert_only: &[&str],
 ) -> Statement<P> {
     let values: Vec<(&str, P)> = values.into_iter().collect();
     let updated: Vec<String> = values
         .iter()
         .map(|(c, _)| *c)
-        .filter(|c| !on.contains(c))
+        .filter(|c| !on.contains(c) && !insert_only.contains(c))
         .map(|c| format!("{0}=excluded.{0}", quote_ident(c)))
         .collect();
     let mut b = Builder::new(dialect, format!("INSERT INTO {}", quote_table(table)));
@@ -482,8 +484,11 @@ pub mod pg {
     /// One table's catalog entry, by the quoted name in parameter 1 (resolved like
     /// an SQL reference, through `search_path` when unqualified): schema, relkind,
     /// column names and their types (`format_type`) in column order, the
-    /// primary-key columns in key order, and the table's name as stored. No row
-    /// when there is no such relation.
+    /// primary-key columns in key order, the table's name as stored, and, in
+    /// column order, each column's `attidentity` (`a`: `GENERATED ALWAYS AS
+    /// IDENTITY`, `d`: `BY DEFAULT`, empty otherwise) and `attgenerated` (`s` for a
+    /// stored generated column, empty otherwise). No row when there is no such
+    /// relation.
     pub const TABLE_INFO: &str = "\
         SELECT n.nspname::text, c.relkind::text, \
           array(SELECT a.attname::text FROM pg_attribute a \
@@ -497,9 +502,32 @@ pub mod pg {
                 CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) \
                 JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum \
                 WHERE i.indrelid = c.oid AND i.indisprimary ORDER BY k.ord), \
-          c.relname::text \
+          c.relname::text, \
+          array(SELECT a.attidentity::text FROM pg_attribute a \
+                WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+                ORDER BY a.attnum), \
+          array(SELECT a.attgenerated::text FROM pg_attribute a \
+                WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+                ORDER BY a.attnum) \
         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
         WHERE c.oid = to_regclass($1)";
+
+    /// After a replay wrote recorded values into a column (parameter 2, its name
+    /// as stored) of a table (parameter 1, the quoted canonical `"schema"."name"`),
+    /// the largest of them being parameter 3 (a bigint, as text): advances the
+    /// sequence that feeds the column (`serial`, identity) so that the next value
+    /// it hands out is past parameter 3, and leaves it alone when it would
+    /// already (a sequence is never moved back). No row, and nothing done, for a
+    /// column no sequence feeds or a descending sequence. Needs `UPDATE` on the
+    /// sequence. Like every sequence change, it is not undone if the transaction
+    /// rolls back; a sequence further on is harmless.
+    pub const ADVANCE_SEQUENCE: &str = "\
+        SELECT setval(s.seq, $3::text::bigint, true) \
+        FROM (SELECT pg_get_serial_sequence($1, $2)::regclass AS seq) AS s \
+        JOIN pg_sequence AS q ON q.seqrelid = s.seq \
+        WHERE q.seqincrement > 0 \
+          AND $3::text::numeric >= \
+              coalesce(pg_sequence_last_value(s.seq)::numeric + q.seqincrement, q.seqstart)";
 
     /// Arbitrary but fixed first key of Airlock's advisory locks ("airl" in ASCII);
     /// the two-key form keeps them apart from an application's one-key locks.
@@ -650,39 +678,62 @@ pub mod pg {
             .join(",")
     }
 
+    /// Whether an insert may write values into `GENERATED ALWAYS` identity
+    /// columns: only values the database itself generated earlier, which a replay
+    /// ([`Generated`](crate::apply::Generated)) or an undo putting a deleted row
+    /// back writes again; an agent's values never.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum Identity {
+        /// The database refuses a value for such a column, as it refuses the agent.
+        Refused,
+        /// `OVERRIDING SYSTEM VALUE`.
+        Override,
+    }
+
     /// `INSERT INTO t AS r ("a","b") SELECT v."a",v."b" FROM <values record $1>`,
     /// or `DEFAULT VALUES` for no columns. Returns [`ROW`].
-    pub fn insert(table: &TableName, columns: &[&str]) -> String {
+    pub fn insert(table: &TableName, columns: &[&str], identity: Identity) -> String {
         let mut sql = format!("INSERT INTO {} AS r", quote_table(table));
-        insert_values(&mut sql, table, columns);
+        insert_values(&mut sql, table, columns, identity);
         let _ = write!(sql, " RETURNING {ROW}");
         sql
     }
 
-    fn insert_values(sql: &mut String, table: &TableName, columns: &[&str]) {
+    fn insert_values(sql: &mut String, table: &TableName, columns: &[&str], identity: Identity) {
         if columns.is_empty() {
             sql.push_str(" DEFAULT VALUES");
         } else {
+            let _ = write!(sql, " ({})", column_list(columns, ""));
+            if identity == Identity::Override {
+                sql.push_str(" OVERRIDING SYSTEM VALUE");
+            }
             let _ = write!(
                 sql,
-                " ({}) SELECT {} FROM {} AS v",
-                column_list(columns, ""),
+                " SELECT {} FROM {} AS v",
                 column_list(columns, "v."),
                 record(table, 1)
             );
         }
     }
 
-    /// The insert with `ON CONFLICT (on) DO UPDATE SET` every other column (or
-    /// `DO NOTHING` when there is none). Returns [`ROW`] and whether the row was
-    /// inserted (not updated): `xmax` is 0 only on a freshly inserted row version.
-    pub fn upsert(table: &TableName, columns: &[&str], on: &[&str]) -> String {
+    /// The insert with `ON CONFLICT (on) DO UPDATE SET` every other column but
+    /// those in `insert_only` (values written only into a new row: a replay's
+    /// generated ones), or `DO NOTHING` when there is none. Returns [`ROW`] and
+    /// whether the row was inserted (not updated): `xmax` is 0 only on a freshly
+    /// inserted row version.
+    pub fn upsert(
+        table: &TableName,
+        columns: &[&str],
+        on: &[&str],
+        insert_only: &[&str],
+        identity: Identity,
+    ) -> String {
         let mut sql = format!("INSERT INTO {} AS r", quote_table(table));
-        insert_values(&mut sql, table, columns);
+        insert_values(&mut sql, table, columns, identity);
         let _ = write!(sql, " ON CONFLICT ({})", column_list(on, ""));
         let updated: Vec<String> = columns
             .iter()
-            .filter(|c| !on.contains(c))
+            .filter(|c| !on.contains(c) && !insert_only.contains(c))
             .map(|c| format!("{0}=excluded.{0}", quote_ident(c)))
             .collect();
         if updated.is_empty() {
@@ -833,6 +884,7 @@ mod tests {
             &table("customers"),
             pairs(&values),
             &["email"],
+            &[],
         );
         assert_eq!(
             s.sql,
@@ -842,9 +894,44 @@ mod tests {
     }
 
     #[test]
+    fn replayed_values_only_insert_and_only_a_replay_overrides_identity() {
+        let values = json!({"email": "a@x", "id": 7, "name": "Ada"});
+        let s = upsert(
+            Dialect::Sqlite,
+            &table("c"),
+            pairs(&values),
+            &["email"],
+            &["id"],
+        );
+        assert!(
+            s.sql.ends_with(r#"DO UPDATE SET "name"=excluded."name""#),
+            "{}",
+            s.sql
+        );
+        let s = pg::upsert(
+            &table("c"),
+            &["email", "id", "name"],
+            &["email"],
+            &["id"],
+            pg::Identity::Override,
+        );
+        assert!(
+            s.contains(r#"("email","id","name") OVERRIDING SYSTEM VALUE SELECT v."email""#),
+            "{s}"
+        );
+        assert!(
+            s.contains(r#"DO UPDATE SET "name"=excluded."name" RETURNING"#),
+            "{s}"
+        );
+        let s = pg::insert(&table("c"), &["name"], pg::Identity::Refused);
+        assert!(!s.contains("OVERRIDING"), "{s}");
+        assert!(pg::ADVANCE_SEQUENCE.contains("pg_get_serial_sequence($1, $2)"));
+    }
+
+    #[test]
     fn upsert_with_only_conflict_columns_does_nothing() {
         let values = json!({"id": 1});
-        let s = upsert(Dialect::Postgres, &table("t"), pairs(&values), &["id"]);
+        let s = upsert(Dialect::Postgres, &table("t"), pairs(&values), &["id"], &[]);
         assert_eq!(
             s.sql,
             r#"INSERT INTO "t" ("id") VALUES ($1) ON CONFLICT ("id") DO NOTHING"#

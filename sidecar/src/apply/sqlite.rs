@@ -56,12 +56,14 @@ use std::time::Duration;
 use airlock_intent::{Column, Intent, Op, Row, TableName};
 use async_trait::async_trait;
 use rusqlite::types::{Value as SqlValue, ValueRef};
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, ffi, params_from_iter};
+use rusqlite::{
+    Connection, OpenFlags, OptionalExtension, TransactionBehavior, ffi, params_from_iter,
+};
 use serde_json::Value;
 
 use super::common::{
-    Columns, OpImages, check_delete, check_update, check_upsert, expect_failed, image_table,
-    key_not_unique, keys, ledger_hit, new_entry, no_row, not_in_ledger, on_not_unique,
+    Columns, OpImages, check_delete, check_update, check_upsert, expect_failed, generated_values,
+    image_table, key_not_unique, keys, ledger_hit, new_entry, no_row, not_in_ledger, on_not_unique,
     too_many_rows, undoing,
 };
 use super::sql::{self, Arg, Dialect, Statement};
@@ -110,7 +112,40 @@ impl SqliteTarget {
                 ))
             })?;
         }
-        let mut conn = Connection::open(path).map_err(|e| context(db_error(e)))?;
+        let conn = Connection::open(path).map_err(|e| context(db_error(e)))?;
+        Self::prepare(name, path, conn, busy_timeout)
+    }
+
+    /// Opens the database at `path` as [`SqliteTarget::open`] does, but only if the
+    /// file exists: a missing one is an error with code [`codes::NO_DATABASE`], and
+    /// neither it nor its directory is created (no `SQLITE_OPEN_CREATE`, and the
+    /// path is never read as a URI, whose `mode=rwc` could create it). Blocking.
+    pub fn open_existing(name: &str, path: impl AsRef<Path>) -> Result<Self, ApplyError> {
+        let path = path.as_ref();
+        let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags).map_err(|e| {
+            if path.symlink_metadata().is_err() {
+                ApplyError::permanent(format!(
+                    "target {name:?}: no such database file {} (this command works on an \
+                     existing database and creates none)",
+                    path.display()
+                ))
+                .with_code(codes::NO_DATABASE)
+            } else {
+                db_error(e).context(&format!("target {name:?} ({})", path.display()))
+            }
+        })?;
+        Self::prepare(name, path, conn, BUSY_TIMEOUT)
+    }
+
+    /// Configures a connection just opened and creates or migrates the ledger.
+    fn prepare(
+        name: &str,
+        path: &Path,
+        mut conn: Connection,
+        busy_timeout: Duration,
+    ) -> Result<Self, ApplyError> {
+        let context = |e: ApplyError| e.context(&format!("target {name:?} ({})", path.display()));
         configure(&conn, busy_timeout).map_err(context)?;
         init_ledger(&mut conn).map_err(context)?;
         Ok(Self {
@@ -464,6 +499,7 @@ fn run_intent(
             conn: tx,
             info,
             max_rows: meta.max_rows,
+            generated: meta.replay.as_ref().and_then(|g| g.op(index)),
             images: OpImages::new(index, &mut undo),
         };
         let rows = step.apply(op).map_err(|e| e.at_op(index, op))?;
@@ -589,29 +625,31 @@ fn revert(
     Ok(())
 }
 
-/// Converts an image back to SQLite values: `{"$blob": "<hex>"}` is a BLOB, the
-/// rest as [`to_sql`] converts intent values.
+/// Converts an image back to SQLite values ([`image_value`]).
 fn bind_image(image: &Image) -> Result<Vec<(&str, SqlValue)>, ApplyError> {
     image
         .iter()
-        .map(|(column, value)| {
-            let blob = value
-                .as_object()
-                .filter(|o| o.len() == 1)
-                .and_then(|o| o.get("$blob"))
-                .and_then(Value::as_str);
-            let value = match blob {
-                Some(hex_text) => SqlValue::Blob(hex::decode(hex_text).map_err(|e| {
-                    ApplyError::permanent(format!(
-                        "image: column {column:?} holds a BLOB that is not hex: {e}"
-                    ))
-                    .with_code(codes::LEDGER)
-                })?),
-                None => to_sql("image", column, value)?,
-            };
-            Ok((column.as_str(), value))
-        })
+        .map(|(column, value)| Ok((column.as_str(), image_value(column, value)?)))
         .collect()
+}
+
+/// Converts one value of an image back to an SQLite value: `{"$blob": "<hex>"}`
+/// is a BLOB, the rest as [`to_sql`] converts intent values.
+fn image_value(column: &str, value: &Value) -> Result<SqlValue, ApplyError> {
+    let blob = value
+        .as_object()
+        .filter(|o| o.len() == 1)
+        .and_then(|o| o.get("$blob"))
+        .and_then(Value::as_str);
+    match blob {
+        Some(hex_text) => Ok(SqlValue::Blob(hex::decode(hex_text).map_err(|e| {
+            ApplyError::permanent(format!(
+                "image: column {column:?} holds a BLOB that is not hex: {e}"
+            ))
+            .with_code(codes::LEDGER)
+        })?)),
+        None => to_sql("image", column, value),
+    }
 }
 
 /// What Airlock needs to know about one table, read once per intent.
@@ -771,10 +809,12 @@ struct Step<'a> {
     conn: &'a Connection,
     info: &'a TableInfo,
     max_rows: u64,
+    /// A replay's recorded generated values for this op ([`ApplyMeta::replay`]).
+    generated: Option<&'a Image>,
     images: OpImages<'a>,
 }
 
-impl Step<'_> {
+impl<'a> Step<'a> {
     /// Applies one op; answers the number of rows it wrote.
     fn apply(&mut self, op: &Op) -> Result<u64, ApplyError> {
         match op {
@@ -790,9 +830,26 @@ impl Step<'_> {
         }
     }
 
+    /// The recorded values a replay writes besides the op's `values` (none
+    /// outside a replay; see [`Generated`](super::Generated)), as SQLite values:
+    /// those of the table's columns the op does not name. The table's generated
+    /// columns are not among them (`pragma_table_info` leaves them out), so they
+    /// compute again.
+    fn generated(&self, values: &Row) -> Result<Vec<(&'a str, SqlValue)>, ApplyError> {
+        let info = self.info;
+        generated_values(self.generated, values, |c| {
+            info.columns.iter().any(|k| k == c)
+        })
+        .into_iter()
+        .map(|(column, value)| Ok((column, image_value(column, value)?)))
+        .collect()
+    }
+
     fn insert(&mut self, table: &TableName, values: &Row) -> Result<u64, ApplyError> {
         self.info.check(table, "values", keys(values))?;
-        let values = bind("values", values)?;
+        let generated = self.generated(values)?;
+        let mut values = bind("values", values)?;
+        values.extend(generated);
         let rows = execute(self.conn, &sql::insert(DIALECT, table, refs(&values)))?;
         let (key, after) = self.find_written(table, &values, None)?;
         self.images.record(table, key, None, Some(after));
@@ -809,7 +866,11 @@ impl Step<'_> {
         self.info
             .check(table, "on", on.iter().map(Column::as_str))?;
         check_upsert(values, on)?;
-        let values = bind("values", values)?;
+        let generated = self.generated(values)?;
+        // Written only if the row is inserted: a conflicting row keeps its own.
+        let insert_only: Vec<&str> = generated.iter().map(|(c, _)| *c).collect();
+        let mut values = bind("values", values)?;
+        values.extend(generated);
         let on: Vec<&str> = on.iter().map(Column::as_str).collect();
         let on_filter: Vec<(&str, &SqlValue)> =
             refs(&values).filter(|(c, _)| on.contains(c)).collect();
@@ -819,7 +880,8 @@ impl Step<'_> {
         } else {
             self.read(table, on_filter, Some(2))?
         };
-        let rows = execute(self.conn, &sql::upsert(DIALECT, table, refs(&values), &on))?;
+        let stmt = sql::upsert(DIALECT, table, refs(&values), &on, &insert_only);
+        let rows = execute(self.conn, &stmt)?;
         if before.len() > 1 {
             return Err(on_not_unique(&on));
         }

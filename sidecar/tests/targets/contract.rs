@@ -5,12 +5,14 @@
 //! transaction. Where the databases differ honestly (a constraint's code, how a row
 //! without a primary key is identified), the [`Fixture`] says how.
 
+use airlock::apply::sql::Dialect;
 use airlock::apply::{ErrorKind, codes};
 use airlock_intent::{Op, TableName};
 use serde_json::{Value, json};
 
 use crate::fixture::{
-    Constraint, Fixture, apply_err, chain, five_in_order, intent, meta, obj, row, unchecked,
+    Constraint, Fixture, apply_err, chain, five_in_order, intent, meta, obj, replay_meta, row,
+    unchecked,
 };
 
 /// Instantiates each named contract test once per target: `contract::sqlite::NAME`
@@ -60,6 +62,7 @@ contract!(
     a_chain_stops_at_a_failing_intent_and_commits_the_ones_before,
     a_chain_answers_already_for_an_intent_in_the_ledger,
     a_deferred_foreign_key_refused_at_commit_fails_only_its_intent,
+    a_replay_writes_the_values_the_database_generated_the_first_time,
 );
 
 async fn insert_writes_the_row_and_records_an_after_image<F: Fixture>() {
@@ -864,4 +867,106 @@ async fn a_deferred_foreign_key_refused_at_commit_fails_only_its_intent<F: Fixtu
         vec![json!({"id": 1})]
     );
     assert_eq!(db.ledger_ids().await, vec![json!("l-1")]);
+}
+
+/// A replay ([`ApplyMeta::replay`](airlock::apply::ApplyMeta)) writes the values
+/// the first apply recorded for the columns an insert did not name (the key the
+/// database generated, defaults), but not into columns the table lacks or
+/// computes itself, and not over a conflicting row an upsert updates; the next
+/// ordinary insert gets a key past the replayed ones.
+async fn a_replay_writes_the_values_the_database_generated_the_first_time<F: Fixture>() {
+    let db = F::setup().await;
+    let key = match F::DIALECT {
+        Dialect::Sqlite => "id INTEGER PRIMARY KEY",
+        Dialect::Postgres => "id SERIAL PRIMARY KEY",
+    };
+    db.execute(&format!(
+        "CREATE TABLE gen({key}, name TEXT NOT NULL, \
+         len INTEGER GENERATED ALWAYS AS (length(name)) STORED)"
+    ))
+    .await;
+    let insert = intent(
+        "r-1",
+        json!([
+            {"op": "insert", "table": "customers", "values": {"name": "Linus"}},
+            {"op": "insert", "table": "gen", "values": {"name": "abc"}},
+        ]),
+    );
+    // What the original database gave: ids 40 and 5, a tier, and a column this
+    // database does not have; `len` is wrong on purpose: it is computed, not written.
+    let recorded = json!([
+        {"op": 0, "table": "customers", "key": {"id": 40}, "before": null,
+         "after": {"id": 40, "name": "Linus", "email": null, "tier": "silver", "gone": 1}},
+        {"op": 1, "table": "gen", "key": {"id": 5}, "before": null,
+         "after": {"id": 5, "name": "abc", "len": 99}},
+    ]);
+    let applied = db
+        .target()
+        .apply(&insert, &replay_meta(&insert, recorded))
+        .await
+        .unwrap();
+    let after: Vec<Value> = applied
+        .ledger
+        .undo
+        .iter()
+        .map(|image| image.after.as_ref().map(obj).unwrap())
+        .collect();
+    let linus = json!({"id": 40, "name": "Linus", "email": null, "tier": "silver"});
+    assert_eq!(after[0], linus);
+    assert_eq!(
+        db.rows("SELECT * FROM customers WHERE id = 40").await,
+        [linus]
+    );
+    assert_eq!(
+        db.rows("SELECT id, name, len FROM gen").await,
+        [json!({"id": 5, "name": "abc", "len": 3})]
+    );
+    // The ledger holds the intent's own digest.
+    assert_eq!(applied.ledger.digest, meta(&insert).digest);
+
+    // An upsert that inserted writes its generated values too; one that meets a
+    // conflicting row here updates what it names and keeps that row's own key.
+    let upserts = intent(
+        "r-2",
+        json!([
+            {"op": "upsert", "table": "customers", "on": ["email"],
+             "values": {"email": "ken@example.com", "name": "Ken"}},
+            {"op": "upsert", "table": "customers", "on": ["email"],
+             "values": {"email": "ada@example.com", "name": "Ada L"}},
+        ]),
+    );
+    let recorded = json!([
+        {"op": 0, "table": "customers", "key": {"id": 50}, "before": null,
+         "after": {"id": 50, "name": "Ken", "email": "ken@example.com", "tier": "gold"}},
+        {"op": 1, "table": "customers", "key": {"id": 60}, "before": null,
+         "after": {"id": 60, "name": "Ada L", "email": "ada@example.com", "tier": null}},
+    ]);
+    db.target()
+        .apply(&upserts, &replay_meta(&upserts, recorded))
+        .await
+        .unwrap();
+    assert_eq!(
+        db.rows("SELECT * FROM customers WHERE id IN (1, 50, 60) ORDER BY id")
+            .await,
+        [
+            json!({"id": 1, "name": "Ada L", "email": "ada@example.com", "tier": "gold"}),
+            json!({"id": 50, "name": "Ken", "email": "ken@example.com", "tier": "gold"}),
+        ]
+    );
+
+    // Ordinary inserts write only what they name, past the replayed keys.
+    let next = intent(
+        "n-1",
+        json!([
+            {"op": "insert", "table": "customers", "values": {"name": "Next"}},
+            {"op": "insert", "table": "gen", "values": {"name": "next"}},
+        ]),
+    );
+    let applied = db.target().apply(&next, &meta(&next)).await.unwrap();
+    let keys: Vec<Value> = applied.ledger.undo.iter().map(|i| obj(&i.key)).collect();
+    assert_eq!(keys, [json!({"id": 51}), json!({"id": 6})]);
+    assert_eq!(
+        db.rows("SELECT tier FROM customers WHERE id = 51").await,
+        [json!({"tier": null})]
+    );
 }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use airlock::apply::sql::Dialect;
-use airlock::apply::{ApplyError, ApplyMeta, Target, open};
+use airlock::apply::{ApplyError, ApplyMeta, Generated, Target, UndoImage, open};
 use airlock_intent::{Intent, Op};
 use rusqlite::Connection;
 use rusqlite::types::ValueRef;
@@ -357,6 +357,15 @@ pub fn obj(image: &serde_json::Map<String, Value>) -> Value {
 pub fn meta(intent: &Intent) -> ApplyMeta {
     let bytes = serde_json::to_vec(intent).unwrap();
     ApplyMeta::new(format!("sha256:{}", hex::encode(Sha256::digest(bytes))))
+}
+
+/// The metadata of a replay of `intent` whose first apply recorded `images` (its
+/// undo images, as JSON): the recorded generated values ride along.
+pub fn replay_meta(intent: &Intent, images: Value) -> ApplyMeta {
+    let images: Vec<UndoImage> = serde_json::from_value(images).unwrap();
+    let mut meta = meta(intent);
+    meta.replay = Some(Generated::recorded(intent, &images));
+    meta
 }
 
 /// Each intent with its metadata, as a chain.

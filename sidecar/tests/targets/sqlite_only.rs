@@ -9,7 +9,7 @@ use airlock::apply::{ErrorKind, SqliteTarget, Target, codes, open};
 use rusqlite::Connection;
 use serde_json::json;
 
-use crate::fixture::{Fixture, Sqlite, apply_err, chain, five_in_order, intent, meta};
+use crate::fixture::{Fixture, Sqlite, apply_err, chain, five_in_order, intent, meta, replay_meta};
 
 #[tokio::test]
 async fn json_values_map_to_sqlite_values() {
@@ -155,4 +155,71 @@ async fn a_chain_on_a_locked_database_is_one_transient_error() {
     let results = target.apply_chain(&chain(&intents)).await;
     assert_eq!(results.len(), 5);
     assert!(results.iter().all(|r| !r.as_ref().unwrap().already));
+}
+
+/// `open_existing` (replay, approve, undo) never creates a database: a missing
+/// file is an error naming it, and neither it nor its directory appears. An
+/// existing one opens as with `open`.
+#[tokio::test]
+async fn open_existing_creates_no_file_and_no_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no").join("such.db");
+    for path in [missing.clone(), dir.path().join("such.db")] {
+        let url = format!("sqlite://{}", path.display());
+        let err = airlock::apply::open_existing("default", &url).unwrap_err();
+        assert_eq!(err.code.as_deref(), Some(codes::NO_DATABASE), "{err}");
+        assert_eq!(err.kind, ErrorKind::Permanent);
+        assert!(err.message.contains("no such database file"), "{err}");
+        assert!(err.message.contains(&path.display().to_string()), "{err}");
+    }
+    // Not even through a URI that asks SQLite to create the file.
+    let uri = format!(
+        "sqlite://file:{}?mode=rwc",
+        dir.path().join("u.db").display()
+    );
+    assert!(airlock::apply::open_existing("default", &uri).is_err());
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+
+    let db = Sqlite::setup().await;
+    let target = airlock::apply::open_existing("default", &db.url()).unwrap();
+    let i = intent(
+        "i-1",
+        json!([{"op": "insert", "table": "events", "values": {"message": "m"}}]),
+    );
+    target.apply(&i, &meta(&i)).await.unwrap();
+}
+
+/// A replay's explicit key moves an `AUTOINCREMENT` table's `sqlite_sequence` on
+/// by itself, so the next ordinary insert takes the key after it.
+#[tokio::test]
+async fn a_replayed_key_moves_autoincrement_on() {
+    let db = Sqlite::setup().await;
+    db.execute("CREATE TABLE auto(id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL)")
+        .await;
+    let replayed = intent(
+        "r-1",
+        json!([{"op": "insert", "table": "auto", "values": {"name": "r"}}]),
+    );
+    let recorded = json!([
+        {"op": 0, "table": "auto", "key": {"id": 12}, "before": null,
+         "after": {"id": 12, "name": "r"}},
+    ]);
+    db.target
+        .apply(&replayed, &replay_meta(&replayed, recorded))
+        .await
+        .unwrap();
+    assert_eq!(
+        db.rows_now("SELECT seq FROM sqlite_sequence WHERE name = 'auto'"),
+        [json!({"seq": 12})]
+    );
+    db.execute("DELETE FROM auto").await;
+    let next = intent(
+        "n-1",
+        json!([{"op": "insert", "table": "auto", "values": {"name": "n"}}]),
+    );
+    let applied = db.target.apply(&next, &meta(&next)).await.unwrap();
+    assert_eq!(
+        applied.ledger.undo[0].key,
+        json!({"id": 13}).as_object().cloned().unwrap()
+    );
 }
