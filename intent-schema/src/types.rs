@@ -361,6 +361,21 @@ pub struct Provenance {
     pub traceparent: Option<String>,
 }
 
+impl Provenance {
+    /// The W3C trace id (32 lowercase hex digits) of [`Provenance::traceparent`], when
+    /// W3C Trace Context calls it valid: not version `ff`, and neither the trace id
+    /// nor the parent id all zeros. The shape itself is checked when the intent is
+    /// read. Spans of Airlock's work on the intent belong to this trace.
+    pub fn trace_id(&self) -> Option<&str> {
+        let traceparent = self.traceparent.as_deref()?;
+        let mut parts = traceparent.split('-');
+        let (version, trace, parent) = (parts.next()?, parts.next()?, parts.next()?);
+        let zero = |s: &str| s.bytes().all(|b| b == b'0');
+        (is_traceparent(traceparent) && version != "ff" && !zero(trace) && !zero(parent))
+            .then_some(trace)
+    }
+}
+
 /// The most ops one intent may carry on the wire. A sidecar may enforce a lower
 /// maximum (see `Limits::max_ops`); this is the ceiling the schema publishes.
 pub const MAX_OPS: usize = 1000;

@@ -122,8 +122,12 @@ enum Command {
         #[command(flatten)]
         state: StateArgs,
     },
-    /// Print the intent JSON Schema.
-    Schema,
+    /// Print the intent JSON Schema (with --outcome, the outcome file's).
+    Schema {
+        /// Print the JSON Schema of the outcome files Airlock writes back instead.
+        #[arg(long)]
+        outcome: bool,
+    },
     /// Reviewer tokens for the review endpoint.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -504,8 +508,12 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Schema => {
-            print!("{}", airlock_intent::SCHEMA);
+        Command::Schema { outcome } => {
+            if outcome {
+                print!("{}", airlock_intent::OUTCOME_SCHEMA);
+            } else {
+                print!("{}", airlock_intent::SCHEMA);
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify {

@@ -19,6 +19,21 @@
 //! Outcome files are a view of the queue, not a record: the queue flags each change
 //! until its file is written, so a crash in between rewrites it at the next start.
 //!
+//! The document is published as `intent-schema/outcome.schema.json`
+//! ([`airlock_intent::OUTCOME_SCHEMA`], `airlock schema --outcome`), which every
+//! field here must match. Besides the state, it tells the agent:
+//! - **what an approved intent waits for** ([`WaitingFor`]): the earlier intent of
+//!   its run that holds it back ([`Queue::holding_back`](crate::queue::Queue::holding_back)).
+//!   The queue flags the waiting outcomes whenever that intent changes, so the
+//!   reason is rewritten rather than left stale;
+//! - **what an applied intent wrote** ([`Written`]): rows and primary keys per op,
+//!   from the target's undo images (never other column values), kept on the
+//!   intent's row when it is applied, so no outcome reads the run log;
+//! - **whether to try again** ([`Retry`]) for every final state that is not a
+//!   success: which id to use (an id that entered the queue is spent) and what
+//!   must change;
+//! - the **trace id** of the intent's `provenance.traceparent`.
+//!
 //! The results directory is the agent's: [`Outcomes`] never writes through a link
 //! planted there, and holds outcomes back while the directory is swapped.
 
@@ -28,10 +43,11 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tracing::{info, warn};
 
+use crate::apply::{Applied, Image, codes};
 use crate::clock::timestamp;
 use crate::lifecycle::{Decision, State};
 use crate::queue::{IntentRow, RefusedRow, ReviewVote};
@@ -71,6 +87,19 @@ pub struct Outcome {
     /// The last error met (policy unavailable, apply failure), with details.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<Value>,
+    /// For an approved intent: the earlier intent of its run that holds it back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub waiting_for: Option<WaitingFor>,
+    /// For an applied (or since undone) intent: what it wrote.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub applied: Option<Written>,
+    /// For a final state that is not a success: whether and how to try again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry: Option<Retry>,
+    /// The W3C trace id of the intent's `provenance.traceparent`, when it has a
+    /// valid one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
     pub received_at: String,
     pub updated_at: String,
     /// A refused file whose id names another intent in the queue: its outcome goes
@@ -91,9 +120,268 @@ pub struct ReviewStatus {
     pub expires_at: Option<String>,
 }
 
+/// The earlier intent of its run that an approved intent waits for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WaitingFor {
+    pub id: String,
+    /// Queued, awaiting review, or approved and retrying after a transient error.
+    pub state: State,
+    /// Its review's deadline, while it awaits review.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+    /// When it is tried again, while it is approved and retrying.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<String>,
+}
+
+/// What an applied intent wrote: per op, the rows and the primary key of each row,
+/// taken from the target's undo images. Only keys: the other columns' values may be
+/// ones the agent is not allowed to read. Bounded without a cap of its own: an op
+/// writes at most `apply.max_rows` rows (an insert or an upsert one), and an intent
+/// has at most `limits.max_ops` ops.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Written {
+    /// When the target committed the intent (its ledger row's time).
+    pub at: String,
+    /// One entry per op, in op order.
+    pub ops: Vec<OpWritten>,
+}
+
+/// What one op wrote.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct OpWritten {
+    /// The op's index in the intent's `ops`, from 0.
+    pub index: usize,
+    /// Rows inserted, updated or deleted.
+    pub rows: u64,
+    /// The primary key (or `rowid`/`ctid` for a table without one) of each row
+    /// written, in the order written: the generated key of an inserted row.
+    pub keys: Vec<Image>,
+}
+
+impl Written {
+    /// What `applied` wrote for the intent `row`. An intent the ledger already held
+    /// (applied by an earlier attempt, before a crash) comes back with no op
+    /// results, only the ledger's undo images: its rows are counted from those, one
+    /// entry for each of its ops, so its keys are still reported.
+    pub fn of(applied: &Applied, row: &IntentRow) -> Self {
+        let undo = &applied.ledger.undo;
+        // Only an intent the ledger held needs its op count; its stored bytes parsed
+        // when it was applied, and should they not, the images still count the ops
+        // up to the last one that wrote a row.
+        let op_count = || {
+            row.intent().map_or_else(
+                |_| undo.iter().map(|image| image.op + 1).max().unwrap_or(0),
+                |intent| intent.ops.len(),
+            )
+        };
+        let keys = |index: usize| -> Vec<Image> {
+            undo.iter()
+                .filter(|image| image.op == index)
+                .map(|image| image.key.clone())
+                .collect()
+        };
+        let ops = if applied.already {
+            (0..op_count())
+                .map(|index| {
+                    let keys = keys(index);
+                    OpWritten {
+                        index,
+                        rows: keys.len() as u64,
+                        keys,
+                    }
+                })
+                .collect()
+        } else {
+            applied
+                .ops
+                .iter()
+                .map(|op| OpWritten {
+                    index: op.index,
+                    rows: op.rows,
+                    keys: keys(op.index),
+                })
+                .collect()
+        };
+        Self {
+            at: timestamp(applied.ledger.applied_at_ms),
+            ops,
+        }
+    }
+}
+
+/// Whether and how an intent (or a refused file) that ended without being applied
+/// can be tried again.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Retry {
+    /// A new attempt needs another id: this one entered the queue (an id is an
+    /// idempotency key: the same bytes again change nothing, other bytes are
+    /// refused as a conflict), or it already names another intent.
+    pub new_id: bool,
+    /// Submitting the same writes again could succeed with no change to the
+    /// intent, the policy or the target (only after an expired review).
+    pub may_help: bool,
+    /// What to do, in words.
+    pub advice: String,
+}
+
+impl Retry {
+    /// The advice for a final intent that was not applied; `None` for any other.
+    fn of_intent(
+        row: &IntentRow,
+        intent: Option<&airlock_intent::Intent>,
+        reviews: &[ReviewVote],
+    ) -> Option<Self> {
+        let id = &row.id;
+        let spent = format!(
+            "the id {id} is spent (submitting its bytes again changes nothing, other bytes under it are refused)"
+        );
+        let (may_help, advice) = match row.state {
+            State::Denied => (
+                false,
+                format!(
+                    "the policy denied this intent (see reasons) and will deny it again: change \
+                     the intent, or have the policy changed, then submit under a new id; {spent}"
+                ),
+            ),
+            State::Rejected => {
+                let by = reviews
+                    .iter()
+                    .find(|r| r.verdict == "reject")
+                    .map_or_else(|| "a reviewer".to_owned(), |r| r.reviewer.clone());
+                (
+                    false,
+                    format!(
+                        "{by} rejected this intent (see reasons): change what they objected to, \
+                         then submit a new intent under a new id; {spent}"
+                    ),
+                )
+            }
+            State::Expired => (
+                true,
+                format!(
+                    "nobody decided its review in time, and nothing refused its writes: submit \
+                     the same writes again under a new id to ask for a new review; {spent}"
+                ),
+            ),
+            State::Failed => (false, format!("{}; {spent}", failure_advice(row, intent))),
+            _ => return None,
+        };
+        Some(Self {
+            new_id: true,
+            may_help,
+            advice,
+        })
+    }
+
+    /// The advice for a file refused at intake.
+    fn of_refusal(row: &RefusedRow) -> Self {
+        let (new_id, advice) = match row.id.as_deref() {
+            Some(id) if row.kind == "conflict" => (
+                true,
+                format!(
+                    "the id {id} already names another intent, so these bytes were refused: to \
+                     make these writes as well, submit them under a new id (submitting that \
+                     intent's own bytes again changes nothing)"
+                ),
+            ),
+            Some(id) if row.id_in_use => (
+                true,
+                format!(
+                    "fix the problems listed, then submit under a new id: {id} already names an \
+                     intent in the queue"
+                ),
+            ),
+            Some(id) => (
+                false,
+                format!(
+                    "fix the problems listed and submit the file again: it never entered the \
+                     queue, so its id {id} is still free"
+                ),
+            ),
+            None => (
+                false,
+                "fix the problems listed and submit the file again: it never entered the queue"
+                    .to_owned(),
+            ),
+        };
+        Self {
+            new_id,
+            may_help: false,
+            advice,
+        }
+    }
+}
+
+/// What to change after a permanent failure, from its error's code (and the table
+/// the failing op names, as the agent wrote it).
+fn failure_advice(row: &IntentRow, intent: Option<&airlock_intent::Intent>) -> String {
+    let error = row.error.as_ref();
+    let code = error
+        .and_then(|e| e.get("code"))
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    let op = error
+        .and_then(|e| e.get("op"))
+        .and_then(Value::as_u64)
+        .and_then(|op| usize::try_from(op).ok());
+    let table = op
+        .zip(intent)
+        .and_then(|(op, intent)| intent.ops.get(op))
+        .map(|op| op.table().to_string());
+    let the_op = op.map_or_else(|| "an op".to_owned(), |op| format!("op {op}"));
+    let target = &row.target;
+    match code {
+        codes::UNKNOWN_TABLE => format!(
+            "table {} does not exist in target {target:?}: name a table it has (or have the \
+             table created), then submit under a new id",
+            table.as_deref().unwrap_or("it names")
+        ),
+        codes::UNKNOWN_COLUMN => format!(
+            "{the_op} names a column its table does not have (see error): fix the column names, \
+             then submit under a new id"
+        ),
+        codes::SYSTEM_TABLE | codes::RESERVED_TABLE | codes::NOT_A_TABLE => format!(
+            "{the_op} names a table Airlock does not write (see error): write a plain table of \
+             your own, then submit under a new id"
+        ),
+        codes::NO_ROW => format!(
+            "no row matches the key of {the_op}: check the key (read the row again), then \
+             submit under a new id"
+        ),
+        codes::EXPECT_FAILED => format!(
+            "the row {the_op} touches no longer holds the values it expects: read it again, \
+             decide anew, and submit a new intent under a new id"
+        ),
+        codes::TOO_MANY_ROWS => format!(
+            "the key of {the_op} matches more rows than one op may touch (apply.max_rows): \
+             narrow the key, or split the op, then submit under a new id"
+        ),
+        codes::DIGEST_MISMATCH => "the target already applied another intent under this id: \
+                                   submit under a new id"
+            .to_owned(),
+        _ => {
+            let code = if code.is_empty() {
+                String::new()
+            } else {
+                format!(" ({code})")
+            };
+            format!(
+                "the target refused {the_op} for good{code} and would refuse it again: fix the \
+                 cause the error names (a constraint, a value's type, a missing row, an unknown \
+                 target), then submit under a new id"
+            )
+        }
+    }
+}
+
 impl Outcome {
-    /// The outcome of a queued intent, given its reviews.
+    /// The outcome of a queued intent, given its reviews. An approved intent's
+    /// outcome also says what it waits for: see [`Outcome::waiting_for`].
     pub fn of_intent(row: &IntentRow, reviews: &[ReviewVote]) -> Self {
+        // Validated at admission; a row that does not parse again only loses the
+        // trace id and the failing op's table in the advice.
+        let intent = row.intent().ok();
         let mut reasons = Vec::new();
         if let Some(decision) = &row.decision {
             reasons.extend(decision.reasons.iter().cloned());
@@ -125,13 +413,22 @@ impl Outcome {
             }
             _ => {}
         }
-        if let Some(message) = row
-            .error
-            .as_ref()
-            .and_then(|e| e.get("message"))
-            .and_then(Value::as_str)
+        if let Some(error) = &row.error
+            && let Some(message) = error.get("message").and_then(Value::as_str)
         {
-            reasons.push(message.to_owned());
+            let code = error.get("code").and_then(Value::as_str);
+            if error.get("stage").and_then(Value::as_str) == Some("resolve")
+                && code == Some(codes::UNKNOWN_TABLE)
+            {
+                reasons.push(format!("{message} in target {:?}", row.target));
+            } else {
+                reasons.push(message.to_owned());
+            }
+            if !row.state.is_final()
+                && let Some(at) = error.get("retry_at").and_then(Value::as_i64)
+            {
+                reasons.push(format!("Airlock tries again at {}", timestamp(at)));
+            }
         }
         let review = (row.approvals_needed > 0).then(|| ReviewStatus {
             approvals_needed: row.approvals_needed,
@@ -159,10 +456,56 @@ impl Outcome {
             decision: row.decision.clone(),
             review,
             error: row.error.clone(),
+            waiting_for: None,
+            applied: row
+                .applied
+                .as_ref()
+                .and_then(|written| Written::deserialize(written).ok()),
+            retry: Retry::of_intent(row, intent.as_ref(), reviews),
+            trace_id: intent
+                .as_ref()
+                .and_then(|i| i.provenance.trace_id())
+                .map(str::to_owned),
             received_at: timestamp(row.received_at),
             updated_at: timestamp(row.updated_at),
             conflict: false,
         }
+    }
+
+    /// Says what this approved intent waits for: `blocker`, the earlier
+    /// intent of its run that holds it back (from
+    /// [`Queue::holding_back`](crate::queue::Queue::holding_back)), as a field and
+    /// as a reason in words. Outcomes in other states are left as they are.
+    #[must_use]
+    pub fn waiting_for(mut self, blocker: &IntentRow) -> Self {
+        if self.state != State::Approved.as_str() {
+            return self;
+        }
+        let expires_at = blocker
+            .review_deadline
+            .filter(|_| blocker.state == State::AwaitingReview)
+            .map(timestamp);
+        let retry_at = (blocker.state == State::Approved).then(|| timestamp(blocker.not_before));
+        let which = match (&expires_at, &retry_at) {
+            (Some(at), _) => format!("awaits review until {at}"),
+            (None, Some(at)) => {
+                format!("met a transient error and is tried again at {at}")
+            }
+            (None, None) if blocker.state == State::AwaitingReview => "awaits review".to_owned(),
+            (None, None) => "awaits a policy decision".to_owned(),
+        };
+        self.reasons.push(format!(
+            "waits for intent {} of run {}, which {which}: the intents of a run apply in the \
+             order they were queued",
+            blocker.id, blocker.run
+        ));
+        self.waiting_for = Some(WaitingFor {
+            id: blocker.id.clone(),
+            state: blocker.state,
+            expires_at,
+            retry_at,
+        });
+        self
     }
 
     /// The outcome of a refused file.
@@ -190,6 +533,10 @@ impl Outcome {
             decision: None,
             review: None,
             error: None,
+            waiting_for: None,
+            applied: None,
+            retry: Some(Retry::of_refusal(row)),
+            trace_id: None,
             received_at: timestamp(row.received_at),
             updated_at: timestamp(row.received_at),
             conflict: row.id_in_use || row.kind == "conflict",
@@ -547,6 +894,10 @@ mod tests {
             decision: None,
             review: None,
             error: None,
+            waiting_for: None,
+            applied: None,
+            retry: None,
+            trace_id: None,
             received_at: timestamp(0),
             updated_at: timestamp(0),
             conflict: false,
@@ -701,5 +1052,263 @@ mod tests {
             format!("name-{}.json", hex(".airlock-claim.1-2"))
         );
         assert_eq!(digest_name(b"\xff.json").len(), "name-.json".len() + 16);
+    }
+
+    fn check_schema(outcome: &Outcome) {
+        let schema: Value = serde_json::from_str(airlock_intent::OUTCOME_SCHEMA).unwrap();
+        let validator = jsonschema::draft202012::new(&schema).unwrap();
+        let document = serde_json::to_value(outcome).unwrap();
+        let errors: Vec<String> = validator
+            .iter_errors(&document)
+            .map(|e| format!("{}: {e}", e.instance_path().as_str()))
+            .collect();
+        assert!(errors.is_empty(), "{errors:?}\n{document:#}");
+    }
+
+    fn row(id: &str, state: State) -> IntentRow {
+        let payload = serde_json::json!({
+            "version": 1, "id": id, "run": "r",
+            "ops": [{"op": "insert", "table": "sales.orders", "values": {"total": 5}}],
+            "reason": "test",
+            "provenance": {"agent": "a", "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"},
+        });
+        IntentRow {
+            seq: 7,
+            id: id.into(),
+            run: "r".into(),
+            target: "default".into(),
+            digest: format!("sha256:{}", "ab".repeat(32)),
+            payload: serde_json::to_vec(&payload).unwrap(),
+            file: format!("{id}.json"),
+            state,
+            decision: None,
+            approvals_needed: 0,
+            review_deadline: None,
+            error: None,
+            attempts: 0,
+            not_before: 0,
+            received_at: 1_000,
+            updated_at: 2_000,
+            applied: None,
+        }
+    }
+
+    fn applied(already: bool) -> Applied {
+        use crate::apply::{LedgerEntry, OpResult, UndoImage};
+        let key = |id: i64| serde_json::json!({"id": id}).as_object().unwrap().clone();
+        let image = |op: usize, id: i64| UndoImage {
+            op,
+            table: "t".into(),
+            key: key(id),
+            before: None,
+            after: Some(key(id)),
+        };
+        Applied {
+            already,
+            ledger: LedgerEntry {
+                intent_id: "i".into(),
+                run: "r".into(),
+                digest: "sha256:00".into(),
+                applied_at_ms: 3_000,
+                undo: vec![image(0, 41), image(2, 42), image(2, 43)],
+            },
+            ops: if already {
+                Vec::new()
+            } else {
+                (0..3)
+                    .map(|index| OpResult {
+                        index,
+                        rows: [1, 0, 2][index],
+                    })
+                    .collect()
+            },
+        }
+    }
+
+    #[test]
+    fn written_keys_come_from_the_undo_images_even_when_the_ledger_already_held_them() {
+        let mut intent = row("i", State::Approved);
+        let mut document: Value = serde_json::from_slice(&intent.payload).unwrap();
+        let op = document["ops"][0].clone();
+        document["ops"] = Value::Array(vec![op; 3]);
+        intent.payload = serde_json::to_vec(&document).unwrap();
+        let fresh = Written::of(&applied(false), &intent);
+        // Applied by an earlier attempt (say, before a crash): no op results, but the
+        // ledger's images still give every key, and the intent its op count.
+        let again = Written::of(&applied(true), &intent);
+        assert_eq!(fresh, again);
+        let keys: Vec<(usize, u64, String)> = fresh
+            .ops
+            .iter()
+            .map(|op| (op.index, op.rows, serde_json::to_string(&op.keys).unwrap()))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                (0, 1, r#"[{"id":41}]"#.to_owned()),
+                (1, 0, "[]".to_owned()),
+                (2, 2, r#"[{"id":42},{"id":43}]"#.to_owned()),
+            ]
+        );
+        assert_eq!(fresh.at, timestamp(3_000));
+        let mut done = row("i", State::Applied);
+        done.applied = Some(serde_json::to_value(&fresh).unwrap());
+        let outcome = Outcome::of_intent(&done, &[]);
+        assert_eq!(outcome.applied, Some(fresh));
+        assert_eq!(outcome.retry, None);
+        check_schema(&outcome);
+    }
+
+    #[test]
+    fn an_approved_intent_names_what_holds_it_back() {
+        let waiting = Outcome::of_intent(&row("w", State::Approved), &[]);
+        let mut review = row("rv", State::AwaitingReview);
+        review.review_deadline = Some(9_000);
+        let outcome = waiting.clone().waiting_for(&review);
+        let holder = outcome.waiting_for.clone().unwrap();
+        assert_eq!(
+            (
+                holder.id.as_str(),
+                holder.state,
+                holder.expires_at,
+                holder.retry_at
+            ),
+            ("rv", State::AwaitingReview, Some(timestamp(9_000)), None)
+        );
+        check_schema(&outcome);
+
+        let mut retrying = row("rt", State::Approved);
+        retrying.attempts = 2;
+        retrying.not_before = 8_000;
+        let outcome = waiting.clone().waiting_for(&retrying);
+        assert_eq!(
+            outcome.waiting_for.as_ref().unwrap().retry_at,
+            Some(timestamp(8_000))
+        );
+        let last = outcome.reasons.last().unwrap();
+        assert!(
+            last.contains(
+                "which met a transient error and is tried again at 1970-01-01T00:00:08.000Z"
+            ),
+            "{last}"
+        );
+        check_schema(&outcome);
+
+        let queued = waiting.clone().waiting_for(&row("q", State::Queued));
+        assert!(
+            queued
+                .reasons
+                .last()
+                .unwrap()
+                .contains("awaits a policy decision")
+        );
+        check_schema(&queued);
+        // Only an approved intent waits this way.
+        let applied = Outcome::of_intent(&row("x", State::Applied), &[]).waiting_for(&review);
+        assert_eq!(applied.waiting_for, None);
+    }
+
+    /// Every state an intent can be in gives an outcome the published schema
+    /// accepts, with retry advice exactly for the final failures.
+    #[test]
+    fn outcomes_of_every_state_match_the_published_schema() {
+        for state in State::ALL {
+            let mut row = row("s", state);
+            if matches!(
+                state,
+                State::AwaitingReview | State::Rejected | State::Expired
+            ) {
+                row.approvals_needed = 1;
+                row.review_deadline = Some(5_000);
+            }
+            if state == State::Failed {
+                row.error = Some(serde_json::json!({
+                    "stage": "resolve", "kind": "permanent", "op": 0,
+                    "code": codes::UNKNOWN_TABLE, "retry_at": null,
+                    "message": "op 0 (insert sales.orders): table sales.orders does not exist",
+                }));
+            }
+            if state == State::Approved {
+                row.attempts = 1;
+                row.error = Some(serde_json::json!({
+                    "stage": "apply", "kind": "transient", "op": null, "code": "SQLITE_BUSY",
+                    "message": "database is locked", "retry_at": 4_000,
+                }));
+            }
+            let outcome = Outcome::of_intent(&row, &[]);
+            check_schema(&outcome);
+            assert_eq!(
+                outcome.retry.is_some(),
+                matches!(
+                    state,
+                    State::Denied | State::Rejected | State::Expired | State::Failed
+                ),
+                "{state}"
+            );
+            assert_eq!(
+                outcome.trace_id.as_deref(),
+                Some("4bf92f3577b34da6a3ce929d0e0e4736")
+            );
+            if state == State::Failed {
+                assert_eq!(
+                    outcome.reasons,
+                    [
+                        "op 0 (insert sales.orders): table sales.orders does not exist in target \"default\""
+                    ]
+                );
+                let advice = &outcome.retry.as_ref().unwrap().advice;
+                assert!(
+                    advice.starts_with("table sales.orders does not exist in target \"default\""),
+                    "{advice}"
+                );
+                assert!(advice.contains("the id s is spent"), "{advice}");
+            }
+            if state == State::Approved {
+                assert!(
+                    outcome
+                        .reasons
+                        .contains(&"Airlock tries again at 1970-01-01T00:00:04.000Z".to_owned()),
+                    "{:?}",
+                    outcome.reasons
+                );
+            }
+        }
+        for (id, kind, in_use) in [
+            (None, "invalid", false),
+            (Some("a"), "invalid", false),
+            (Some("a"), "invalid", true),
+            (Some("a"), "conflict", true),
+        ] {
+            let mut outcome = refused("x.json", id, kind, in_use);
+            outcome.digest = format!("sha256:{}", "cd".repeat(32));
+            outcome.problems = vec![airlock_intent::Problem {
+                pointer: "/reason".into(),
+                message: "missing".into(),
+            }];
+            check_schema(&outcome);
+        }
+    }
+
+    #[test]
+    fn a_refused_file_is_told_whether_its_id_is_still_free() {
+        let advice = |id, kind, in_use| {
+            let retry = refused("x.json", id, kind, in_use).retry.unwrap();
+            (retry.new_id, retry.may_help, retry.advice)
+        };
+        let (new_id, may_help, text) = advice(Some("a"), "invalid", false);
+        assert!(!new_id && !may_help);
+        assert!(text.contains("its id a is still free"), "{text}");
+        let (new_id, _, text) = advice(Some("a"), "invalid", true);
+        assert!(new_id);
+        assert!(
+            text.contains("a already names an intent in the queue"),
+            "{text}"
+        );
+        let (new_id, _, text) = advice(Some("a"), "conflict", true);
+        assert!(new_id);
+        assert!(text.contains("already names another intent"), "{text}");
+        let (new_id, _, text) = advice(None, "invalid", false);
+        assert!(!new_id);
+        assert!(text.contains("never entered the queue"), "{text}");
     }
 }

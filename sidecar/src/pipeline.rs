@@ -59,7 +59,7 @@ use crate::config::Config;
 use crate::decide::{InputContext, Policy, build_input, preview_json};
 use crate::lifecycle::{State, Verdict};
 use crate::log;
-use crate::outcome::{Outcome, Outcomes};
+use crate::outcome::{Outcome, Outcomes, Written};
 use crate::queue::{DecisionOutcome, IntentRow, Queue, QueueError};
 use crate::webhook::{ReviewNotice, Webhook};
 
@@ -433,7 +433,9 @@ impl Pipeline {
                             target: row.target.clone(),
                             undo: serde_json::to_value(&applied.ledger.undo)?,
                         };
-                        w.record_applied(&row.id, record)?;
+                        // What the agent's outcome shows of it.
+                        let written = serde_json::to_value(Written::of(&applied, row))?;
+                        w.record_applied(&row.id, record, &written)?;
                         report.applied += 1;
                         info!(message = "intent applied", id = %row.id, run = %row.run, target = %row.target, already = applied.already);
                     }
@@ -508,7 +510,15 @@ impl Pipeline {
                 } else {
                     Vec::new()
                 };
-                if self.write(&Outcome::of_intent(row, &reviews)) {
+                let mut outcome = Outcome::of_intent(row, &reviews);
+                // What holds an approved intent back; the queue flags this outcome
+                // again whenever that changes.
+                if row.state == State::Approved
+                    && let Some(blocker) = self.queue.holding_back(row)?
+                {
+                    outcome = outcome.waiting_for(&blocker);
+                }
+                if self.write(&outcome) {
                     written_intents.push(row.seq);
                 }
             }

@@ -36,6 +36,13 @@
 //!   beyond it only digests are kept. No reader needs the refused bytes: outcomes,
 //!   the run log and exports name refusals by digest.
 //!
+//! - **Outcomes stay true.** Each change flags its intent's outcome for writing
+//!   (`outcome_pending`). An approved intent's outcome also names what holds it back
+//!   ([`Queue::holding_back`]), so a change of the intent that holds a run back flags,
+//!   in the same transaction, the outcomes of the approved intents after it in its
+//!   run. An applied intent keeps what it wrote (the `applied` column), so that
+//!   writing its outcome never reads the run log.
+//!
 //! # What a crash can leave behind
 //! Nothing half-done: each transaction is all or nothing. Outcome files for agents are
 //! written after the commit and flagged `outcome_pending` until written, so a crash
@@ -58,7 +65,7 @@ use crate::log::{self, CheckpointPayload, Entry, ExportLine, Link};
 use crate::seal::{self, Sealer};
 
 /// The schema version this code writes.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 const MIGRATIONS: &[&str] = &[
     // Version 1.
@@ -145,7 +152,36 @@ const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE reviews ADD COLUMN preview TEXT;
     "#,
+    // Version 3: what an applied intent wrote, for its outcome (NULL for intents
+    // applied before); and the two indexes that find what holds an approved intent
+    // back (see `Queue::holding_back`) and the approved intents behind a change
+    // (see `Writer::touch_waiting`) without reading a run's settled intents.
+    r#"
+    ALTER TABLE intents ADD COLUMN applied TEXT;
+    CREATE INDEX intents_holding ON intents (run, seq)
+        WHERE state IN ('queued', 'awaiting_review') OR (state = 'approved' AND attempts > 0);
+    CREATE INDEX intents_approved ON intents (run, seq) WHERE state = 'approved';
+    "#,
 ];
+
+/// The condition, on a row of `intents`, of an intent that holds back the approved
+/// intents after it in its run: it awaits a decision or a review, or it is approved
+/// but retrying after a transient error. Exactly the `intents_holding` index's
+/// condition, so SQLite uses that index.
+const HOLDING: &str =
+    "state IN ('queued', 'awaiting_review') OR (state = 'approved' AND attempts > 0)";
+
+/// The clause that finds what holds back the intent at `?2` in run `?1` (see
+/// [`Queue::holding_back`]).
+fn holding_back_clause() -> String {
+    format!("WHERE run = ?1 AND seq < ?2 AND ({HOLDING}) ORDER BY seq LIMIT 1")
+}
+
+/// Flags the outcomes of the approved intents after seq `?2` in run `?1` (see
+/// `Writer::touch_waiting`); `state = 'approved'` lets SQLite use the
+/// `intents_approved` index.
+const TOUCH_WAITING: &str = "UPDATE intents SET outcome_pending = 1 \
+     WHERE run = ?1 AND seq > ?2 AND state = 'approved' AND outcome_pending = 0";
 
 /// The run that refusals without a readable run id are recorded under.
 pub const UNATTRIBUTED_RUN: &str = "unattributed";
@@ -267,9 +303,21 @@ pub struct IntentRow {
     pub not_before: i64,
     pub received_at: i64,
     pub updated_at: i64,
+    /// What the intent wrote, as its outcome shows it (set when it is applied; the
+    /// queue keeps it as given, see [`Writer::record_applied`]).
+    pub applied: Option<Value>,
 }
 
 impl IntentRow {
+    /// Whether this intent holds back the approved intents after it in its run: it
+    /// awaits a decision or a review, or it is approved but retrying after a
+    /// transient error of its own. (An approved intent that is not retrying is
+    /// applied before them, in the same step.)
+    pub fn holds_back(&self) -> bool {
+        matches!(self.state, State::Queued | State::AwaitingReview)
+            || (self.state == State::Approved && self.attempts > 0)
+    }
+
     /// The intent, parsed again from the stored bytes (validated at admission).
     pub fn intent(&self) -> Result<airlock_intent::Intent, QueueError> {
         serde_json::from_slice(&self.payload).map_err(|e| {
@@ -279,14 +327,23 @@ impl IntentRow {
 }
 
 const INTENT_COLUMNS: &str = "seq, id, run, target, digest, payload, file, state, decision, \
-     approvals_needed, review_deadline, error, attempts, not_before, received_at, updated_at";
+     approvals_needed, review_deadline, error, attempts, not_before, received_at, updated_at, applied";
 
-fn intent_row(
-    row: &Row<'_>,
-) -> rusqlite::Result<(IntentRow, String, Option<String>, Option<String>)> {
+/// A row of `intents` as read, its JSON columns (state, decision, error, applied)
+/// still text.
+type RawIntentRow = (
+    IntentRow,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+fn intent_row(row: &Row<'_>) -> rusqlite::Result<RawIntentRow> {
     let state: String = row.get(7)?;
     let decision: Option<String> = row.get(8)?;
     let error: Option<String> = row.get(11)?;
+    let applied: Option<String> = row.get(16)?;
     Ok((
         IntentRow {
             seq: row.get(0)?,
@@ -305,19 +362,22 @@ fn intent_row(
             not_before: row.get(13)?,
             received_at: row.get(14)?,
             updated_at: row.get(15)?,
+            applied: None,
         },
         state,
         decision,
         error,
+        applied,
     ))
 }
 
 fn finish_row(
-    (mut row, state, decision, error): (IntentRow, String, Option<String>, Option<String>),
+    (mut row, state, decision, error, applied): RawIntentRow,
 ) -> Result<IntentRow, QueueError> {
     row.state = state.parse()?;
     row.decision = decision.map(|d| serde_json::from_str(&d)).transpose()?;
     row.error = error.map(|e| serde_json::from_str(&e)).transpose()?;
+    row.applied = applied.map(|a| serde_json::from_str(&a)).transpose()?;
     Ok(row)
 }
 
@@ -668,6 +728,17 @@ impl Queue {
                     .collect()
             })
             .collect()
+    }
+
+    /// What holds back the approved intent `row`: the first intent of its run, queued
+    /// before it, that [holds back](IntentRow::holds_back) the intents after it
+    /// (it awaits a decision or a review, or it is retrying after a transient
+    /// error); `None` when nothing does. That is the intent that ends its run's
+    /// chain ([`Queue::apply_chains`]) before `row`. The `intents_holding` index
+    /// holds only such intents, so this reads no settled intent of the run.
+    pub fn holding_back(&self, row: &IntentRow) -> Result<Option<IntentRow>, QueueError> {
+        let mut found = self.select_intents(&holding_back_clause(), params![row.run, row.seq])?;
+        Ok(found.pop())
     }
 
     /// Reviews whose deadline has passed.
@@ -1185,6 +1256,7 @@ impl Writer<'_> {
                         state: next,
                     }),
                 )?;
+                self.touch_waiting(&row)?;
                 Ok(next)
             }
             DecisionOutcome::Unavailable { message, retry_at } => {
@@ -1213,6 +1285,7 @@ impl Writer<'_> {
                 detail: None,
             }),
         )?;
+        self.touch_waiting(&row)?;
         Ok(next)
     }
 
@@ -1260,6 +1333,9 @@ impl Writer<'_> {
                 Entry::Approval(approval_data(approval, &row.digest))
             },
         )?;
+        if next != row.state {
+            self.touch_waiting(row)?;
+        }
         Ok(ReviewProgress {
             state: next,
             approvals: approval.approvals,
@@ -1297,6 +1373,7 @@ impl Writer<'_> {
                 reason: reason.to_owned(),
             }),
         )?;
+        self.touch_waiting(row)?;
         Ok(next)
     }
 
@@ -1312,19 +1389,37 @@ impl Writer<'_> {
                 deadline: row.review_deadline,
             }),
         )?;
+        self.touch_waiting(&row)?;
         Ok(next)
     }
 
-    /// Records that an intent's writes are committed in its target.
-    pub fn record_applied(&mut self, id: &str, applied: log::Applied) -> Result<State, QueueError> {
+    /// Records that an intent's writes are committed in its target: `applied` for
+    /// the run log, and `written`, what its outcome shows of what it wrote (the
+    /// outcome module's summary; the queue keeps it as given, so that writing the
+    /// outcome never reads the log).
+    pub fn record_applied(
+        &mut self,
+        id: &str,
+        applied: log::Applied,
+        written: &Value,
+    ) -> Result<State, QueueError> {
         let row = self.intent(id)?;
         let next = row.state.next(&Event::ApplySucceeded)?;
         self.tx
             .prepare_cached(
-                "UPDATE intents SET state = ?2, error = NULL, updated_at = ?3, outcome_pending = 1 WHERE id = ?1",
+                "UPDATE intents SET state = ?2, error = NULL, applied = ?3, updated_at = ?4, \
+                 outcome_pending = 1 WHERE id = ?1",
             )?
-            .execute(params![id, next.as_str(), self.now])?;
+            .execute(params![
+                id,
+                next.as_str(),
+                serde_json::to_string(written)?,
+                self.now
+            ])?;
         self.append_record(&row.run, Some(id), &Entry::Applied(applied))?;
+        if row.holds_back() {
+            self.touch_waiting(&row)?;
+        }
         Ok(next)
     }
 
@@ -1362,6 +1457,9 @@ impl Writer<'_> {
                 detail: detail.map(str::to_owned),
             }),
         )?;
+        if row.holds_back() {
+            self.touch_waiting(&row)?;
+        }
         Ok(next)
     }
 
@@ -1403,6 +1501,7 @@ impl Writer<'_> {
                 voided,
             }),
         )?;
+        self.touch_waiting(&row)?;
         Ok(next)
     }
 
@@ -1423,14 +1522,34 @@ impl Writer<'_> {
     }
 
     /// Records a transient failure: the intent stays where it is until `retry_at`.
+    /// An approved intent now holds back the rest of its run until it is applied,
+    /// and their outcomes say so.
     pub fn record_retry(
         &mut self,
         id: &str,
         error: Value,
         retry_at: i64,
     ) -> Result<(), QueueError> {
-        self.intent(id)?;
-        self.set_retry(id, &error, retry_at)
+        let row = self.intent(id)?;
+        self.set_retry(id, &error, retry_at)?;
+        if row.state == State::Approved {
+            self.touch_waiting(&row)?;
+        }
+        Ok(())
+    }
+
+    /// Flags for rewriting the outcomes of the approved intents queued after `row`
+    /// in its run, whose outcomes may name it as what holds them back
+    /// ([`Queue::holding_back`]): called in the transaction that changes an intent
+    /// that held them back or now does (its state, its review deadline, its retry
+    /// time), so their outcomes never keep a stale reason. Bounded by the run's
+    /// approved intents, which the `intents_approved` index finds without reading
+    /// the run's settled ones.
+    fn touch_waiting(&self, row: &IntentRow) -> Result<(), QueueError> {
+        self.tx
+            .prepare_cached(TOUCH_WAITING)?
+            .execute(params![row.run, row.seq])?;
+        Ok(())
     }
 
     /// Marks outcome files as written.
@@ -1849,7 +1968,7 @@ mod tests {
             .map(|r| r.id)
             .collect();
         assert_eq!(heads, vec!["a1", "b1"]);
-        q.write(|w| w.record_applied("a1", applied_to("t")))
+        q.write(|w| w.record_applied("a1", applied_to("t"), &json!({})))
             .unwrap();
         let heads: Vec<String> = q
             .apply_heads(i64::MAX, 10)
@@ -1860,7 +1979,7 @@ mod tests {
         assert_eq!(heads, vec!["a2", "b1"]);
         // Applied is final for the lifecycle: applying again is illegal.
         assert!(
-            q.write(|w| w.record_applied("a1", applied_to("t")))
+            q.write(|w| w.record_applied("a1", applied_to("t"), &json!({})))
                 .is_err()
         );
     }
@@ -1905,6 +2024,95 @@ mod tests {
             ids(q.apply_chains(1_000, 10, 10).unwrap()),
             vec![vec!["a1", "a2"], vec!["b1"]]
         );
+    }
+
+    /// The ids of the intents whose outcomes are flagged for writing; clears the
+    /// flags, as writing them would.
+    fn flagged(q: &mut Queue) -> Vec<String> {
+        let rows = q.pending_intent_outcomes(100).unwrap();
+        let seqs: Vec<i64> = rows.iter().map(|r| r.seq).collect();
+        q.write(|w| w.outcomes_written(&seqs, &[])).unwrap();
+        rows.into_iter().map(|r| r.id).collect()
+    }
+
+    fn holder(q: &Queue, id: &str) -> Option<String> {
+        let row = q.intent(id).unwrap().unwrap();
+        q.holding_back(&row).unwrap().map(|r| r.id)
+    }
+
+    #[test]
+    fn what_holds_an_approved_intent_back_and_its_changes_reach_the_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut q = Queue::open(dir.path()).unwrap();
+        for (id, run) in [
+            ("a1", "A"),
+            ("a2", "A"),
+            ("a3", "A"),
+            ("a4", "A"),
+            ("b1", "B"),
+        ] {
+            q.write(|w| w.admit(&arrival(id, run, id))).unwrap();
+        }
+        decide(&mut q, "a2", Verdict::Allow);
+        // a1 awaits a decision: it holds a2 back.
+        assert_eq!(holder(&q, "a2").as_deref(), Some("a1"));
+        flagged(&mut q);
+        decide(&mut q, "a1", Verdict::Review { approvals: 1 });
+        decide(&mut q, "a3", Verdict::Allow);
+        decide(&mut q, "b1", Verdict::Allow);
+        // a1's decision rewrites a2's outcome (a1 now awaits review).
+        assert_eq!(flagged(&mut q), ["a1", "a2", "a3", "b1"]);
+        assert_eq!(holder(&q, "a3").as_deref(), Some("a1"));
+        assert_eq!(holder(&q, "a1"), None);
+        assert_eq!(holder(&q, "b1"), None);
+
+        // Approved, a1 no longer holds anything back: it applies first, in the same
+        // chain. Only its own run's approved intents after it are told.
+        approve(&mut q, "a1", "alice", 1, 1);
+        assert_eq!(flagged(&mut q), ["a1", "a2", "a3"]);
+        assert_eq!(holder(&q, "a3"), None);
+        // Retrying after a transient error, it holds them back again.
+        q.write(|w| w.record_retry("a1", json!({}), 5_000)).unwrap();
+        assert_eq!(flagged(&mut q), ["a1", "a2", "a3"]);
+        assert_eq!(holder(&q, "a2").as_deref(), Some("a1"));
+        // Applied after its retry: they are told again.
+        q.write(|w| w.record_applied("a1", applied_to("t"), &json!({})))
+            .unwrap();
+        assert_eq!(flagged(&mut q), ["a1", "a2", "a3"]);
+        assert_eq!(holder(&q, "a3"), None);
+        // An intent that held nothing back changes nothing for the others.
+        q.write(|w| w.record_applied("a2", applied_to("t"), &json!({})))
+            .unwrap();
+        assert_eq!(flagged(&mut q), ["a2"]);
+        // a4 still awaits a decision; it holds back nothing before it.
+        assert_eq!(holder(&q, "a3"), None);
+        assert_eq!(holder(&q, "a4"), None);
+    }
+
+    /// The queries behind waiting outcomes read only the intents they are about:
+    /// SQLite answers them from the partial indexes, not by reading a run's
+    /// settled intents (which would make a deep run quadratic).
+    #[test]
+    fn the_waiting_queries_use_their_partial_indexes() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Queue::open(dir.path()).unwrap();
+        let plan = |sql: &str| -> String {
+            let mut stmt = q
+                .conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .unwrap();
+            let rows = stmt
+                .query_map(params!["r", 1], |row| row.get::<_, String>(3))
+                .unwrap();
+            rows.collect::<Result<Vec<_>, _>>().unwrap().join("; ")
+        };
+        let holding = plan(&format!(
+            "SELECT seq FROM intents {}",
+            holding_back_clause()
+        ));
+        assert!(holding.contains("intents_holding"), "{holding}");
+        let touch = plan(TOUCH_WAITING);
+        assert!(touch.contains("intents_approved"), "{touch}");
     }
 
     #[test]

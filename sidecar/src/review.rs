@@ -309,6 +309,7 @@ mod tests {
             not_before: 0,
             received_at: 0,
             updated_at: 0,
+            applied: None,
         }
     }
 

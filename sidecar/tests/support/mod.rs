@@ -6,6 +6,7 @@ pub mod http;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -228,7 +229,8 @@ impl Sandbox {
         );
     }
 
-    /// The outcome file `name` (without `.json`), once it satisfies `accept`.
+    /// The outcome file `name` (without `.json`), once it satisfies `accept`; checked
+    /// against the published outcome schema ([`check_outcome`]).
     pub fn outcome_where(&self, name: &str, accept: impl Fn(&Value) -> bool) -> Value {
         let path = self.results().join(format!("{name}.json"));
         let explain = || {
@@ -238,11 +240,13 @@ impl Sandbox {
                 self.log_tail()
             )
         };
-        eventually_explained(explain, || {
+        let outcome = eventually_explained(explain, || {
             let bytes = std::fs::read(&path).ok()?;
             let value: Value = serde_json::from_slice(&bytes).ok()?;
             accept(&value).then_some(value)
-        })
+        });
+        check_outcome(&outcome);
+        outcome
     }
 
     /// The outcome once it is in `state`.
@@ -306,6 +310,27 @@ pub fn signal(child: &Child, name: &str) {
         .status()
         .expect("kill");
     assert!(status.success(), "kill -{name} failed");
+}
+
+/// Fails unless `outcome` matches the published outcome schema
+/// (`intent-schema/outcome.schema.json`), listing every violation with its pointer.
+/// [`Sandbox::outcome_where`] checks every outcome it returns; call this on
+/// outcome files read another way.
+pub fn check_outcome(outcome: &Value) {
+    static VALIDATOR: OnceLock<jsonschema::Validator> = OnceLock::new();
+    let validator = VALIDATOR.get_or_init(|| {
+        let schema: Value =
+            serde_json::from_str(airlock_intent::OUTCOME_SCHEMA).expect("outcome schema is JSON");
+        jsonschema::draft202012::new(&schema).expect("outcome schema compiles")
+    });
+    let errors: Vec<String> = validator
+        .iter_errors(outcome)
+        .map(|e| format!("{}: {e}", e.instance_path().as_str()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "the outcome does not match outcome.schema.json: {errors:#?}\n{outcome:#}"
+    );
 }
 
 /// A valid intent with one op.
