@@ -278,12 +278,15 @@ impl Default for Shutdown {
 }
 
 /// Why the configuration could not be loaded.
+///
+/// Each message includes its cause, so no variant also gives it as `source()`: an
+/// error-chain printer (anyhow's `{:#}`) would show it twice.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("invalid config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
@@ -302,9 +305,9 @@ impl Config {
     ) -> Result<Self, ConfigError> {
         let (mut table, origin) = match file {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
                     path: path.to_owned(),
-                    source,
+                    error,
                 })?;
                 let table = text
                     .parse::<toml::Table>()

@@ -38,22 +38,25 @@ use crate::seal::Sealer;
 const TICK: Duration = Duration::from_millis(200);
 
 /// Why the daemon could not start.
+///
+/// Each message includes its cause, so no variant also gives it as `source()`: an
+/// error-chain printer (anyhow's `{:#}`) would show it twice.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot create directory {path}: {source}")]
+    #[error("cannot create directory {path}: {error}")]
     Dir {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("state directory {path}: {source}")]
+    #[error("state directory {path}: {error}")]
     State {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("results directory {path}: {source}")]
+    #[error("results directory {path}: {error}")]
     Results {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("target {name}: {message}")]
     Target { name: String, message: String },
@@ -64,7 +67,7 @@ pub enum StartError {
     #[error(transparent)]
     Queue(#[from] crate::queue::QueueError),
     #[cfg(feature = "review")]
-    #[error("review endpoint: {0}")]
+    #[error(transparent)]
     Endpoint(#[from] crate::http::EndpointError),
 }
 
@@ -89,19 +92,19 @@ impl Resources {
     /// runs, with a message naming what is wrong.
     pub fn open(config: Config) -> Result<Self, StartError> {
         // The state directory first: the results directory is checked against it.
-        crate::state::prepare(&config.state).map_err(|source| StartError::State {
+        crate::state::prepare(&config.state).map_err(|error| StartError::State {
             path: config.state.clone(),
-            source,
+            error,
         })?;
-        std::fs::create_dir_all(&config.intents).map_err(|source| StartError::Dir {
+        std::fs::create_dir_all(&config.intents).map_err(|error| StartError::Dir {
             path: config.intents.clone(),
-            source,
+            error,
         })?;
         let results = config.results_dir();
-        let outcomes = Outcomes::open(results.clone(), &config.state).map_err(|source| {
+        let outcomes = Outcomes::open(results.clone(), &config.state).map_err(|error| {
             StartError::Results {
                 path: results,
-                source,
+                error,
             }
         })?;
         Queue::open(&config.state)?;
@@ -112,9 +115,9 @@ impl Resources {
                 continue;
             };
             if in_state_dir(&path, &config.state) {
-                crate::state::private_file(&path).map_err(|source| StartError::State {
+                crate::state::private_file(&path).map_err(|error| StartError::State {
                     path: path.clone(),
-                    source,
+                    error,
                 })?;
             }
         }

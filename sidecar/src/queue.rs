@@ -158,17 +158,20 @@ pub const REFUSED_PAYLOAD_PREFIX: usize = 4096;
 pub use crate::config::DEFAULT_MAX_REFUSED_BYTES;
 
 /// Why a queue operation failed.
+///
+/// Each message includes its cause, so no variant also gives it as `source()`: an
+/// error-chain printer (anyhow's `{:#}`) would show it twice.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
-    #[error("state directory {path}: {source}")]
+    #[error("state directory {path}: {error}")]
     StateDir {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("queue database {path}: {source}")]
+    #[error("queue database {path}: {error}")]
     Open {
         path: PathBuf,
-        source: rusqlite::Error,
+        error: rusqlite::Error,
     },
     #[error(
         "queue database {path} has schema version {found}, newer than this Airlock ({supported}); upgrade Airlock"
@@ -179,13 +182,19 @@ pub enum QueueError {
         supported: i64,
     },
     #[error("queue database: {0}")]
-    Sql(#[from] rusqlite::Error),
+    Sql(rusqlite::Error),
     #[error("queue holds a corrupt value: {0}")]
     Corrupt(String),
     #[error("no intent with id {0:?}")]
     NotFound(String),
     #[error(transparent)]
     Transition(#[from] IllegalTransition),
+}
+
+impl From<rusqlite::Error> for QueueError {
+    fn from(error: rusqlite::Error) -> Self {
+        Self::Sql(error)
+    }
 }
 
 impl From<UnknownState> for QueueError {
@@ -418,9 +427,9 @@ impl Queue {
     pub fn open(state_dir: &Path) -> Result<Self, QueueError> {
         create_private_dir(state_dir)?;
         let path = state_dir.join("queue.db");
-        let open_err = |source| QueueError::Open {
+        let open_err = |error| QueueError::Open {
             path: path.clone(),
-            source,
+            error,
         };
         let mut conn = Connection::open(&path).map_err(open_err)?;
         conn.busy_timeout(Duration::from_secs(10))
@@ -947,7 +956,7 @@ fn get_reviews(conn: &Connection, id: &str) -> Result<Vec<ReviewVote>, QueueErro
 fn create_private_dir(dir: &Path) -> Result<(), QueueError> {
     let err = |path: &Path| {
         let path = path.to_owned();
-        move |source| QueueError::StateDir { path, source }
+        move |error| QueueError::StateDir { path, error }
     };
     crate::state::prepare(dir).map_err(err(dir))?;
     let db = dir.join("queue.db");

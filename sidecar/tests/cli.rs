@@ -118,3 +118,63 @@ fn logs_to_a_file_are_plain_text() {
         "ANSI escapes in a log file:\n{log}"
     );
 }
+
+/// How many times `needle` occurs in `haystack`.
+fn occurrences(haystack: &str, needle: &str) -> usize {
+    haystack.matches(needle).count()
+}
+
+#[test]
+fn keygen_names_the_file_it_could_not_write_and_its_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("no/such/dir/k");
+    let run = airlock()
+        .arg("keygen")
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    // The public key is written first: that is the file that failed.
+    let public = format!("{}.pub", out.display());
+    assert!(stderr.contains(&public), "{stderr}");
+    assert_eq!(
+        occurrences(&stderr, "No such file or directory"),
+        1,
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_error_chain_shows_each_cause_once() {
+    // A state "directory" that is a file.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("state");
+    std::fs::write(&file, b"").unwrap();
+    let out = airlock()
+        .current_dir(dir.path())
+        .args(["run", "--state"])
+        .arg(&file)
+        .env("AIRLOCK_REVIEW__LISTEN", "off")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(occurrences(&stderr, "is not a directory"), 1, "{stderr}");
+
+    // A queue database that is not one: the SQLite error, once.
+    let state = dir.path().join("real-state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    std::fs::write(state.join("queue.db"), vec![b'x'; 4096]).unwrap();
+    let out = airlock()
+        .args(["status", "--state"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("queue.db"), "{stderr}");
+    assert_eq!(occurrences(&stderr, "not a database"), 1, "{stderr}");
+}

@@ -100,21 +100,24 @@ const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; \
     form-action 'self'";
 
 /// Why the endpoint could not start.
+///
+/// Each message includes its cause, so no variant also gives it as `source()`: an
+/// error-chain printer (anyhow's `{:#}`) would show it twice.
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointError {
-    #[error("review.listen {listen:?}: {source}")]
+    #[error("review.listen {listen:?}: {error}")]
     Bind {
         listen: String,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("review TLS: {0}")]
     Tls(String),
     #[error(transparent)]
     Queue(#[from] QueueError),
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}: {error}")]
     Write {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -281,16 +284,14 @@ impl Endpoint {
             return Ok(None);
         }
         let acceptor = tls_acceptor(config)?;
-        let listener = bind(listen).await.map_err(|source| EndpointError::Bind {
+        let listener = bind(listen).await.map_err(|error| EndpointError::Bind {
             listen: listen.to_owned(),
-            source,
+            error,
         })?;
-        let address = listener
-            .local_addr()
-            .map_err(|source| EndpointError::Bind {
-                listen: listen.to_owned(),
-                source,
-            })?;
+        let address = listener.local_addr().map_err(|error| EndpointError::Bind {
+            listen: listen.to_owned(),
+            error,
+        })?;
         let scheme = if acceptor.is_some() { "https" } else { "http" };
         let url = format!("{scheme}://{address}");
 
@@ -332,9 +333,9 @@ impl Endpoint {
         let server = tokio::spawn(accept_loop(listener, acceptor, app, state, limit, stop_rx));
 
         let file = config.endpoint_file();
-        write_atomically(&file, &format!("{url}\n")).map_err(|source| EndpointError::Write {
+        write_atomically(&file, &format!("{url}\n")).map_err(|error| EndpointError::Write {
             path: file.clone(),
-            source,
+            error,
         })?;
         info!(message = "review endpoint listening", url = %url, tokens = %tokens.display());
         Ok(Some(Self {
