@@ -181,7 +181,7 @@ pub async fn check_targets(
     for (name, target) in targets {
         match target.check_role(allow).await {
             Ok(found) if !found.is_empty() => {
-                warn!(message = "the target's database role has powers beyond applying; allowed by [apply] allow_privileged_role", target = %name, privileges = ?found);
+                warn!(message = "the target's database role has powers beyond applying; allowed by [apply] allow_privileged_role", target = %name, privileges = %found.join(", "));
             }
             Ok(_) => {}
             Err(error) if error.is_transient() && !reachable => {
@@ -323,7 +323,7 @@ pub async fn run(
         intents = %config.intents.display(),
         results = %config.results_dir().display(),
         state = %config.state.display(),
-        targets = ?config.targets.keys().collect::<Vec<_>>(),
+        targets = %config.targets.keys().map(String::as_str).collect::<Vec<_>>().join(","),
         policy = %policy.identity(),
         keyid = %sealer.keyid(),
         review = review_url.as_deref().unwrap_or("off"),

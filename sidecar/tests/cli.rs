@@ -103,13 +103,27 @@ fn submit_writes_atomically_under_the_id() {
 }
 
 #[test]
-fn logs_to_a_file_are_plain_text() {
+fn logs_to_a_file_are_plain_text_with_plain_values() {
     // The daemon's standard error is the sandbox's log file, not a terminal: no
     // colour codes, whatever `NO_COLOR` says.
     let mut sb = support::Sandbox::new();
     sb.start();
     sb.submit_json(&support::insert_customer("plain-1", "r1", 1, "Ada"));
     sb.outcome_in("plain-1", "applied");
+    // A table the target lacks: logged with its code.
+    sb.submit_json(&support::intent(
+        "plain-2",
+        "r2",
+        serde_json::json!({"op": "insert", "table": "nowhere", "values": {"id": 1}}),
+    ));
+    sb.outcome_in("plain-2", "failed");
+    // A delete goes to review: logged with the policy's reasons.
+    sb.submit_json(&support::intent(
+        "plain-3",
+        "r3",
+        serde_json::json!({"op": "delete", "table": "customers", "key": {"id": 1}}),
+    ));
+    sb.outcome_in("plain-3", "awaiting_review");
     assert!(sb.stop().success());
     let log = sb.log();
     assert!(log.contains("intent queued"), "{log}");
@@ -117,6 +131,16 @@ fn logs_to_a_file_are_plain_text() {
         !log.contains('\u{1b}'),
         "ANSI escapes in a log file:\n{log}"
     );
+    // Fields print as values: never Rust's debug form of an Option or a list.
+    assert!(log.contains("code=AIRLOCK_UNKNOWN_TABLE"), "{log}");
+    assert!(
+        log.contains("reasons=deletes from customers need human review"),
+        "{log}"
+    );
+    assert!(log.contains("targets=default"), "{log}");
+    for debug in ["Some(", "None", "[\""] {
+        assert!(!log.contains(debug), "{debug} in the log:\n{log}");
+    }
 }
 
 /// How many times `needle` occurs in `haystack`.
