@@ -335,6 +335,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 let _context = runtime.enter();
                 shutdown_signal()
             };
+            use airlock::daemon::{Mode, Preflight, Resources};
             let check = args.check;
             let config = match load_run_config(args) {
                 Ok(config) => config,
@@ -343,26 +344,26 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                     return Ok(ExitCode::from(EXIT_CONFIG));
                 }
             };
-            let resources = match airlock::daemon::Resources::open(config) {
+            // Everything that can fail without leaving a trace is checked before
+            // anything is created: a start that fails here leaves the disk as it was.
+            let mode = if check { Mode::Check } else { Mode::Start };
+            let preflight = runtime.block_on(Preflight::run(&config, mode));
+            if check {
+                return Ok(print_check(&preflight));
+            }
+            if !preflight.ok() {
+                for problem in preflight.problems() {
+                    eprintln!("airlock: cannot start: {problem}");
+                }
+                return Ok(ExitCode::from(EXIT_CONFIG));
+            }
+            let resources = match Resources::create(config, preflight) {
                 Ok(resources) => resources,
                 Err(error) => {
                     eprintln!("airlock: cannot start: {error}");
                     return Ok(ExitCode::from(EXIT_CONFIG));
                 }
             };
-            if check {
-                let checked = runtime.block_on(airlock::daemon::check_targets(
-                    &resources.config,
-                    &resources.targets,
-                    true,
-                ));
-                if let Err(error) = checked {
-                    eprintln!("airlock: cannot start: {error}");
-                    return Ok(ExitCode::from(EXIT_CONFIG));
-                }
-                println!("airlock: the configuration is good; airlock run would start");
-                return Ok(ExitCode::SUCCESS);
-            }
             if let Err(error) = runtime.block_on(airlock::daemon::run(resources, shutdown)) {
                 eprintln!("airlock: cannot start: {error}");
                 return Ok(ExitCode::from(EXIT_CONFIG));
@@ -876,8 +877,50 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
     })
 }
 
+/// `airlock run --check`: one line per thing checked (what was found on standard
+/// output, a problem on standard error, in the same order), then the verdict; exit
+/// status 0 if `airlock run` would start, 64 if not.
+fn print_check(preflight: &airlock::daemon::Preflight) -> ExitCode {
+    let width = preflight
+        .findings
+        .iter()
+        .map(|f| f.subject.chars().count())
+        .max()
+        .unwrap_or(0);
+    for finding in &preflight.findings {
+        match &finding.result {
+            Ok(found) => println!("{:<width$}  {found}", finding.subject),
+            Err(problem) => eprintln!("{:<width$}  FAILED: {problem}", finding.subject),
+        }
+    }
+    let problems = preflight.problems().count();
+    if problems == 0 {
+        println!("airlock run would start (this check created nothing)");
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "airlock run would not start: {problems} problem{} above (this check created nothing)",
+            if problems == 1 { "" } else { "s" }
+        );
+        ExitCode::from(EXIT_CONFIG)
+    }
+}
+
 fn load_run_config(args: RunArgs) -> Result<Config> {
     let mut config = Config::load(args.config.as_deref(), std::env::vars())?;
+    let flags = [
+        ("--intents", args.intents.is_some()),
+        ("--results", args.results.is_some()),
+        ("--state", args.state.is_some()),
+        ("--target", args.target.is_some()),
+        ("--policy", args.policy.policy.is_some()),
+        ("--policy-url", args.policy.policy_url.is_some()),
+    ];
+    config.origin.flags = flags
+        .into_iter()
+        .filter(|(_, given)| *given)
+        .map(|(flag, _)| flag.to_owned())
+        .collect();
     if let Some(intents) = args.intents {
         config.intents = intents;
     }

@@ -39,6 +39,12 @@ fn demo_shows_every_kind_of_outcome() {
             "demo output lacks {state}:\n{stdout}"
         );
     }
+    // The demo says where its tables come from: Airlock creates none.
+    assert!(
+        stdout.contains("the demo created its tables")
+            && stdout.contains("from examples/sandbox/schema.sql"),
+        "{stdout}"
+    );
     // The cancelled order was approved and applied; Ada is gold.
     assert!(stdout.contains("✔ cancel-order-100"), "{stdout}");
     assert!(
@@ -201,4 +207,223 @@ fn an_error_chain_shows_each_cause_once() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("queue.db"), "{stderr}");
     assert_eq!(occurrences(&stderr, "not a database"), 1, "{stderr}");
+}
+
+/// Every path under `dir`, recursively, sorted.
+fn tree(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut pending = vec![dir.to_owned()];
+    while let Some(next) = pending.pop() {
+        for entry in std::fs::read_dir(&next).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() && !path.is_symlink() {
+                pending.push(path.clone());
+            }
+            found.push(path);
+        }
+    }
+    found.sort();
+    found
+}
+
+/// `airlock run` in `dir` with nothing configured but `env` and `args`.
+fn run_in(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    airlock()
+        .current_dir(dir)
+        .arg("run")
+        .args(args)
+        .env_remove("AIRLOCK_CONFIG")
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn run_check_reports_each_thing_and_creates_nothing() {
+    // A first run, in an empty directory: everything will be created.
+    let dir = tempfile::tempdir().unwrap();
+    let out = run_in(
+        dir.path(),
+        &["--check"],
+        &[("AIRLOCK_REVIEW__LISTEN", "127.0.0.1:0")],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stdout}\n{stderr}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    let subjects: Vec<&str> = lines
+        .iter()
+        .filter_map(|line| line.split("  ").next())
+        .collect();
+    assert_eq!(
+        subjects,
+        [
+            "config",
+            "intents",
+            "results",
+            "state",
+            "key",
+            "target default",
+            "policy",
+            "review",
+            "airlock run would start (this check created nothing)"
+        ],
+        "{stdout}"
+    );
+    for expected in [
+        "environment AIRLOCK_REVIEW__LISTEN",
+        "./intents: will be created",
+        "./intents/results: will be created",
+        "./.airlock: will be created (mode 0700)",
+        "./.airlock/signing.key: will be created",
+        "sqlite ./.airlock/target.db: will be created in the state directory",
+        "Airlock never runs DDL",
+        "built-in (examples/policies/airlock.rego), sha256:",
+        "bound, then released",
+    ] {
+        assert!(stdout.contains(expected), "no {expected:?} in:\n{stdout}");
+    }
+    assert!(stderr.is_empty(), "{stderr}");
+    assert_eq!(tree(dir.path()), Vec::<std::path::PathBuf>::new());
+
+    // An installation whose directories and target exist: found, and still nothing
+    // new (the state directory is not created).
+    let sb = support::Sandbox::new();
+    let before = tree(sb.dir.path());
+    let out = sb.run_command().arg("--check").output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("{}: exists", sb.intents().display())),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("sqlite {}: exists", sb.target().display())),
+        "{stdout}"
+    );
+    assert_eq!(tree(sb.dir.path()), before);
+}
+
+#[test]
+fn run_check_names_every_problem_and_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let policy = elsewhere.path().join("bad.rego");
+    std::fs::write(&policy, "package airlock.authz\n\nallow if {\n").unwrap();
+    // An address in use: this test holds it.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = taken.local_addr().unwrap().to_string();
+    let out = run_in(
+        dir.path(),
+        &[
+            "--check",
+            "--results",
+            "./.airlock/results",
+            "--policy",
+            policy.to_str().unwrap(),
+        ],
+        &[
+            ("AIRLOCK_REVIEW__LISTEN", listen.as_str()),
+            ("AIRLOCK_KEY", "/nonexistent/airlock.key"),
+            // Nobody listens on port 1.
+            (
+                "AIRLOCK_TARGETS__ORDERS",
+                "postgres://airlock:secret@127.0.0.1:1/shop",
+            ),
+            ("AIRLOCK_TARGETS__NOTES", "sqlite://./no/such/dir/notes.db"),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stdout}\n{stderr}");
+    let failed = |subject: &str, problem: &str| {
+        stderr.lines().any(|line| {
+            line.strip_prefix(subject)
+                .is_some_and(|rest| rest.trim_start().starts_with(&format!("FAILED: {problem}")))
+        })
+    };
+    for (subject, problem) in [
+        (
+            "results",
+            "results directory ./.airlock/results: is inside the state directory",
+        ),
+        ("key", "signing key /nonexistent/airlock.key does not exist"),
+        (
+            "target notes",
+            "target \"notes\" (./no/such/dir/notes.db): directory ./no/such/dir does not exist",
+        ),
+        (
+            "target orders",
+            "target \"orders\": connecting: error connecting to server: Connection refused",
+        ),
+        ("policy", "policy: policy file bad.rego does not compile"),
+        (
+            "review",
+            &format!("review.listen \"{listen}\": Address already in use"),
+        ),
+    ] {
+        assert!(
+            failed(subject, problem),
+            "no {subject}: {problem:?} in:\n{stderr}"
+        );
+    }
+    assert!(
+        stderr.ends_with(
+            "airlock run would not start: 6 problems above (this check created nothing)\n"
+        ),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("secret"), "{stderr}");
+    // What passed is on standard output.
+    assert!(stdout.contains("./intents: will be created"), "{stdout}");
+    assert_eq!(tree(dir.path()), Vec::<std::path::PathBuf>::new());
+}
+
+/// A way to fail: its name, the flags and the environment.
+type Case<'a> = (&'a str, Vec<&'a str>, Vec<(&'a str, &'a str)>);
+
+#[test]
+fn a_failed_start_creates_nothing() {
+    let elsewhere = tempfile::tempdir().unwrap();
+    let policy = elsewhere.path().join("bad.rego");
+    std::fs::write(&policy, "package airlock.authz\n\nallow if {\n").unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listen = taken.local_addr().unwrap().to_string();
+    let cases: [Case<'_>; 3] = [
+        (
+            "a policy that does not compile",
+            vec!["--policy", policy.to_str().unwrap()],
+            vec![("AIRLOCK_REVIEW__LISTEN", "off")],
+        ),
+        (
+            "a review address in use",
+            vec![],
+            vec![("AIRLOCK_REVIEW__LISTEN", listen.as_str())],
+        ),
+        (
+            "a SQLite target in a missing directory",
+            vec!["--target", "sqlite://./data/app.db"],
+            vec![("AIRLOCK_REVIEW__LISTEN", "off")],
+        ),
+    ];
+    for (case, args, env) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let out = run_in(dir.path(), &args, &env);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{case}: {stderr}");
+        assert!(
+            stderr.contains("airlock: cannot start: "),
+            "{case}: {stderr}"
+        );
+        assert_eq!(
+            tree(dir.path()),
+            Vec::<std::path::PathBuf>::new(),
+            "{case} left files behind: {stderr}"
+        );
+    }
 }
