@@ -881,12 +881,32 @@ impl Queue {
 
     /// Refusals whose outcome file is not yet written.
     pub fn pending_refusal_outcomes(&self, limit: usize) -> Result<Vec<RefusedRow>, QueueError> {
-        let mut stmt = self.conn.prepare_cached(
+        self.select_refused(
+            "WHERE r.outcome_pending = 1 ORDER BY r.seq LIMIT ?1",
+            params![limit as i64],
+        )
+    }
+
+    /// Refused files (state `invalid`), of one run when `run` is given, oldest
+    /// first.
+    pub fn refused(&self, run: Option<&str>, limit: usize) -> Result<Vec<RefusedRow>, QueueError> {
+        self.select_refused(
+            "WHERE (?1 IS NULL OR r.run = ?1) ORDER BY r.seq LIMIT ?2",
+            params![run, limit as i64],
+        )
+    }
+
+    fn select_refused(
+        &self,
+        condition: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<RefusedRow>, QueueError> {
+        let mut stmt = self.conn.prepare_cached(&format!(
             "SELECT r.seq, r.file, r.id, r.run, r.kind, r.digest, r.size, r.problems, r.received_at, \
              EXISTS (SELECT 1 FROM intents i WHERE i.id = r.id) \
-             FROM refused r WHERE r.outcome_pending = 1 ORDER BY r.seq LIMIT ?1",
-        )?;
-        let rows = stmt.query_map([limit as i64], |row| {
+             FROM refused r {condition}"
+        ))?;
+        let rows = stmt.query_map(params, |row| {
             Ok((
                 RefusedRow {
                     seq: row.get(0)?,

@@ -427,3 +427,144 @@ fn a_failed_start_creates_nothing() {
         );
     }
 }
+
+/// `airlock status ARGS` on the sandbox's state: its standard output.
+fn status_of(sb: &support::Sandbox, args: &[&str]) -> String {
+    let out = sb.cli(&[&["status"], args].concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn status_aligns_its_columns_and_lists_refused_files() {
+    let mut sb = support::Sandbox::new();
+    sb.start();
+    sb.submit_json(&support::insert_customer(
+        "status-applied-intent",
+        "r1",
+        1,
+        "Ada",
+    ));
+    sb.outcome_in("status-applied-intent", "applied");
+    // A file that is not JSON, named to repaint a terminal and break a line.
+    let hostile = "evil\u{1b}[31m\nINFO forged.json";
+    sb.submit(hostile, b"not json");
+    support::eventually("the refused file in airlock status", || {
+        (!status_of(&sb, &["--in", "invalid", "--json"]).is_empty()).then_some(())
+    });
+    assert!(sb.stop().success());
+    let status = |args: &[&str]| status_of(&sb, args);
+
+    let table = status(&[]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(lines.len(), 3, "a header and two rows:\n{table}");
+    assert!(!table.contains('\u{1b}'), "{table:?}");
+    assert!(
+        table.contains("evil\\u{1b}[31m\\nINFO forged.json"),
+        "{table}"
+    );
+    // Every column starts where its heading does, on every line.
+    let header = lines[0];
+    let starts: Vec<usize> = ["received", "id", "run", "state", "target", "file"]
+        .iter()
+        .map(|name| {
+            header
+                .match_indices(&format!("  {name}"))
+                .next()
+                .map(|(at, _)| header[..at].chars().count() + 2)
+                .unwrap_or_else(|| panic!("no {name} heading: {header}"))
+        })
+        .collect();
+    for line in &lines {
+        let chars: Vec<char> = line.chars().collect();
+        for &start in &starts {
+            assert!(
+                chars.get(start - 1) == Some(&' ') && chars.get(start).is_some_and(|c| *c != ' '),
+                "column at {start} misaligned:\n{table}"
+            );
+        }
+    }
+    let applied = lines
+        .iter()
+        .find(|l| l.contains("status-applied-intent"))
+        .unwrap();
+    assert!(
+        applied.contains(" applied ") && applied.contains(" default "),
+        "{applied}"
+    );
+    let refused = lines.iter().find(|l| l.contains("evil")).unwrap();
+    assert!(refused.contains(" invalid "), "{refused}");
+
+    // Filters: refused files are state `invalid`.
+    let invalid = status(&["--in", "invalid"]);
+    assert_eq!(invalid.lines().count(), 2, "{invalid}");
+    assert!(invalid.contains("evil"), "{invalid}");
+    let applied = status(&["--in", "applied"]);
+    assert_eq!(applied.lines().count(), 2, "{applied}");
+    assert!(applied.contains("status-applied-intent"), "{applied}");
+    // JSON lines: the outcome documents the agent reads, refused files included.
+    let json: Vec<serde_json::Value> = status(&["--json"])
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let states: Vec<&str> = json.iter().map(|o| o["state"].as_str().unwrap()).collect();
+    assert_eq!(states, ["applied", "invalid"], "{json:?}");
+    assert_eq!(json[1]["file"], hostile);
+    // An unknown state names the ones there are.
+    let out = sb.cli(&["status", "--in", "done"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("awaiting_review") && stderr.contains("invalid"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn help_says_which_targets_and_every_default() {
+    for command in ["run", "replay", "approve", "undo"] {
+        let out = airlock().args([command, "--help"]).output().unwrap();
+        assert!(out.status.success());
+        let help = String::from_utf8(out.stdout).unwrap();
+        // The option's own entry: the last mention (the usage line may name it).
+        let target = help
+            .rsplit("--target <TARGET>")
+            .next()
+            .filter(|_| help.contains("--target <TARGET>"))
+            .unwrap_or_else(|| panic!("{command} has no --target:\n{help}"));
+        assert!(
+            target.contains("sqlite://PATH or postgres://USER@HOST/DB?OPTIONS"),
+            "{command}:\n{help}"
+        );
+        // Every option that takes a value says its default, unless it is required
+        // (shown in the usage line).
+        let usage = help.lines().find(|l| l.starts_with("Usage:")).unwrap();
+        let options = help.split("Options:").nth(1).unwrap();
+        let mut blocks: Vec<String> = Vec::new();
+        for line in options.lines() {
+            if line.trim_start().starts_with('-') {
+                blocks.push(line.to_owned());
+            } else if let Some(block) = blocks.last_mut() {
+                block.push_str(line);
+            }
+        }
+        for block in blocks {
+            let head = block
+                .split_whitespace()
+                .take(2)
+                .collect::<Vec<_>>()
+                .join(" ");
+            if !head.contains('<') || usage.contains(&head) {
+                continue;
+            }
+            assert!(
+                block.contains("default"),
+                "{command} {head} does not say its default:\n{help}"
+            );
+        }
+    }
+}
