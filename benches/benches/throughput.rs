@@ -69,7 +69,7 @@ fn airlock(dir: &Path, n: usize, runs: usize) -> Duration {
         .enable_all()
         .build()
         .unwrap();
-    let resources = Resources::open(config.clone()).unwrap();
+    let resources = runtime.block_on(Resources::open(config.clone())).unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let daemon = runtime.spawn(daemon::run(resources, async {
         let _ = stopped.await;

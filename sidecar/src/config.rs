@@ -54,6 +54,43 @@ pub struct Config {
     pub shutdown: Shutdown,
     /// The run logs.
     pub log: Log,
+    /// Where this configuration came from (not a key): what `airlock run --check`
+    /// says it read.
+    #[serde(skip)]
+    pub origin: Origin,
+}
+
+/// Where a configuration came from: the file, the environment variables read as
+/// keys, and the command-line flags that overrode them.
+#[derive(Clone, Debug, Default)]
+pub struct Origin {
+    /// The configuration file read, if any.
+    pub file: Option<PathBuf>,
+    /// The `AIRLOCK_*` variables read as configuration keys, sorted.
+    pub env: Vec<String>,
+    /// The command-line flags that set keys (`--state`, `--target`, ...), for the
+    /// binary to fill in.
+    pub flags: Vec<String>,
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(file) = &self.file {
+            parts.push(format!("file {}", file.display()));
+        }
+        if !self.env.is_empty() {
+            parts.push(format!("environment {}", self.env.join(", ")));
+        }
+        if !self.flags.is_empty() {
+            parts.push(format!("flags {}", self.flags.join(", ")));
+        }
+        if parts.is_empty() {
+            f.write_str("no file, variables or flags: the defaults")
+        } else {
+            write!(f, "{}; the defaults for the rest", parts.join("; "))
+        }
+    }
 }
 
 /// The policy that decides. With neither `path` nor `url`, the default policy
@@ -214,6 +251,7 @@ impl Default for Config {
             apply: Apply::default(),
             shutdown: Shutdown::default(),
             log: Log::default(),
+            origin: Origin::default(),
         }
     }
 }
@@ -278,12 +316,15 @@ impl Default for Shutdown {
 }
 
 /// Why the configuration could not be loaded.
+///
+/// Each message includes its cause, so no variant also gives it as `source()`: an
+/// error-chain printer (anyhow's `{:#}`) would show it twice.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("invalid config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
@@ -302,9 +343,9 @@ impl Config {
     ) -> Result<Self, ConfigError> {
         let (mut table, origin) = match file {
             Some(path) => {
-                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
                     path: path.to_owned(),
-                    source,
+                    error,
                 })?;
                 let table = text
                     .parse::<toml::Table>()
@@ -334,9 +375,9 @@ impl Config {
             set_path(&mut table, &path, scalar(&value)).map_err(ConfigError::Env)?;
             from_env.push(name);
         }
-        let config: Config = table.try_into().map_err(|e: toml::de::Error| {
+        let mut config: Config = table.try_into().map_err(|e: toml::de::Error| {
             let message = e.message().to_owned();
-            match origin {
+            match origin.clone() {
                 Some(path) if from_env.is_empty() => ConfigError::Parse { path, message },
                 _ if from_env.is_empty() => ConfigError::Invalid(message),
                 _ => ConfigError::Invalid(format!(
@@ -345,6 +386,12 @@ impl Config {
                 )),
             }
         })?;
+        from_env.sort();
+        config.origin = Origin {
+            file: origin,
+            env: from_env,
+            flags: Vec::new(),
+        };
         config.check()?;
         Ok(config)
     }

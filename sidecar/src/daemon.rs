@@ -1,5 +1,12 @@
-//! The daemon: wires intake, the pipeline and their timers together, and stops them
-//! cleanly.
+//! The daemon: checks what it needs, wires intake, the pipeline and their timers
+//! together, and stops them cleanly.
+//!
+//! Start-up has two phases. [`Preflight`] checks everything that can fail without
+//! leaving a trace (the directories' rules, the signing key, each target, the policy,
+//! the review listener) and creates nothing; only when every check passes does
+//! [`Resources::create`] create the directories, the queue, the key and the SQLite
+//! targets. So a start that fails on its configuration leaves the disk as it was,
+//! and `airlock run --check` is the first phase alone, printed.
 //!
 //! Two threads do the work, each with its own queue connection: intake (scans on
 //! every file-system hint, on a timer and at start) and the pipeline (decide, apply,
@@ -13,7 +20,9 @@
 //! the queue, and the ledger makes a repeated apply a no-op.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::PathBuf;
+use std::io::{self, ErrorKind, Read};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
@@ -22,55 +31,476 @@ use std::time::Duration;
 use notify::Watcher;
 use tracing::{error, info, warn};
 
-use crate::apply::{self, Target};
+use crate::apply::{self, ApplyError, Target};
 use crate::config::{self, Config};
 use crate::decide::{Policy, PolicyOptions};
 #[cfg(feature = "review")]
-use crate::http::{self, Endpoint};
+use crate::http::{self, Endpoint, Listener};
 use crate::intake::Intake;
 use crate::outcome::Outcomes;
 use crate::pipeline::Pipeline;
 use crate::queue::{CheckpointPolicy, Queue};
-use crate::seal::Sealer;
+use crate::seal::{SealError, Sealer};
 
 /// How often the pipeline looks at the queue when nothing woke it: reviews decided by
 /// another process (`airlock approve`), retries whose backoff ended, expiring reviews.
 const TICK: Duration = Duration::from_millis(200);
 
+/// The first bytes of every SQLite database file.
+const SQLITE_HEADER: &[u8; 16] = b"SQLite format 3\0";
+
 /// Why the daemon could not start.
+///
+/// Each message includes its cause, so no variant also gives it as `source()`: an
+/// error-chain printer (anyhow's `{:#}`) would show it twice.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot create directory {path}: {source}")]
-    Dir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("state directory {path}: {source}")]
-    State {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("results directory {path}: {source}")]
-    Results {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("target {name}: {message}")]
+    /// The intent directory is unusable.
+    #[error("intent directory {path}: {problem}")]
+    Intents { path: PathBuf, problem: String },
+    /// A directory could not be created.
+    #[error("cannot create directory {path}: {error}")]
+    Dir { path: PathBuf, error: io::Error },
+    /// The state directory is unusable (see [`crate::state`]).
+    #[error("state directory {path}: {problem}")]
+    State { path: PathBuf, problem: String },
+    /// The results directory is unusable (see [`crate::outcome::Outcomes`]).
+    #[error("results directory {path}: {problem}")]
+    Results { path: PathBuf, problem: String },
+    /// A target cannot be used; the message names it (never its URL).
+    #[error("{message}")]
     Target { name: String, message: String },
+    /// The policy cannot decide.
     #[error("policy: {0}")]
     Policy(String),
     #[error(transparent)]
-    Key(#[from] crate::seal::SealError),
+    Key(#[from] SealError),
     #[error(transparent)]
     Queue(#[from] crate::queue::QueueError),
     #[cfg(feature = "review")]
-    #[error("review endpoint: {0}")]
+    #[error(transparent)]
     Endpoint(#[from] crate::http::EndpointError),
+}
+
+impl StartError {
+    /// A target's error, naming the target once (its own messages usually do).
+    fn target(name: &str, error: &ApplyError) -> Self {
+        let text = error.to_string();
+        let message = if text.contains(&format!("target {name:?}")) {
+            text
+        } else {
+            format!("target {name:?}: {text}")
+        };
+        Self::Target {
+            name: name.to_owned(),
+            message,
+        }
+    }
 }
 
 enum Message {
     Wake,
     Stop,
+}
+
+/// How thoroughly [`Preflight::run`] checks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Before `airlock run` starts: a database server that cannot be reached now is
+    /// no reason to refuse (its intents wait for it), and the review listener is kept
+    /// for the endpoint.
+    Start,
+    /// `airlock run --check`: every server must answer now (each PostgreSQL target,
+    /// a remote policy), and the review listener is released at once.
+    Check,
+}
+
+/// One thing start-up checked.
+#[derive(Debug)]
+pub struct Finding {
+    /// What was checked: `config`, `intents`, `state`, `target default`, ...
+    pub subject: String,
+    /// What was found (`exists`, `will be created`, ...), or why Airlock cannot
+    /// start.
+    pub result: Result<String, StartError>,
+}
+
+/// What start-up checks before it creates any file or directory, one [`Finding`]
+/// per thing in the order `airlock run --check` prints them, and what the checks
+/// prepared on the way (the compiled policy, the server targets, the key if it
+/// exists, the bound review listener).
+#[derive(Debug)]
+pub struct Preflight {
+    /// What was checked and found.
+    pub findings: Vec<Finding>,
+    policy: Option<Policy>,
+    /// Targets opened without side effects (servers); SQLite targets are opened by
+    /// [`Resources::create`], since opening one creates its file.
+    servers: BTreeMap<String, Arc<dyn Target>>,
+    sealer: Option<Sealer>,
+    #[cfg(feature = "review")]
+    listener: Option<Listener>,
+}
+
+impl Preflight {
+    /// Checks the configuration's directories, key, targets, policy and review
+    /// listener, creating nothing.
+    pub async fn run(config: &Config, mode: Mode) -> Self {
+        let mut preflight = Self {
+            findings: Vec::new(),
+            policy: None,
+            servers: BTreeMap::new(),
+            sealer: None,
+            #[cfg(feature = "review")]
+            listener: None,
+        };
+        preflight.note("config", Ok(config.origin.to_string()));
+        preflight.note("intents", check_intents(&config.intents));
+        let results = config.results_dir();
+        preflight.note("results", check_results(&results, &config.state));
+        let state = check_state(&config.state);
+        let state_usable = state.is_ok();
+        preflight.note("state", state);
+        let key = preflight.check_key(config, state_usable);
+        preflight.note("key", key);
+        for (name, url) in &config.targets {
+            let found = preflight.check_target(config, name, url, mode).await;
+            preflight.note(&format!("target {name}"), found);
+        }
+        let policy = preflight.check_policy(config, mode).await;
+        preflight.note("policy", policy);
+        let review = preflight.check_listener(config, mode).await;
+        preflight.note("review", review);
+        preflight
+    }
+
+    /// Whether every check passed: `airlock run` would start.
+    pub fn ok(&self) -> bool {
+        self.findings.iter().all(|f| f.result.is_ok())
+    }
+
+    /// Why Airlock cannot start, in the order found.
+    pub fn problems(&self) -> impl Iterator<Item = &StartError> {
+        self.findings.iter().filter_map(|f| f.result.as_ref().err())
+    }
+
+    fn note(&mut self, subject: &str, result: Result<String, StartError>) {
+        self.findings.push(Finding {
+            subject: subject.to_owned(),
+            result,
+        });
+    }
+
+    /// The configured key must load; the default one may not exist yet.
+    fn check_key(&mut self, config: &Config, state_usable: bool) -> Result<String, StartError> {
+        let path = config.key_path();
+        if config.key.is_none() && !state_usable {
+            return Ok(format!(
+                "{}: not checked (the state directory is unusable)",
+                path.display()
+            ));
+        }
+        match Sealer::load(&path) {
+            Ok(sealer) => {
+                let found = format!("{}: keyid {}", path.display(), sealer.keyid());
+                self.sealer = Some(sealer);
+                Ok(found)
+            }
+            Err(SealError::KeyMissing { .. }) if config.key.is_none() => Ok(format!(
+                "{}: will be created (its public key beside it, .pub)",
+                path.display()
+            )),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// A SQLite target's file and directory, or a server target's connection and
+    /// role (opening a server target connects nothing, so it is kept).
+    async fn check_target(
+        &mut self,
+        config: &Config,
+        name: &str,
+        url: &str,
+        mode: Mode,
+    ) -> Result<String, StartError> {
+        if let Some(path) = crate::state::sqlite_path(url) {
+            return check_sqlite(name, &path, &config.state);
+        }
+        let target = apply::open(name, url).map_err(|e| StartError::target(name, &e))?;
+        let allow = config.apply.allow_privileged_role;
+        let privileges = match target.check_role(allow).await {
+            Ok(found) => found,
+            Err(error) if error.is_transient() && mode == Mode::Start => {
+                warn!(message = "cannot check the target's database role now; it is checked on the first connection", target = %name, %error);
+                self.servers.insert(name.to_owned(), target);
+                return Ok(format!(
+                    "not reachable now ({error}); its intents wait, and its role is checked on the first connection"
+                ));
+            }
+            Err(error) => return Err(StartError::target(name, &error)),
+        };
+        let role = if privileges.is_empty() {
+            "a role without powers beyond applying".to_owned()
+        } else {
+            if mode == Mode::Start {
+                warn!(message = "the target's database role has powers beyond applying; allowed by [apply] allow_privileged_role", target = %name, privileges = %privileges.join(", "));
+            }
+            format!(
+                "a privileged role ({}), allowed by [apply] allow_privileged_role",
+                privileges.join(", ")
+            )
+        };
+        let found = match mode {
+            Mode::Start => role,
+            Mode::Check => match target.server().await {
+                Ok(Some(server)) => format!("{server}: {role}"),
+                Ok(None) => role,
+                Err(error) => return Err(StartError::target(name, &error)),
+            },
+        };
+        self.servers.insert(name.to_owned(), target);
+        Ok(found)
+    }
+
+    /// Compiles an embedded policy; asks a remote one for a decision when checking.
+    async fn check_policy(&mut self, config: &Config, mode: Mode) -> Result<String, StartError> {
+        let policy = Policy::new(&policy_options(&config.policy))
+            .map_err(|e| StartError::Policy(e.to_string()))?;
+        let found = match &policy {
+            Policy::Embedded(embedded) => {
+                let current = embedded.current();
+                match &config.policy.path {
+                    Some(path) => format!(
+                        "{}: {} compiled, {}",
+                        path.display(),
+                        current.files().join(", "),
+                        current.identity()
+                    ),
+                    None => format!(
+                        "built-in (examples/policies/airlock.rego), {}",
+                        current.identity()
+                    ),
+                }
+            }
+            Policy::Remote(remote) => match mode {
+                Mode::Start => format!("{} (asked at each decision)", remote.url()),
+                // Any decision (or a malformed one) means the server answered; only
+                // an unavailable server stops the check.
+                Mode::Check => match remote.evaluate(&serde_json::json!({})).await {
+                    Err(error @ crate::decide::PolicyError::Unavailable { .. }) => {
+                        return Err(StartError::Policy(error.to_string()));
+                    }
+                    _ => format!("{}: answered a decision request", remote.url()),
+                },
+            },
+        };
+        self.policy = Some(policy);
+        Ok(found)
+    }
+
+    /// Binds the review listener: kept for the endpoint, or released at once when
+    /// only checking.
+    #[cfg(feature = "review")]
+    async fn check_listener(&mut self, config: &Config, mode: Mode) -> Result<String, StartError> {
+        let Some(listener) = Listener::bind(config).await? else {
+            return Ok("off (review.listen = \"off\"): decide with airlock approve/reject".into());
+        };
+        let url = listener.url().to_owned();
+        match mode {
+            Mode::Start => {
+                self.listener = Some(listener);
+                Ok(format!("{url}: bound"))
+            }
+            Mode::Check => Ok(format!("{url}: bound, then released")),
+        }
+    }
+
+    /// No review endpoint in this build ([`config::Config::check`] refuses any
+    /// `review.listen` but `off`).
+    #[cfg(not(feature = "review"))]
+    async fn check_listener(
+        &mut self,
+        _config: &Config,
+        _mode: Mode,
+    ) -> Result<String, StartError> {
+        Ok("off (this airlock was built without the `review` feature)".into())
+    }
+}
+
+/// The intent directory: a directory, or one to create.
+fn check_intents(path: &Path) -> Result<String, StartError> {
+    let problem = |problem: String| StartError::Intents {
+        path: path.to_owned(),
+        problem,
+    };
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => Ok(format!("{}: exists", path.display())),
+        Ok(_) => Err(problem("is not a directory".into())),
+        Err(error) if error.kind() == ErrorKind::NotFound => {
+            planned(path).map_err(|e| problem(format!("cannot be created: {e}")))?;
+            Ok(format!("{}: will be created", path.display()))
+        }
+        Err(error) => Err(problem(error.to_string())),
+    }
+}
+
+/// The results directory, by the rules [`Outcomes::open`] enforces once it exists:
+/// a real directory (no link), neither inside the state directory nor holding it.
+fn check_results(path: &Path, state: &Path) -> Result<String, StartError> {
+    let problem = |problem: String| StartError::Results {
+        path: path.to_owned(),
+        problem,
+    };
+    let exists = match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => {
+            return Err(problem(
+                "is a symbolic link; Airlock writes outcome files only into a real directory \
+                 (configure the directory the link leads to)"
+                    .into(),
+            ));
+        }
+        Ok(meta) if !meta.is_dir() => return Err(problem("is not a directory".into())),
+        Ok(_) => true,
+        Err(error) if error.kind() == ErrorKind::NotFound => false,
+        Err(error) => return Err(problem(error.to_string())),
+    };
+    let results = planned(path).map_err(|e| problem(format!("cannot be created: {e}")))?;
+    // A state directory that cannot be created is the state check's to report.
+    if let Ok(state_dir) = planned(state) {
+        if results.starts_with(&state_dir) {
+            return Err(problem(format!(
+                "is inside the state directory {} (or is it); the agent reads and writes the \
+                 results directory, so it must lie outside Airlock's state",
+                state.display()
+            )));
+        }
+        if state_dir.starts_with(&results) {
+            return Err(problem(format!(
+                "contains the state directory {}; the agent reads and writes the results \
+                 directory, so it must not hold Airlock's state",
+                state.display()
+            )));
+        }
+    }
+    Ok(if exists {
+        format!("{}: exists", path.display())
+    } else {
+        format!("{}: will be created", path.display())
+    })
+}
+
+/// The state directory, by [`crate::state::check`]'s rules, or one to create.
+fn check_state(path: &Path) -> Result<String, StartError> {
+    let problem = |problem: String| StartError::State {
+        path: path.to_owned(),
+        problem,
+    };
+    match std::fs::metadata(path) {
+        Ok(meta) => {
+            crate::state::check(path).map_err(|e| problem(e.to_string()))?;
+            Ok(format!(
+                "{}: exists, mode {:04o}, yours",
+                path.display(),
+                meta.mode() & 0o7777
+            ))
+        }
+        Err(error) if error.kind() == ErrorKind::NotFound => {
+            planned(path).map_err(|e| problem(format!("cannot be created: {e}")))?;
+            Ok(format!("{}: will be created (mode 0700)", path.display()))
+        }
+        Err(error) => Err(problem(error.to_string())),
+    }
+}
+
+/// A SQLite target's file: a database (or an empty file) that exists, or one that
+/// will be created in a directory that exists or is the state directory. Read
+/// without SQLite, which could leave `-wal` and `-shm` files behind.
+fn check_sqlite(name: &str, path: &Path, state: &Path) -> Result<String, StartError> {
+    let problem = |problem: String| StartError::Target {
+        name: name.to_owned(),
+        message: format!("target {name:?} ({}): {problem}", path.display()),
+    };
+    match std::fs::metadata(path) {
+        Ok(meta) if !meta.is_file() => Err(problem("is not a regular file".into())),
+        Ok(meta) if meta.len() == 0 => Ok(format!(
+            "sqlite {}: exists, empty (create its tables before intents name them)",
+            path.display()
+        )),
+        Ok(_) => {
+            let mut header = Vec::with_capacity(SQLITE_HEADER.len());
+            std::fs::File::open(path)
+                .and_then(|file| {
+                    file.take(SQLITE_HEADER.len() as u64)
+                        .read_to_end(&mut header)
+                })
+                .map_err(|e| problem(format!("cannot be read: {e}")))?;
+            if header != SQLITE_HEADER {
+                return Err(problem("is not a SQLite database".into()));
+            }
+            Ok(format!("sqlite {}: exists", path.display()))
+        }
+        Err(error) if error.kind() == ErrorKind::NotFound => {
+            let parent = match path.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => parent,
+                _ => Path::new("."),
+            };
+            let in_state = matches!(
+                (planned(parent), planned(state)),
+                (Ok(parent), Ok(state)) if parent == state
+            );
+            let where_ = match std::fs::metadata(parent) {
+                _ if in_state => "in the state directory",
+                Ok(meta) if meta.is_dir() => "in an existing directory",
+                Ok(_) => return Err(problem(format!("{} is not a directory", parent.display()))),
+                Err(_) => {
+                    return Err(problem(format!(
+                        "directory {} does not exist; create it, or give a path in an \
+                         existing directory (Airlock creates no directory but its own state \
+                         directory)",
+                        parent.display()
+                    )));
+                }
+            };
+            Ok(format!(
+                "sqlite {}: will be created {where_}, with no tables (create them before \
+                 intents name them: Airlock never runs DDL)",
+                path.display()
+            ))
+        }
+        Err(error) => Err(problem(error.to_string())),
+    }
+}
+
+/// Where `path` will be once it is created: its longest existing prefix resolved
+/// (links followed), the rest appended (`..` taking a component off). Fails when a
+/// prefix exists but is not a directory, or cannot be looked at.
+fn planned(path: &Path) -> io::Result<PathBuf> {
+    let absolute = if path.is_absolute() {
+        path.to_owned()
+    } else {
+        std::env::current_dir()?.join(path)
+    };
+    let components: Vec<Component<'_>> = absolute.components().collect();
+    for split in (1..=components.len()).rev() {
+        let prefix: PathBuf = components[..split].iter().collect();
+        match prefix.canonicalize() {
+            Ok(mut resolved) => {
+                for component in &components[split..] {
+                    match component {
+                        Component::ParentDir => {
+                            resolved.pop();
+                        }
+                        Component::Normal(part) => resolved.push(part),
+                        _ => {}
+                    }
+                }
+                return Ok(resolved);
+            }
+            Err(error) if error.kind() == ErrorKind::NotFound => {}
+            Err(error) => return Err(error),
+        }
+    }
+    Ok(absolute)
 }
 
 /// Everything the daemon runs, built from the configuration before anything starts.
@@ -82,59 +512,88 @@ pub struct Resources {
     pub sealer: Arc<Sealer>,
     /// The results directory, opened and checked.
     pub outcomes: Outcomes,
+    /// The review endpoint's bound listener (`None` when it is off).
+    #[cfg(feature = "review")]
+    pub listener: Option<Listener>,
 }
 
 impl Resources {
-    /// Opens targets, loads the policy and creates directories. Fails before anything
-    /// runs, with a message naming what is wrong.
-    pub fn open(config: Config) -> Result<Self, StartError> {
-        // The state directory first: the results directory is checked against it.
-        crate::state::prepare(&config.state).map_err(|source| StartError::State {
+    /// Checks everything ([`Preflight`]), then creates directories, the queue, the
+    /// key and SQLite targets. Fails with the first problem found, before anything
+    /// was created when a check finds it.
+    pub async fn open(config: Config) -> Result<Self, StartError> {
+        let preflight = Preflight::run(&config, Mode::Start).await;
+        Self::create(config, preflight)
+    }
+
+    /// Creates what `preflight` found missing (the state directory first: the
+    /// results directory is checked against it) and opens the SQLite targets, with
+    /// what the checks prepared. Fails with the first problem `preflight` found, if
+    /// any, before creating anything.
+    pub fn create(config: Config, preflight: Preflight) -> Result<Self, StartError> {
+        let Preflight {
+            findings,
+            policy,
+            mut servers,
+            sealer,
+            #[cfg(feature = "review")]
+            listener,
+        } = preflight;
+        if let Some(problem) = findings.into_iter().find_map(|f| f.result.err()) {
+            return Err(problem);
+        }
+        let policy = match policy {
+            Some(policy) => policy,
+            None => Policy::new(&policy_options(&config.policy))
+                .map_err(|e| StartError::Policy(e.to_string()))?,
+        };
+        crate::state::prepare(&config.state).map_err(|e| StartError::State {
             path: config.state.clone(),
-            source,
-        })?;
-        std::fs::create_dir_all(&config.intents).map_err(|source| StartError::Dir {
-            path: config.intents.clone(),
-            source,
-        })?;
-        let results = config.results_dir();
-        let outcomes = Outcomes::open(results.clone(), &config.state).map_err(|source| {
-            StartError::Results {
-                path: results,
-                source,
-            }
+            problem: e.to_string(),
         })?;
         Queue::open(&config.state)?;
-        // SQLite targets kept in the state directory (the default one) are private
-        // like every other file there: created 0600 before SQLite opens them.
-        for url in config.targets.values() {
-            let Some(path) = crate::state::sqlite_path(url) else {
-                continue;
-            };
-            if in_state_dir(&path, &config.state) {
-                crate::state::private_file(&path).map_err(|source| StartError::State {
-                    path: path.clone(),
-                    source,
-                })?;
-            }
-        }
+        let sealer = match sealer {
+            Some(sealer) => sealer,
+            None => load_key(&config)?,
+        };
+        std::fs::create_dir_all(&config.intents).map_err(|error| StartError::Dir {
+            path: config.intents.clone(),
+            error,
+        })?;
+        let results = config.results_dir();
+        let outcomes =
+            Outcomes::open(results.clone(), &config.state).map_err(|e| StartError::Results {
+                path: results,
+                problem: e.to_string(),
+            })?;
         let mut targets = BTreeMap::new();
         for (name, url) in &config.targets {
-            let target = apply::open(name, url).map_err(|e| StartError::Target {
-                name: name.clone(),
-                message: e.to_string(),
-            })?;
+            if let Some(target) = servers.remove(name) {
+                targets.insert(name.clone(), target);
+                continue;
+            }
+            // SQLite targets kept in the state directory (the default one) are
+            // private like every other file there: created 0600 before SQLite
+            // opens them.
+            if let Some(path) = crate::state::sqlite_path(url)
+                && in_state_dir(&path, &config.state)
+            {
+                crate::state::private_file(&path).map_err(|e| StartError::State {
+                    path: path.clone(),
+                    problem: e.to_string(),
+                })?;
+            }
+            let target = apply::open(name, url).map_err(|e| StartError::target(name, &e))?;
             targets.insert(name.clone(), target);
         }
-        let policy = Policy::new(&policy_options(&config.policy))
-            .map_err(|e| StartError::Policy(e.to_string()))?;
-        let sealer = load_key(&config)?;
         Ok(Self {
             config,
             policy: Arc::new(policy),
             targets,
             sealer: Arc::new(sealer),
             outcomes,
+            #[cfg(feature = "review")]
+            listener,
         })
     }
 }
@@ -153,46 +612,15 @@ pub fn policy_options(config: &config::Policy) -> PolicyOptions {
 }
 
 /// Whether the file `path` would be created directly in the state directory `state`.
-fn in_state_dir(path: &std::path::Path, state: &std::path::Path) -> bool {
+fn in_state_dir(path: &Path, state: &Path) -> bool {
     let parent = match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => std::path::Path::new("."),
+        _ => Path::new("."),
     };
     match (parent.canonicalize(), state.canonicalize()) {
         (Ok(parent), Ok(state)) => parent == state,
         _ => false,
     }
-}
-
-/// Checks every target's database role ([`Target::check_role`]): one with powers
-/// beyond applying stops start-up unless `[apply] allow_privileged_role` is set. A
-/// target that cannot be reached now is not a reason to refuse (it may come up
-/// later); it checks its role on its first connection and applies nothing until
-/// the role passes. With `reachable` (`airlock run --check`), it is refused too.
-pub async fn check_targets(
-    config: &Config,
-    targets: &BTreeMap<String, Arc<dyn Target>>,
-    reachable: bool,
-) -> Result<(), StartError> {
-    let allow = config.apply.allow_privileged_role;
-    for (name, target) in targets {
-        match target.check_role(allow).await {
-            Ok(found) if !found.is_empty() => {
-                warn!(message = "the target's database role has powers beyond applying; allowed by [apply] allow_privileged_role", target = %name, privileges = ?found);
-            }
-            Ok(_) => {}
-            Err(error) if error.is_transient() && !reachable => {
-                warn!(message = "cannot check the target's database role now; it is checked on the first connection", target = %name, %error);
-            }
-            Err(error) => {
-                return Err(StartError::Target {
-                    name: name.clone(),
-                    message: error.to_string(),
-                });
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Loads the configured signing key, refusing a missing or exposed one; without a
@@ -233,8 +661,9 @@ pub async fn run(
         targets,
         sealer,
         outcomes,
+        #[cfg(feature = "review")]
+        listener,
     } = resources;
-    check_targets(&config, &targets, false).await?;
     let checkpoints = checkpoint_policy(&config);
     let validator = airlock_intent::Validator::new(config.intent_limits());
     let intake = Intake::new(
@@ -262,6 +691,7 @@ pub async fn run(
                 }
             }),
         },
+        listener,
     )
     .await?;
     // Built without the `review` feature: no endpoint (config::Review::listen is
@@ -320,7 +750,7 @@ pub async fn run(
         intents = %config.intents.display(),
         results = %config.results_dir().display(),
         state = %config.state.display(),
-        targets = ?config.targets.keys().collect::<Vec<_>>(),
+        targets = %config.targets.keys().map(String::as_str).collect::<Vec<_>>().join(","),
         policy = %policy.identity(),
         keyid = %sealer.keyid(),
         review = review_url.as_deref().unwrap_or("off"),
@@ -470,6 +900,68 @@ fn pipeline_loop(mut pipeline: Pipeline, rx: Receiver<Message>) {
 mod tests {
     use super::*;
     use notify::event::{AccessKind, AccessMode, CreateKind, EventKind, ModifyKind, RemoveKind};
+
+    #[test]
+    fn planned_paths_follow_existing_links_and_append_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().canonicalize().unwrap();
+        std::fs::create_dir(real.join("state")).unwrap();
+        std::os::unix::fs::symlink(real.join("state"), real.join("link")).unwrap();
+        // Through the link, then parts that do not exist yet.
+        assert_eq!(
+            planned(&real.join("link/new/../results")).unwrap(),
+            real.join("state/results")
+        );
+        // A prefix that is a file cannot hold anything.
+        std::fs::write(real.join("file"), b"").unwrap();
+        assert!(planned(&real.join("file/sub")).is_err());
+        // The results directory is refused inside the state directory, by link too.
+        let error = check_results(&real.join("link/results"), &real.join("state"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("inside the state directory"), "{error}");
+        let error = check_results(&real, &real.join("state/x"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("contains the state directory"), "{error}");
+    }
+
+    #[test]
+    fn a_sqlite_target_must_be_a_database_or_creatable() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        let check = |path: &Path| check_sqlite("t", path, &state);
+        let found = check(&state.join("target.db")).unwrap();
+        assert!(
+            found.contains("will be created in the state directory"),
+            "{found}"
+        );
+        let found = check(&dir.path().join("new.db")).unwrap();
+        assert!(
+            found.contains("will be created in an existing directory"),
+            "{found}"
+        );
+        let error = check(&dir.path().join("missing/new.db")).unwrap_err();
+        assert!(error.to_string().contains("does not exist"), "{error}");
+        let text = dir.path().join("notes.txt");
+        std::fs::write(&text, b"not a database").unwrap();
+        let error = check(&text).unwrap_err();
+        assert!(
+            error.to_string().contains("is not a SQLite database"),
+            "{error}"
+        );
+        let empty = dir.path().join("empty.db");
+        std::fs::write(&empty, b"").unwrap();
+        assert!(check(&empty).unwrap().contains("exists, empty"));
+        let db = dir.path().join("real.db");
+        rusqlite::Connection::open(&db)
+            .unwrap()
+            .execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY)")
+            .unwrap();
+        assert!(check(&db).unwrap().ends_with(": exists"));
+        // Nothing was created by the checks.
+        assert!(!state.exists() && !dir.path().join("new.db").exists());
+    }
 
     #[test]
     fn only_changes_are_hints() {

@@ -70,10 +70,16 @@ pub async fn run(dir: Option<PathBuf>) -> Result<()> {
     println!("Airlock demo in {}", dir.display());
     println!("  agent writes intents to  {}", config.intents.display());
     println!("  agent reads outcomes in  {}", results.display());
-    println!("  target database          {}", target.display());
+    println!(
+        "  target database          {} (SQLite; the demo created its tables",
+        target.display()
+    );
+    println!(
+        "                           from examples/sandbox/schema.sql: Airlock never runs DDL)"
+    );
     println!("  policy                   the built-in default (examples/policies/airlock.rego)");
 
-    let resources = Resources::open(config.clone())?;
+    let resources = Resources::open(config.clone()).await?;
     println!(
         "  signing key              {} (created; keyid {})\n",
         config.key_path().display(),

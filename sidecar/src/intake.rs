@@ -80,11 +80,12 @@ const BATCH: usize = 256;
 const BATCH_BYTES: usize = 32 << 20;
 
 /// Why a scan failed (the directory itself, or the queue; single bad files never
-/// fail a scan: they are refused).
+/// fail a scan: they are refused). The directory's message includes its cause, which
+/// is therefore not also its `source()` (a chain printer would show it twice).
 #[derive(Debug, thiserror::Error)]
 pub enum IntakeError {
-    #[error("cannot read intent directory {path}: {source}")]
-    ReadDir { path: PathBuf, source: io::Error },
+    #[error("cannot read intent directory {path}: {error}")]
+    ReadDir { path: PathBuf, error: io::Error },
     #[error(transparent)]
     Queue(#[from] QueueError),
 }
@@ -249,17 +250,17 @@ impl Intake {
 
     /// Lists candidates; refuses directories (once) without claiming them.
     fn list(&mut self) -> Result<(Vec<Candidate>, Vec<Refusal>), IntakeError> {
-        let read_dir = fs::read_dir(&self.dir).map_err(|source| IntakeError::ReadDir {
+        let read_dir = fs::read_dir(&self.dir).map_err(|error| IntakeError::ReadDir {
             path: self.dir.clone(),
-            source,
+            error,
         })?;
         let mut candidates = Vec::new();
         let mut refusals = Vec::new();
         let mut present = HashSet::new();
         for entry in read_dir {
-            let entry = entry.map_err(|source| IntakeError::ReadDir {
+            let entry = entry.map_err(|error| IntakeError::ReadDir {
                 path: self.dir.clone(),
-                source,
+                error,
             })?;
             let file_name = entry.file_name();
             let leftover = parse_claim(file_name.as_bytes());

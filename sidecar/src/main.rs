@@ -74,19 +74,22 @@ enum Command {
         /// Who approves (recorded in the run log).
         #[arg(long = "as", default_value_t = default_reviewer())]
         reviewer: String,
-        /// The digest being approved; refused if it is not the intent's.
+        /// The digest being approved; refused if it is not the intent's (default:
+        /// not compared).
         #[arg(long)]
         digest: Option<String>,
         /// The digest of the preview you reviewed (the review page's, or one this
-        /// command printed); refused if the rows changed since. Without it, the
-        /// preview printed now is the one approved.
+        /// command printed); refused if the rows changed since (default: the
+        /// preview printed now is the one approved).
         #[arg(long)]
         preview_digest: Option<String>,
-        /// The default target database (sqlite://PATH or postgres://...), as given
-        /// to `airlock run`, to preview the intent's rows on.
+        /// The default target database, as given to `airlock run`, to preview the
+        /// intent's rows on: sqlite://PATH or postgres://USER@HOST/DB?OPTIONS
+        /// (default: the configuration's `targets.default`, else
+        /// sqlite://<state>/target.db).
         #[arg(long)]
         target: Option<String>,
-        /// A comment for the record.
+        /// A comment for the record (default: none).
         #[arg(long)]
         comment: Option<String>,
         #[command(flatten)]
@@ -108,12 +111,14 @@ enum Command {
         #[command(flatten)]
         state: StateArgs,
     },
-    /// List intents in the queue.
+    /// List the queue: intents, and files refused at intake (state `invalid`).
     Status {
-        /// Only this run.
+        /// Only this run (default: every run).
         #[arg(long)]
         run: Option<String>,
-        /// Only this state (queued, awaiting_review, approved, applied, ...).
+        /// Only this state: queued, awaiting_review, approved, applied, denied,
+        /// rejected, expired, failed, undone, or invalid for refused files (default:
+        /// every state).
         #[arg(long = "in")]
         in_state: Option<String>,
         /// Print JSON lines instead of a table.
@@ -205,11 +210,13 @@ enum PolicyCommand {
 
 #[derive(Debug, Args)]
 struct PolicyArgs {
-    /// A .rego file or a directory of policies (instead of the configured policy).
+    /// A .rego file or a directory of policies, instead of the configured policy
+    /// (default: the configuration's `policy`, else the built-in policy).
     #[arg(long, conflicts_with = "policy_url")]
     policy: Option<PathBuf>,
     /// An Open Policy Agent Data API URL, e.g.
-    /// http://127.0.0.1:8181/v1/data/airlock/authz (instead of the configured policy).
+    /// http://127.0.0.1:8181/v1/data/airlock/authz, instead of the configured policy
+    /// (default: the configuration's `policy.url`, else none).
     #[arg(long)]
     policy_url: Option<String>,
 }
@@ -229,27 +236,33 @@ impl PolicyArgs {
     }
 }
 
+/// `airlock run`'s flags. Each one overrides the configuration (the file, then
+/// `AIRLOCK_*` variables), whose own defaults the help texts name.
 #[derive(Debug, Args)]
 struct RunArgs {
-    /// Configuration file (TOML).
+    /// Configuration file (TOML) (default: none, only AIRLOCK_* variables and defaults).
     #[arg(long, env = "AIRLOCK_CONFIG")]
     config: Option<PathBuf>,
-    /// The intent directory.
+    /// The intent directory (default: the configuration's `intents`, else ./intents).
     #[arg(long)]
     intents: Option<PathBuf>,
-    /// The results directory (default: <intents>/results).
+    /// The results directory (default: the configuration's `results`, else
+    /// <intents>/results).
     #[arg(long)]
     results: Option<PathBuf>,
-    /// The state directory.
+    /// The state directory (default: the configuration's `state`, else ./.airlock).
     #[arg(long)]
     state: Option<PathBuf>,
-    /// The default target database URL (sqlite://PATH).
+    /// The default target database: sqlite://PATH or postgres://USER@HOST/DB?OPTIONS
+    /// (default: the configuration's `targets.default`, else
+    /// sqlite://<state>/target.db).
     #[arg(long)]
     target: Option<String>,
     #[command(flatten)]
     policy: PolicyArgs,
-    /// Check the configuration, the policy, the key and every target (its database
-    /// role included), then exit: 0 if Airlock would start, 64 if not.
+    /// Check everything `airlock run` needs and print what was found (directories,
+    /// key, targets with their database role, policy, review listener), creating
+    /// nothing; then exit: 0 if Airlock would start, 64 if not.
     #[arg(long)]
     check: bool,
 }
@@ -259,7 +272,7 @@ struct UndoArgs {
     /// The run to undo.
     #[arg(long)]
     run: String,
-    /// Undo only this intent of the run.
+    /// Undo only this intent of the run (default: every applied intent of the run).
     #[arg(long)]
     intent: Option<String>,
     /// Revert rows even if they changed since they were applied (recorded as forced).
@@ -268,13 +281,16 @@ struct UndoArgs {
     /// Who undoes (recorded in the run log).
     #[arg(long = "as", default_value_t = default_reviewer())]
     by: String,
-    /// Configuration file (TOML), for its state directory and targets.
+    /// Configuration file (TOML), for its state directory and targets (default: none,
+    /// only AIRLOCK_* variables and defaults).
     #[arg(long, env = "AIRLOCK_CONFIG")]
     config: Option<PathBuf>,
-    /// The state directory.
+    /// The state directory (default: the configuration's `state`, else ./.airlock).
     #[arg(long)]
     state: Option<PathBuf>,
-    /// The default target database URL (as for `airlock run`).
+    /// The default target database, as given to `airlock run`: sqlite://PATH or
+    /// postgres://USER@HOST/DB?OPTIONS (default: the configuration's
+    /// `targets.default`, else sqlite://<state>/target.db).
     #[arg(long)]
     target: Option<String>,
 }
@@ -284,8 +300,9 @@ struct ReplayArgs {
     /// The run to replay.
     #[arg(long)]
     run: String,
-    /// The database to replay into (sqlite://PATH or postgres://...); it must
-    /// exist (a missing SQLite file is an error, and is not created).
+    /// The database to replay into: sqlite://PATH or postgres://USER@HOST/DB?OPTIONS
+    /// (required; it must exist: a missing SQLite file is an error, and is not
+    /// created; it gets a ledger of its own).
     #[arg(long)]
     target: String,
     /// Compare each resulting row with the recorded after-image; exit 1 on any
@@ -299,11 +316,12 @@ struct ReplayArgs {
     /// An exported run log (JSON Lines).
     #[arg(conflicts_with = "state", required_unless_present = "state")]
     file: Option<PathBuf>,
-    /// The sidecar's public key (PEM), to verify FILE (default with --state: the
-    /// key in the state directory).
+    /// The sidecar's public key (PEM), to verify the log (required with FILE; default
+    /// with --state: <state>/signing.key.pub).
     #[arg(long)]
     public_key: Option<PathBuf>,
-    /// Replay from the live log in this state directory instead.
+    /// Replay from the live log in this state directory instead of FILE (default:
+    /// none, give FILE or --state).
     #[arg(long)]
     state: Option<PathBuf>,
 }
@@ -331,10 +349,11 @@ enum TokenCommand {
 
 #[derive(Debug, Args)]
 struct StateArgs {
-    /// Configuration file (TOML), for its state directory.
+    /// Configuration file (TOML), for its state directory (default: none, only
+    /// AIRLOCK_* variables and defaults).
     #[arg(long, env = "AIRLOCK_CONFIG")]
     config: Option<PathBuf>,
-    /// The state directory.
+    /// The state directory (default: the configuration's `state`, else ./.airlock).
     #[arg(long)]
     state: Option<PathBuf>,
 }
@@ -372,6 +391,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                 let _context = runtime.enter();
                 shutdown_signal()
             };
+            use airlock::daemon::{Mode, Preflight, Resources};
             let check = args.check;
             let config = match load_run_config(args) {
                 Ok(config) => config,
@@ -380,26 +400,26 @@ fn dispatch(command: Command) -> Result<ExitCode> {
                     return Ok(ExitCode::from(EXIT_CONFIG));
                 }
             };
-            let resources = match airlock::daemon::Resources::open(config) {
+            // Everything that can fail without leaving a trace is checked before
+            // anything is created: a start that fails here leaves the disk as it was.
+            let mode = if check { Mode::Check } else { Mode::Start };
+            let preflight = runtime.block_on(Preflight::run(&config, mode));
+            if check {
+                return Ok(print_check(&preflight));
+            }
+            if !preflight.ok() {
+                for problem in preflight.problems() {
+                    eprintln!("airlock: cannot start: {problem}");
+                }
+                return Ok(ExitCode::from(EXIT_CONFIG));
+            }
+            let resources = match Resources::create(config, preflight) {
                 Ok(resources) => resources,
                 Err(error) => {
                     eprintln!("airlock: cannot start: {error}");
                     return Ok(ExitCode::from(EXIT_CONFIG));
                 }
             };
-            if check {
-                let checked = runtime.block_on(airlock::daemon::check_targets(
-                    &resources.config,
-                    &resources.targets,
-                    true,
-                ));
-                if let Err(error) = checked {
-                    eprintln!("airlock: cannot start: {error}");
-                    return Ok(ExitCode::from(EXIT_CONFIG));
-                }
-                println!("airlock: the configuration is good; airlock run would start");
-                return Ok(ExitCode::SUCCESS);
-            }
             if let Err(error) = runtime.block_on(airlock::daemon::run(resources, shutdown)) {
                 eprintln!("airlock: cannot start: {error}");
                 return Ok(ExitCode::from(EXIT_CONFIG));
@@ -481,33 +501,7 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             in_state,
             json,
             state,
-        } => {
-            let filter = in_state
-                .map(|s| s.parse::<State>())
-                .transpose()
-                .context("--in")?;
-            let queue = open_queue(state)?;
-            let rows = queue.list(run.as_deref(), filter, 10_000)?;
-            if json {
-                for row in &rows {
-                    let reviews = queue.reviews(&row.id)?;
-                    let outcome = airlock::outcome::Outcome::of_intent(row, &reviews);
-                    println!("{}", serde_json::to_string(&outcome)?);
-                }
-            } else {
-                println!(
-                    "{:<6} {:<28} {:<20} {:<16} target",
-                    "seq", "id", "run", "state"
-                );
-                for row in &rows {
-                    println!(
-                        "{:<6} {:<28} {:<20} {:<16} {}",
-                        row.seq, row.id, row.run, row.state, row.target
-                    );
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        } => status(run.as_deref(), in_state.as_deref(), json, state),
         Command::Schema { outcome } => {
             if outcome {
                 print!("{}", airlock_intent::OUTCOME_SCHEMA);
@@ -631,6 +625,101 @@ fn dispatch(command: Command) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Most rows `airlock status` lists of intents, and of refused files.
+const STATUS_LIMIT: usize = 10_000;
+
+/// `airlock status`: queued intents and refused files (state `invalid`, kept in the
+/// queue's own table), oldest first, as an aligned table or as outcome documents.
+fn status(
+    run: Option<&str>,
+    in_state: Option<&str>,
+    json: bool,
+    state: StateArgs,
+) -> Result<ExitCode> {
+    use airlock::outcome::Outcome;
+    // `invalid` is not an intent state: refused files never became intents.
+    let (intents, refused, filter) = match in_state {
+        None => (true, true, None),
+        Some("invalid") => (false, true, None),
+        Some(name) => {
+            let state = name.parse::<State>().with_context(|| {
+                let names: Vec<&str> = State::ALL.iter().map(|s| s.as_str()).collect();
+                format!("--in {name:?}: use one of {}, invalid", names.join(", "))
+            })?;
+            (true, false, Some(state))
+        }
+    };
+    let queue = open_queue(state)?;
+    // (received at, table row, outcome document)
+    let mut rows: Vec<(i64, [String; 7], Outcome)> = Vec::new();
+    if intents {
+        for row in queue.list(run, filter, STATUS_LIMIT)? {
+            let cells = [
+                row.seq.to_string(),
+                airlock::clock::timestamp(row.received_at),
+                row.id.clone(),
+                row.run.clone(),
+                row.state.to_string(),
+                row.target.clone(),
+                row.file.clone(),
+            ];
+            let outcome = if json {
+                Outcome::of_queued(&queue, &row)?
+            } else {
+                Outcome::of_intent(&row, &[])
+            };
+            rows.push((row.received_at, cells, outcome));
+        }
+    }
+    if refused {
+        for row in queue.refused(run, STATUS_LIMIT)? {
+            let cells = [
+                "-".to_owned(),
+                airlock::clock::timestamp(row.received_at),
+                row.id.clone().unwrap_or_else(|| "-".to_owned()),
+                row.run.clone().unwrap_or_else(|| "-".to_owned()),
+                "invalid".to_owned(),
+                "-".to_owned(),
+                row.file.clone(),
+            ];
+            rows.push((row.received_at, cells, Outcome::of_refusal(&row)));
+        }
+    }
+    // Stable: intents before refusals received in the same millisecond.
+    rows.sort_by_key(|(at, _, _)| *at);
+    if json {
+        for (_, _, outcome) in &rows {
+            println!("{}", serde_json::to_string(outcome)?);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let header = ["seq", "received", "id", "run", "state", "target", "file"].map(str::to_owned);
+    // Ids, runs and file names are the agent's: escaped, so none can break a line
+    // or the columns.
+    let table: Vec<[String; 7]> = std::iter::once(header)
+        .chain(rows.into_iter().map(|(_, cells, _)| cells))
+        .map(|cells| cells.map(|cell| airlock::telemetry::escape_controls(&cell).into_owned()))
+        .collect();
+    let mut widths = [0usize; 7];
+    for cells in &table {
+        for (width, cell) in widths.iter_mut().zip(cells) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    for cells in &table {
+        let mut line = String::new();
+        for (i, (cell, width)) in cells.iter().zip(widths).enumerate() {
+            if i + 1 == cells.len() {
+                line.push_str(cell);
+            } else {
+                line.push_str(&format!("{cell:<width$}  "));
+            }
+        }
+        println!("{}", line.trim_end());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `airlock policy eval`: validates the intent, then prints
@@ -941,8 +1030,50 @@ fn replay(args: ReplayArgs) -> Result<ExitCode> {
     })
 }
 
+/// `airlock run --check`: one line per thing checked (what was found on standard
+/// output, a problem on standard error, in the same order), then the verdict; exit
+/// status 0 if `airlock run` would start, 64 if not.
+fn print_check(preflight: &airlock::daemon::Preflight) -> ExitCode {
+    let width = preflight
+        .findings
+        .iter()
+        .map(|f| f.subject.chars().count())
+        .max()
+        .unwrap_or(0);
+    for finding in &preflight.findings {
+        match &finding.result {
+            Ok(found) => println!("{:<width$}  {found}", finding.subject),
+            Err(problem) => eprintln!("{:<width$}  FAILED: {problem}", finding.subject),
+        }
+    }
+    let problems = preflight.problems().count();
+    if problems == 0 {
+        println!("airlock run would start (this check created nothing)");
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "airlock run would not start: {problems} problem{} above (this check created nothing)",
+            if problems == 1 { "" } else { "s" }
+        );
+        ExitCode::from(EXIT_CONFIG)
+    }
+}
+
 fn load_run_config(args: RunArgs) -> Result<Config> {
     let mut config = Config::load(args.config.as_deref(), std::env::vars())?;
+    let flags = [
+        ("--intents", args.intents.is_some()),
+        ("--results", args.results.is_some()),
+        ("--state", args.state.is_some()),
+        ("--target", args.target.is_some()),
+        ("--policy", args.policy.policy.is_some()),
+        ("--policy-url", args.policy.policy_url.is_some()),
+    ];
+    config.origin.flags = flags
+        .into_iter()
+        .filter(|(_, given)| *given)
+        .map(|(flag, _)| flag.to_owned())
+        .collect();
     if let Some(intents) = args.intents {
         config.intents = intents;
     }

@@ -50,7 +50,7 @@ use tracing::{info, warn};
 use crate::apply::{Applied, Image, codes};
 use crate::clock::timestamp;
 use crate::lifecycle::{Decision, State};
-use crate::queue::{IntentRow, RefusedRow, ReviewVote};
+use crate::queue::{IntentRow, Queue, QueueError, RefusedRow, ReviewVote};
 use crate::seal;
 
 /// The longest submitted file name an outcome is named after; longer names get a
@@ -506,6 +506,25 @@ impl Outcome {
             retry_at,
         });
         self
+    }
+
+    /// The outcome of a queued intent as the queue knows it now: with its reviews
+    /// and, for an approved intent, what holds it back (the queue flags this
+    /// outcome again whenever that changes). What the pipeline writes and what
+    /// `airlock status --json` prints.
+    pub fn of_queued(queue: &Queue, row: &IntentRow) -> Result<Self, QueueError> {
+        let reviews = if row.approvals_needed > 0 {
+            queue.reviews(&row.id)?
+        } else {
+            Vec::new()
+        };
+        let mut outcome = Self::of_intent(row, &reviews);
+        if row.state == State::Approved
+            && let Some(blocker) = queue.holding_back(row)?
+        {
+            outcome = outcome.waiting_for(&blocker);
+        }
+        Ok(outcome)
     }
 
     /// The outcome of a refused file.

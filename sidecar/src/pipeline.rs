@@ -259,7 +259,7 @@ impl Pipeline {
                 if let Err(error) = names
                     && error.kind == ErrorKind::Permanent
                 {
-                    warn!(message = "intent names do not resolve in its target; it fails before policy", id = %row.id, run = %row.run, %error, code = ?error.code);
+                    warn!(message = "intent names do not resolve in its target; it fails before policy", id = %row.id, run = %row.run, %error, code = error.code.as_deref().map(tracing::field::display));
                     let mut detail = error_json(error, None);
                     detail["stage"] = "resolve".into();
                     w.record_unresolvable(&row.id, detail)?;
@@ -275,7 +275,7 @@ impl Pipeline {
                                 review_deadline: deadline,
                             },
                         )?;
-                        info!(message = "intent decided", id = %row.id, run = %row.run, %state, reasons = ?decision.reasons);
+                        info!(message = "intent decided", id = %row.id, run = %row.run, %state, reasons = (!decision.reasons.is_empty()).then(|| tracing::field::display(decision.reasons.join("; "))));
                         if announce && state == State::AwaitingReview {
                             let approvals = match decision.verdict {
                                 Verdict::Review { approvals } => approvals.max(1),
@@ -443,7 +443,7 @@ impl Pipeline {
                         if error.kind == ErrorKind::Permanent
                             && error.code.as_deref() == Some(codes::ROWS_CHANGED) =>
                     {
-                        warn!(message = "rows changed since review; the intent goes back to review", id = %row.id, run = %row.run, detail = ?error.detail);
+                        warn!(message = "rows changed since review; the intent goes back to review", id = %row.id, run = %row.run, detail = error.detail.as_deref().map(tracing::field::display));
                         w.record_rows_changed(
                             &row.id,
                             error_json(&error, None),
@@ -453,13 +453,13 @@ impl Pipeline {
                         report.reviewed_again += 1;
                     }
                     Err(error) if error.kind == ErrorKind::Permanent => {
-                        warn!(message = "intent failed", id = %row.id, run = %row.run, error = %error, code = ?error.code, detail = ?error.detail);
+                        warn!(message = "intent failed", id = %row.id, run = %row.run, error = %error, code = error.code.as_deref().map(tracing::field::display), detail = error.detail.as_deref().map(tracing::field::display));
                         w.record_failed(&row.id, error_json(&error, None), error.detail.as_deref())?;
                         report.failed += 1;
                     }
                     Err(error) => {
                         let retry_at = now + backoff_ms(row.attempts, max_backoff, &row.id);
-                        warn!(message = "transient apply error; will retry", id = %row.id, error = %error, detail = ?error.detail, attempts = row.attempts + 1);
+                        warn!(message = "transient apply error; will retry", id = %row.id, error = %error, detail = error.detail.as_deref().map(tracing::field::display), attempts = row.attempts + 1);
                         w.record_retry(&row.id, error_json(&error, Some(retry_at)), retry_at)?;
                         report.retried += 1;
                     }
@@ -505,19 +505,7 @@ impl Pipeline {
             }
             let mut written_intents = Vec::with_capacity(intents.len());
             for row in &intents {
-                let reviews = if row.approvals_needed > 0 {
-                    self.queue.reviews(&row.id)?
-                } else {
-                    Vec::new()
-                };
-                let mut outcome = Outcome::of_intent(row, &reviews);
-                // What holds an approved intent back; the queue flags this outcome
-                // again whenever that changes.
-                if row.state == State::Approved
-                    && let Some(blocker) = self.queue.holding_back(row)?
-                {
-                    outcome = outcome.waiting_for(&blocker);
-                }
+                let outcome = Outcome::of_queued(&self.queue, row)?;
                 if self.write(&outcome) {
                     written_intents.push(row.seq);
                 }

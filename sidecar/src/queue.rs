@@ -194,17 +194,20 @@ pub const REFUSED_PAYLOAD_PREFIX: usize = 4096;
 pub use crate::config::DEFAULT_MAX_REFUSED_BYTES;
 
 /// Why a queue operation failed.
+///
+/// Each message includes its cause, so no variant also gives it as `source()`: an
+/// error-chain printer (anyhow's `{:#}`) would show it twice.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
-    #[error("state directory {path}: {source}")]
+    #[error("state directory {path}: {error}")]
     StateDir {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("queue database {path}: {source}")]
+    #[error("queue database {path}: {error}")]
     Open {
         path: PathBuf,
-        source: rusqlite::Error,
+        error: rusqlite::Error,
     },
     #[error(
         "queue database {path} has schema version {found}, newer than this Airlock ({supported}); upgrade Airlock"
@@ -215,13 +218,19 @@ pub enum QueueError {
         supported: i64,
     },
     #[error("queue database: {0}")]
-    Sql(#[from] rusqlite::Error),
+    Sql(rusqlite::Error),
     #[error("queue holds a corrupt value: {0}")]
     Corrupt(String),
     #[error("no intent with id {0:?}")]
     NotFound(String),
     #[error(transparent)]
     Transition(#[from] IllegalTransition),
+}
+
+impl From<rusqlite::Error> for QueueError {
+    fn from(error: rusqlite::Error) -> Self {
+        Self::Sql(error)
+    }
 }
 
 impl From<UnknownState> for QueueError {
@@ -478,9 +487,9 @@ impl Queue {
     pub fn open(state_dir: &Path) -> Result<Self, QueueError> {
         create_private_dir(state_dir)?;
         let path = state_dir.join("queue.db");
-        let open_err = |source| QueueError::Open {
+        let open_err = |error| QueueError::Open {
             path: path.clone(),
-            source,
+            error,
         };
         let mut conn = Connection::open(&path).map_err(open_err)?;
         conn.busy_timeout(Duration::from_secs(10))
@@ -943,12 +952,32 @@ impl Queue {
 
     /// Refusals whose outcome file is not yet written.
     pub fn pending_refusal_outcomes(&self, limit: usize) -> Result<Vec<RefusedRow>, QueueError> {
-        let mut stmt = self.conn.prepare_cached(
+        self.select_refused(
+            "WHERE r.outcome_pending = 1 ORDER BY r.seq LIMIT ?1",
+            params![limit as i64],
+        )
+    }
+
+    /// Refused files (state `invalid`), of one run when `run` is given, oldest
+    /// first.
+    pub fn refused(&self, run: Option<&str>, limit: usize) -> Result<Vec<RefusedRow>, QueueError> {
+        self.select_refused(
+            "WHERE (?1 IS NULL OR r.run = ?1) ORDER BY r.seq LIMIT ?2",
+            params![run, limit as i64],
+        )
+    }
+
+    fn select_refused(
+        &self,
+        condition: &str,
+        params: impl rusqlite::Params,
+    ) -> Result<Vec<RefusedRow>, QueueError> {
+        let mut stmt = self.conn.prepare_cached(&format!(
             "SELECT r.seq, r.file, r.id, r.run, r.kind, r.digest, r.size, r.problems, r.received_at, \
              EXISTS (SELECT 1 FROM intents i WHERE i.id = r.id) \
-             FROM refused r WHERE r.outcome_pending = 1 ORDER BY r.seq LIMIT ?1",
-        )?;
-        let rows = stmt.query_map([limit as i64], |row| {
+             FROM refused r {condition}"
+        ))?;
+        let rows = stmt.query_map(params, |row| {
             Ok((
                 RefusedRow {
                     seq: row.get(0)?,
@@ -1018,7 +1047,7 @@ fn get_reviews(conn: &Connection, id: &str) -> Result<Vec<ReviewVote>, QueueErro
 fn create_private_dir(dir: &Path) -> Result<(), QueueError> {
     let err = |path: &Path| {
         let path = path.to_owned();
-        move |source| QueueError::StateDir { path, source }
+        move |error| QueueError::StateDir { path, error }
     };
     crate::state::prepare(dir).map_err(err(dir))?;
     let db = dir.join("queue.db");

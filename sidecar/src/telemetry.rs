@@ -6,9 +6,10 @@
 //! (<https://no-color.org>): a log file or a container's log stream gets plain text.
 //!
 //! Field values carry text the agent chose (file names, ids, reasons), so text lines
-//! escape every control character in them (`EscapedFields`): a file named
+//! escape every control character in them, and the Unicode marks that reorder or
+//! break a line ([`escape_controls`], through `EscapedFields`): a file named
 //! `x\nINFO intent applied` cannot forge a log line, nor an escape sequence repaint
-//! an operator's terminal. (JSON lines escape them already.)
+//! an operator's terminal. (JSON lines escape control characters already.)
 
 use std::fmt::{self, Write as _};
 use std::io::IsTerminal;
@@ -95,21 +96,36 @@ impl Visit for EscapingVisitor<'_, '_> {
     }
 }
 
-/// `text` with each control character (line breaks, escape, ...) written as its
-/// Rust escape (`\n`, `\u{1b}`), everything else as it is.
-fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
-    if !text.chars().any(char::is_control) {
+/// `text` with each character that could break or reorder a line on a terminal
+/// written as its Rust escape (`\n`, `\u{1b}`, `\u{202e}`), everything else as it
+/// is: control characters (line breaks, escape, ...), the line and paragraph
+/// separators, and the bidirectional overrides that make text display in another
+/// order than it is written. For log lines and for tables (`airlock status`) that
+/// show text the agent chose.
+pub fn escape_controls(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(breaks_lines) {
         return text.into();
     }
     let mut escaped = String::with_capacity(text.len() + 8);
     for c in text.chars() {
-        if c.is_control() {
+        if breaks_lines(c) {
             let _ = write!(escaped, "{}", c.escape_debug());
         } else {
             escaped.push(c);
         }
     }
     escaped.into()
+}
+
+/// Whether `c` is a character [`escape_controls`] escapes.
+fn breaks_lines(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{2028}' | '\u{2029}' // line and paragraph separators
+                | '\u{061c}' | '\u{200e}' | '\u{200f}' // bidirectional marks
+                | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' // embeddings, overrides, isolates
+        )
 }
 
 /// Whether text logs are coloured: on a terminal, unless `NO_COLOR` is set to
@@ -129,6 +145,10 @@ mod tests {
         assert_eq!(
             escape_controls("a\nINFO forged\r\u{1b}[31m\t"),
             "a\\nINFO forged\\r\\u{1b}[31m\\t"
+        );
+        assert_eq!(
+            escape_controls("invoice\u{202e}fdp.json\u{2028}x"),
+            "invoice\\u{202e}fdp.json\\u{2028}x"
         );
     }
 

@@ -32,11 +32,14 @@ use crate::queue::{Queue, QueueError};
 use crate::seal::Envelope;
 
 /// Why undo (or reading a run's log) failed.
+///
+/// Each message includes its cause, so no variant also gives it as `source()`: an
+/// error-chain printer (anyhow's `{:#}`) would show it twice.
 #[derive(Debug, thiserror::Error)]
 pub enum UndoError {
     /// The queue could not be read or written.
     #[error("queue: {0}")]
-    Queue(#[from] QueueError),
+    Queue(QueueError),
     /// A target could not undo.
     #[error("target {target:?}: {error}")]
     Target {
@@ -56,6 +59,12 @@ pub enum UndoError {
         /// What is wrong with it.
         problem: String,
     },
+}
+
+impl From<QueueError> for UndoError {
+    fn from(error: QueueError) -> Self {
+        Self::Queue(error)
+    }
 }
 
 /// One `applied` record of a run's log.

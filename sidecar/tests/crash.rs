@@ -282,10 +282,16 @@ fn crash_test(target: Target) {
     }
     let status = sb.cli(&["status", "--json"]);
     assert!(status.status.success());
-    let listed: Vec<Value> = String::from_utf8_lossy(&status.stdout)
+    // Refused files are listed too, as state `invalid`.
+    let (refused, listed): (Vec<Value>, Vec<Value>) = String::from_utf8_lossy(&status.stdout)
         .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .partition(|o| o["state"] == "invalid");
+    let refused: BTreeSet<&str> = refused
+        .iter()
+        .map(|o| o["file"].as_str().unwrap().trim_end_matches(".json"))
         .collect();
+    assert_eq!(refused, invalid.iter().map(String::as_str).collect());
     let ids: BTreeSet<&str> = listed.iter().map(|o| o["id"].as_str().unwrap()).collect();
     assert_eq!(listed.len(), ids.len(), "an id is queued twice");
     assert_eq!(ids.len(), total - invalid.len());

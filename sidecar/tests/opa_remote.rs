@@ -779,3 +779,38 @@ fn policy_eval_prints_the_input_and_the_decision() {
     assert_eq!(output.status.code(), Some(1), "{output:?}");
     assert!(String::from_utf8_lossy(&output.stderr).contains("could not decide"));
 }
+
+#[test]
+fn run_check_asks_the_server_and_fails_when_it_is_down() {
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}/v1/data/airlock/authz");
+    let sandbox = remote_sandbox(&url, &[]);
+    let check = || {
+        sandbox
+            .run_command()
+            .args(&sandbox.extra_args)
+            .arg("--check")
+            .output()
+            .unwrap()
+    };
+    // Nobody listens yet: `airlock run` would start (intents would wait), but the
+    // check asks for every server to answer now.
+    let out = check();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("policy server"), "{stderr}");
+    assert!(stderr.contains("unavailable"), "{stderr}");
+
+    let _opa = OpaServer::start(&examples(), port, None);
+    let out = check();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("{url}: answered a decision request")),
+        "{stdout}"
+    );
+}

@@ -166,7 +166,13 @@ fn roles_decide_who_may_read_decide_and_undo() {
     assert_eq!(refused.status, 403);
     let refused = approver.post("/v1/runs/run-a/undo", &json!({}));
     assert_eq!(refused.status, 403);
-    assert!(refused.text().contains("admin"), "{}", refused.text());
+    assert!(
+        refused
+            .text()
+            .contains("alice is an approver; undoing a run needs the admin role"),
+        "{}",
+        refused.text()
+    );
 
     // The approver's approval is recorded under the token's name and applies.
     let mut body = approval(&approver, "delete-1");

@@ -172,6 +172,13 @@ pub trait Target: Send + Sync + fmt::Debug {
         let _ = allow_privileged;
         Ok(Vec::new())
     }
+
+    /// The database server as `airlock run --check` reports it (for PostgreSQL its
+    /// version and the role Airlock connects as), asked without writing anything;
+    /// `None` for targets without a server (SQLite).
+    async fn server(&self) -> Result<Option<String>, ApplyError> {
+        Ok(None)
+    }
 }
 
 /// One op's table and columns as the target's catalog stores them: what the policy

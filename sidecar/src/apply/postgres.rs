@@ -435,6 +435,19 @@ impl Target for PostgresTarget {
         }
         Ok(found)
     }
+
+    async fn server(&self) -> Result<Option<String>, ApplyError> {
+        // A pooled connection without the ledger set-up `client` would run.
+        let client =
+            self.pool.get().await.map_err(|e| {
+                pool_error(e).context(&format!("target {:?}: connecting", self.name))
+            })?;
+        let context = |e: tokio_postgres::Error| pg_error(&e).context("reading the server version");
+        let row = client.query_one(pg::SERVER, &[]).await.map_err(context)?;
+        let version: String = row.try_get(0).map_err(context)?;
+        let role: String = row.try_get(1).map_err(context)?;
+        Ok(Some(format!("PostgreSQL {version}, role {role}")))
+    }
 }
 
 /// The powers beyond applying that the connection's role holds ([`pg::ROLE_PRIVILEGES`]),
@@ -1626,7 +1639,12 @@ fn pg_error(e: &tokio_postgres::Error) -> ApplyError {
             error.with_detail(detail.join("; "))
         };
     }
-    let message = e.to_string();
+    // "error connecting to server" says little without its cause ("Connection
+    // refused"), which names no host or credential.
+    let message = match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    };
     let driver_bug = [
         "error serializing",
         "error deserializing",

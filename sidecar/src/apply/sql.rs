@@ -551,6 +551,10 @@ pub mod pg {
                OR r.rolreplication) \
         ORDER BY r.rolname = current_user DESC, r.rolname";
 
+    /// The server's version and the role Airlock connects as (two texts), for
+    /// `airlock run --check`.
+    pub const SERVER: &str = "SELECT current_setting('server_version'), current_user::text";
+
     /// Serialises ledger migrations across every Airlock using the database.
     pub const LOCK_MIGRATION: &str = "SELECT pg_advisory_xact_lock(1634300524, 0)";
 

@@ -310,8 +310,9 @@ impl Identity {
             Ok(())
         } else {
             Err(ApiError::forbidden(format!(
-                "{} is a {}; {action} needs the {role} role",
-                self.name, self.role
+                "{} is {}; {action} needs the {role} role",
+                self.name,
+                self.role.with_article()
             )))
         }
     }
@@ -721,9 +722,21 @@ pub async fn undo_run(
     let outcome = undo::undo(&mut queue, open_target, &request)
         .await
         .map_err(undo_error)?;
-    info!(message = "undo", run = %run, by = %who.name, force = request.force, outcome = ?outcome);
+    let answer = undo_json(&outcome);
+    let count = |key: &str| answer[key].as_array().map_or(0, Vec::len);
+    info!(
+        message = "undo",
+        run = %run,
+        by = %who.name,
+        force = request.force,
+        outcome = answer["outcome"].as_str().unwrap_or("?"),
+        reverted = count("reverted"),
+        recorded_only = count("recorded_only"),
+        forced = count("forced"),
+        conflicts = count("conflicts"),
+    );
     state.wake();
-    Ok(Json(undo_json(&outcome)))
+    Ok(Json(answer))
 }
 
 fn undo_error(error: undo::UndoError) -> ApiError {

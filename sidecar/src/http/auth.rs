@@ -65,6 +65,16 @@ impl Role {
             Role::Admin => "admin",
         }
     }
+
+    /// The role with its indefinite article, for messages: "a viewer", "an approver",
+    /// "an admin".
+    pub fn with_article(self) -> &'static str {
+        match self {
+            Role::Viewer => "a viewer",
+            Role::Approver => "an approver",
+            Role::Admin => "an admin",
+        }
+    }
 }
 
 impl fmt::Display for Role {

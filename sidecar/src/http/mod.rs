@@ -100,21 +100,24 @@ const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; \
     form-action 'self'";
 
 /// Why the endpoint could not start.
+///
+/// Each message includes its cause, so no variant also gives it as `source()`: an
+/// error-chain printer (anyhow's `{:#}`) would show it twice.
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointError {
-    #[error("review.listen {listen:?}: {source}")]
+    #[error("review.listen {listen:?}: {error}")]
     Bind {
         listen: String,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("review TLS: {0}")]
     Tls(String),
     #[error(transparent)]
     Queue(#[from] QueueError),
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}: {error}")]
     Write {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 
@@ -259,6 +262,47 @@ async fn health() -> Response {
     axum::Json(serde_json::json!({ "status": "ok" })).into_response()
 }
 
+/// The review endpoint's listening socket (and its TLS set-up), bound before
+/// anything else starts: an address that is taken, or a certificate that does not
+/// load, stops `airlock run` before it has created a file, and `airlock run --check`
+/// tries both without starting.
+#[derive(Debug)]
+pub struct Listener {
+    listener: TcpListener,
+    acceptor: Option<tokio_native_tls::TlsAcceptor>,
+    url: String,
+}
+
+impl Listener {
+    /// Binds the address `config.review.listen` names, with TLS when
+    /// `review.tls_cert` and `review.tls_key` are set; `None` when it is `off`.
+    pub async fn bind(config: &Config) -> Result<Option<Self>, EndpointError> {
+        let listen = config.review.listen.trim();
+        if listen.eq_ignore_ascii_case("off") {
+            return Ok(None);
+        }
+        let acceptor = tls_acceptor(config)?;
+        let bind_error = |error| EndpointError::Bind {
+            listen: listen.to_owned(),
+            error,
+        };
+        let listener = bind(listen).await.map_err(bind_error)?;
+        let address = listener.local_addr().map_err(bind_error)?;
+        let scheme = if acceptor.is_some() { "https" } else { "http" };
+        Ok(Some(Self {
+            listener,
+            acceptor,
+            url: format!("{scheme}://{address}"),
+        }))
+    }
+
+    /// The URL the endpoint answers on, `http(s)://host:port` (the port the system
+    /// picked when `listen` asked for port 0).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+}
+
 /// A running endpoint.
 #[derive(Debug)]
 pub struct Endpoint {
@@ -271,28 +315,24 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// Starts the endpoint `config.review` describes, or `None` when it is `off`.
-    pub async fn start(config: &Config, parts: Parts) -> Result<Option<Self>, EndpointError> {
-        let listen = config.review.listen.trim();
-        if listen.eq_ignore_ascii_case("off") {
+    /// Starts the endpoint `config.review` describes on `listener` (bound by
+    /// [`Listener::bind`]), or returns `None` when there is none (`off`).
+    pub async fn start(
+        config: &Config,
+        parts: Parts,
+        listener: Option<Listener>,
+    ) -> Result<Option<Self>, EndpointError> {
+        let Some(Listener {
+            listener,
+            acceptor,
+            url,
+        }) = listener
+        else {
             info!(
                 message = "review endpoint off (review.listen = \"off\"); decide with airlock approve/reject"
             );
             return Ok(None);
-        }
-        let acceptor = tls_acceptor(config)?;
-        let listener = bind(listen).await.map_err(|source| EndpointError::Bind {
-            listen: listen.to_owned(),
-            source,
-        })?;
-        let address = listener
-            .local_addr()
-            .map_err(|source| EndpointError::Bind {
-                listen: listen.to_owned(),
-                source,
-            })?;
-        let scheme = if acceptor.is_some() { "https" } else { "http" };
-        let url = format!("{scheme}://{address}");
+        };
 
         let queue =
             Queue::open(&config.state)?.with_sealer(parts.sealer.clone(), parts.checkpoints);
@@ -332,9 +372,9 @@ impl Endpoint {
         let server = tokio::spawn(accept_loop(listener, acceptor, app, state, limit, stop_rx));
 
         let file = config.endpoint_file();
-        write_atomically(&file, &format!("{url}\n")).map_err(|source| EndpointError::Write {
+        write_atomically(&file, &format!("{url}\n")).map_err(|error| EndpointError::Write {
             path: file.clone(),
-            source,
+            error,
         })?;
         info!(message = "review endpoint listening", url = %url, tokens = %tokens.display());
         Ok(Some(Self {

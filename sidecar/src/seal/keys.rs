@@ -191,10 +191,10 @@ impl Verifier {
 
     /// Reads the public key file at `path` (e.g. the `.pub` next to a key).
     pub fn load(path: &Path) -> Result<Self, SealError> {
-        let read_error = |source| SealError::Read {
+        let read_error = |error| SealError::Read {
             what: "public key",
             path: path.to_owned(),
-            source,
+            error,
         };
         let file = File::open(path).map_err(read_error)?;
         let mut pem = String::new();
@@ -347,10 +347,10 @@ pub fn public_key_path(path: &Path) -> PathBuf {
 fn create(path: &Path, public_mode: u32) -> Result<Sealer, SealError> {
     let sealer = Sealer::generate()?;
     let private_pem = sealer.private_pem()?;
-    let write_error = |source| SealError::Write {
+    let write_error = |error| SealError::Write {
         what: "signing key",
         path: path.to_owned(),
-        source,
+        error,
     };
     if path.symlink_metadata().is_ok() {
         return Err(SealError::KeyExists {
@@ -363,10 +363,10 @@ fn create(path: &Path, public_mode: u32) -> Result<Sealer, SealError> {
         sealer.verifier.to_pem().as_bytes(),
         public_mode,
     )
-    .map_err(|source| SealError::Write {
+    .map_err(|error| SealError::Write {
         what: "public key",
         path: public_path.clone(),
-        source,
+        error,
     })?;
 
     let tmp =
@@ -412,10 +412,10 @@ fn sync_parent(path: &Path) -> std::io::Result<()> {
 }
 
 fn read_private_pem(path: &Path) -> Result<Zeroizing<String>, SealError> {
-    let read_error = |source| SealError::Read {
+    let read_error = |error| SealError::Read {
         what: "signing key",
         path: path.to_owned(),
-        source,
+        error,
     };
     let file = File::open(path).map_err(|e| match e.kind() {
         ErrorKind::NotFound => SealError::KeyMissing {

@@ -70,6 +70,9 @@ pub fn digest(bytes: &[u8]) -> String {
 }
 
 /// Why sealing, verifying or handling a key failed.
+///
+/// Each message includes its cause, so no variant also gives it as `source()`: an
+/// error-chain printer (anyhow's `{:#}`) would show it twice.
 #[derive(Debug, thiserror::Error)]
 pub enum SealError {
     /// The signing key file does not exist.
@@ -104,24 +107,24 @@ pub enum SealError {
         path: PathBuf,
     },
     /// A key file could not be read.
-    #[error("cannot read {what} {}: {source}", path.display())]
+    #[error("cannot read {what} {}: {error}", path.display())]
     Read {
         /// "signing key" or "public key".
         what: &'static str,
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A key file could not be written.
-    #[error("cannot write {what} {}: {source}", path.display())]
+    #[error("cannot write {what} {}: {error}", path.display())]
     Write {
         /// "signing key" or "public key".
         what: &'static str,
         /// The file.
         path: PathBuf,
         /// The I/O error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// A key is not a well-formed Ed25519 PEM key of the expected kind.
     #[error("{origin} is not {expected}: {reason}")]
@@ -165,7 +168,13 @@ pub enum SealError {
     },
     /// An envelope's JSON could not be parsed or written.
     #[error("envelope JSON: {0}")]
-    Json(#[from] serde_json::Error),
+    Json(serde_json::Error),
+}
+
+impl From<serde_json::Error> for SealError {
+    fn from(error: serde_json::Error) -> Self {
+        Self::Json(error)
+    }
 }
 
 #[cfg(test)]
