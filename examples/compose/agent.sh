@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The sandbox's example agent: submits each intent of examples/intents/ the way an
-# agent should (`airlock submit`: a temporary dotfile, then a rename to <id>.json) and
+# agent should (`airlock submit`: checked, then a temporary dotfile renamed to <id>.json;
+# one it refuses is written anyway, to show that Airlock refuses it too) and
 # prints each outcome as it lands, then again whenever its state changes, until every
 # intent is final or waits for a human.
 #
@@ -23,7 +24,20 @@ member() {
 declare -A shown
 names=()
 for intent in "$examples"/*.json; do
-  written=$(airlock submit "$intent")
+  status=0
+  written=$(airlock submit "$intent") || status=$?
+  if ((status == 65)); then
+    # `airlock submit` checks an intent before writing it and refused this one. An
+    # agent need not use it, so show that Airlock refuses it too: write it the
+    # plain way (a dotfile, then a rename), named after its id.
+    id=$(sed -n 's/^  "id": "\([A-Za-z0-9._:-]*\)",\{0,1\}$/\1/p' "$intent" | head -n 1)
+    echo "agent: airlock submit refused $(basename "$intent"); writing it anyway, as a careless agent could"
+    written=$AIRLOCK_INTENTS/${id:-$(basename "$intent" .json)}.json
+    cp "$intent" "$AIRLOCK_INTENTS/.agent.tmp"
+    mv "$AIRLOCK_INTENTS/.agent.tmp" "$written"
+  elif ((status != 0)); then
+    exit "$status"
+  fi
   name=$(basename "$written")
   names+=("$name")
   echo "agent: submitted $(basename "$intent") as $name"
