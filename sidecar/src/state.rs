@@ -139,6 +139,14 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
 /// unpredictable name (never an existing file, never through a link), and returns
 /// its path for the caller to move into place.
 pub(crate) fn write_private_temp(path: &Path, bytes: &[u8]) -> io::Result<PathBuf> {
+    write_temp(path, bytes, 0o600)
+}
+
+/// Writes `bytes`, flushed, into a new dotfile beside `path` named
+/// `.<name>.<random>.tmp` with `mode` (less the umask): `O_CREAT|O_EXCL` never
+/// opens an existing file nor follows a link planted under the name. Returns its
+/// path for the caller to move into place; on an error nothing is left behind.
+pub(crate) fn write_temp(path: &Path, bytes: &[u8], mode: u32) -> io::Result<PathBuf> {
     let name = path
         .file_name()
         .ok_or_else(|| io::Error::new(ErrorKind::InvalidInput, "the path names no file"))?;
@@ -149,7 +157,7 @@ pub(crate) fn write_private_temp(path: &Path, bytes: &[u8]) -> io::Result<PathBu
     let written = OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
+        .mode(mode)
         .open(&tmp)
         .and_then(|mut file| {
             file.write_all(bytes)?;

@@ -29,8 +29,7 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use airlock_intent::{Limits, Problem, Validator};
 use rustix::fs::{CWD, Mode, OFlags, RenameFlags};
@@ -506,34 +505,11 @@ fn write_intent(dir: &Path, id: &str, digest: &str, bytes: &[u8]) -> io::Result<
     Ok(dir.join(format!("{id}.{hex16}.json")))
 }
 
-/// Writes `bytes` to a new temporary dotfile in `dir` and flushes it; returns its
-/// path. `O_CREAT|O_EXCL` never opens an existing file, nor follows a link planted
-/// under the name. Intake ignores dotfiles.
+/// Writes `bytes` to a new temporary dotfile in `dir` (mode 0644, so an Airlock
+/// running as another user in the agent's group can read it) and flushes it;
+/// returns its path. Intake ignores dotfiles.
 fn write_temporary(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<PathBuf> {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let tmp = dir.join(format!(
-        ".{name}.{}-{nanos:x}-{}.tmp",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let written = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .and_then(|mut file| {
-            file.write_all(bytes)?;
-            file.sync_all()
-        });
-    match written {
-        Ok(()) => Ok(tmp),
-        Err(error) => {
-            let _ = fs::remove_file(&tmp);
-            Err(error)
-        }
-    }
+    crate::state::write_temp(&dir.join(name), bytes, 0o644)
 }
 
 /// Flushes a directory's entries, so a rename into it survives a crash. Best
