@@ -233,3 +233,27 @@ fn a_log_inside_the_agents_directories_is_refused_at_start() {
         assert!(!sb.state().exists(), "a refused start creates nothing");
     }
 }
+
+/// A log that cannot be written (`/dev/full` answers every write with "no space")
+/// costs the lines, not the decisions: every intent is still decided and applied,
+/// and the error is logged once, not once per line.
+#[test]
+fn a_failing_log_never_holds_back_a_decision() {
+    let mut sb = sandbox_logging_to(Path::new("/dev/full"), false);
+    sb.start();
+    for n in 1..=3 {
+        let id = format!("ok-{n}");
+        sb.submit_json(&insert_customer(&id, &format!("run-{n}"), n, "Ada"));
+        sb.outcome_in(&id, "applied");
+    }
+    assert_eq!(sb.rows("SELECT count(*) FROM customers"), [[json!(3)]]);
+    let log = eventually("the write error in the daemon's log", || {
+        let log = sb.log();
+        log.contains("cannot write the decision log").then_some(log)
+    });
+    assert_eq!(
+        log.matches("cannot write the decision log").count(),
+        1,
+        "{log}"
+    );
+}
