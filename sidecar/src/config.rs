@@ -667,6 +667,27 @@ mod tests {
         assert_eq!(config.targets["default"], "sqlite://./.airlock/target.db");
     }
 
+    #[test]
+    fn the_decision_log_is_off_by_default_and_never_an_empty_path() {
+        let config = Config::load(None, env(&[])).unwrap();
+        assert_eq!(config.telemetry.decision_log, None);
+        assert!(!config.telemetry.decision_log_values);
+        let config = Config::load(
+            None,
+            env(&[
+                ("AIRLOCK_TELEMETRY__DECISION_LOG", "-"),
+                ("AIRLOCK_TELEMETRY__DECISION_LOG_VALUES", "true"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.telemetry.decision_log.as_deref(), Some("-"));
+        assert!(config.telemetry.decision_log_values);
+        let error = Config::load(None, env(&[("AIRLOCK_TELEMETRY__DECISION_LOG", " ")]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("telemetry.decision_log"), "{error}");
+    }
+
     #[cfg(feature = "review")]
     #[test]
     fn the_review_endpoint_listens_by_default() {

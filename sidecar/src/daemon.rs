@@ -417,7 +417,7 @@ fn check_decision_log(setting: &str, config: &Config) -> Result<String, StartErr
             && resolved.starts_with(&dir_resolved)
         {
             return Err(problem(format!(
-                "lies inside the {what} directory {}, which the agent controls; give a path                  outside it",
+                "lies inside the {what} directory {}, which the agent controls; give a path outside it",
                 dir.display()
             )));
         }
