@@ -54,6 +54,8 @@ pub struct Config {
     pub shutdown: Shutdown,
     /// The run logs.
     pub log: Log,
+    /// What Airlock tells operators' tools about its work: the decision log.
+    pub telemetry: Telemetry,
     /// Where this configuration came from (not a key): what `airlock run --check`
     /// says it read.
     #[serde(skip)]
@@ -156,6 +158,19 @@ impl Default for Log {
     }
 }
 
+/// Telemetry for operators' tools. Everything is off unless configured.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Telemetry {
+    /// Where to write one JSON line per policy decision, in the shape of Open
+    /// Policy Agent's decision log events: a file path (appended to, created mode
+    /// 0600) or `-` for standard output. Off when unset. See `docs/telemetry.md`.
+    pub decision_log: Option<String>,
+    /// Show the values the agent asked to write (`values`, `set`, `key`, `expect`,
+    /// the preview's rows) in the decision log; masked unless true.
+    pub decision_log_values: bool,
+}
+
 /// Limits on agent input (DESIGN invariant 5).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -251,6 +266,7 @@ impl Default for Config {
             apply: Apply::default(),
             shutdown: Shutdown::default(),
             log: Log::default(),
+            telemetry: Telemetry::default(),
             origin: Origin::default(),
         }
     }
@@ -454,6 +470,17 @@ impl Config {
                 "review.ttl_secs must be at least 1".into(),
             ));
         }
+        if self
+            .telemetry
+            .decision_log
+            .as_deref()
+            .is_some_and(|path| path.trim().is_empty())
+        {
+            return Err(ConfigError::Invalid(
+                "telemetry.decision_log is empty: give a file path, or \"-\" for standard output"
+                    .into(),
+            ));
+        }
         if self.apply.max_rows == 0 {
             return Err(ConfigError::Invalid(
                 "apply.max_rows must be at least 1".into(),
@@ -638,6 +665,27 @@ mod tests {
         assert_eq!(config.intents, PathBuf::from("./intents"));
         assert_eq!(config.results_dir(), PathBuf::from("./intents/results"));
         assert_eq!(config.targets["default"], "sqlite://./.airlock/target.db");
+    }
+
+    #[test]
+    fn the_decision_log_is_off_by_default_and_never_an_empty_path() {
+        let config = Config::load(None, env(&[])).unwrap();
+        assert_eq!(config.telemetry.decision_log, None);
+        assert!(!config.telemetry.decision_log_values);
+        let config = Config::load(
+            None,
+            env(&[
+                ("AIRLOCK_TELEMETRY__DECISION_LOG", "-"),
+                ("AIRLOCK_TELEMETRY__DECISION_LOG_VALUES", "true"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.telemetry.decision_log.as_deref(), Some("-"));
+        assert!(config.telemetry.decision_log_values);
+        let error = Config::load(None, env(&[("AIRLOCK_TELEMETRY__DECISION_LOG", " ")]))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("telemetry.decision_log"), "{error}");
     }
 
     #[cfg(feature = "review")]

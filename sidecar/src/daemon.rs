@@ -33,7 +33,7 @@ use tracing::{error, info, warn};
 
 use crate::apply::{self, ApplyError, Target};
 use crate::config::{self, Config};
-use crate::decide::{Policy, PolicyOptions};
+use crate::decide::{DecisionLog, Policy, PolicyOptions, Sink};
 #[cfg(feature = "review")]
 use crate::http::{self, Endpoint, Listener};
 use crate::intake::Intake;
@@ -73,6 +73,10 @@ pub enum StartError {
     /// The policy cannot decide.
     #[error("policy: {0}")]
     Policy(String),
+    /// The decision log (`[telemetry] decision_log`) cannot be written where it is
+    /// configured.
+    #[error("telemetry.decision_log {path}: {problem}")]
+    DecisionLog { path: String, problem: String },
     #[error(transparent)]
     Key(#[from] SealError),
     #[error(transparent)]
@@ -171,6 +175,9 @@ impl Preflight {
         preflight.note("policy", policy);
         let review = preflight.check_listener(config, mode).await;
         preflight.note("review", review);
+        if let Some(setting) = &config.telemetry.decision_log {
+            preflight.note("decision log", check_decision_log(setting, config));
+        }
         preflight
     }
 
@@ -387,6 +394,54 @@ fn check_results(path: &Path, state: &Path) -> Result<String, StartError> {
     } else {
         format!("{}: will be created", path.display())
     })
+}
+
+/// The decision log's place: standard output, or a file (existing or to create in
+/// an existing directory) outside the intent and results directories, which the
+/// agent controls: there it could replace the file with a link to one of Airlock's
+/// own, or read every decision on every agent's intents.
+fn check_decision_log(setting: &str, config: &Config) -> Result<String, StartError> {
+    let Sink::File(path) = Sink::parse(setting) else {
+        return Ok("standard output".to_owned());
+    };
+    let problem = |problem: String| StartError::DecisionLog {
+        path: path.display().to_string(),
+        problem,
+    };
+    let resolved = planned(&path).map_err(|e| problem(e.to_string()))?;
+    for (what, dir) in [
+        ("intent", config.intents.clone()),
+        ("results", config.results_dir()),
+    ] {
+        if let Ok(dir_resolved) = planned(&dir)
+            && resolved.starts_with(&dir_resolved)
+        {
+            return Err(problem(format!(
+                "lies inside the {what} directory {}, which the agent controls; give a path outside it",
+                dir.display()
+            )));
+        }
+    }
+    match std::fs::metadata(&path) {
+        Ok(meta) if meta.is_dir() => Err(problem("is a directory".into())),
+        Ok(_) => Ok(format!("{}: exists, appended to", path.display())),
+        Err(error) if error.kind() == ErrorKind::NotFound => {
+            let parent = match path.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => parent,
+                _ => Path::new("."),
+            };
+            match std::fs::metadata(parent) {
+                Ok(meta) if meta.is_dir() => {
+                    Ok(format!("{}: will be created (mode 0600)", path.display()))
+                }
+                _ => Err(problem(format!(
+                    "directory {} does not exist; create it first",
+                    parent.display()
+                ))),
+            }
+        }
+        Err(error) => Err(problem(error.to_string())),
+    }
 }
 
 /// The state directory, by [`crate::state::check`]'s rules, or one to create.
@@ -708,6 +763,27 @@ pub async fn run(
         outcomes,
         tokio::runtime::Handle::current(),
     );
+    let pipeline = match &config.telemetry.decision_log {
+        Some(setting) => {
+            let log = DecisionLog::open(
+                &Sink::parse(setting),
+                config.telemetry.decision_log_values,
+                sealer.keyid(),
+            )
+            .map_err(|e| StartError::DecisionLog {
+                path: setting.clone(),
+                problem: match e {
+                    crate::decide::DecisionLogError::Open { error, .. } => {
+                        format!("cannot open it for appending: {error}")
+                    }
+                    other => other.to_string(),
+                },
+            })?;
+            info!(message = "decisions are logged", decision_log = %setting, values = config.telemetry.decision_log_values);
+            pipeline.with_decision_log(log)
+        }
+        None => pipeline,
+    };
     let pipeline = match config.review.webhook.as_deref() {
         Some(url) => {
             // Links point at the public address, else at where the endpoint listens.

@@ -200,7 +200,9 @@ pub struct Decision {
     /// (see `decide::EmbeddedPolicy::identity`), so a decision can be traced to exact
     /// sources; for a remote OPA, the URL asked.
     pub policy: String,
-    /// The decision id a remote engine (OPA's decision log) gave, if any.
+    /// The decision id a remote engine (OPA's decision log) gave; with Airlock's own
+    /// decision log on (`[telemetry] decision_log`), a fresh one when the engine gave
+    /// none, so every logged decision can be found in the run log.
     pub decision_id: Option<String>,
 }
 

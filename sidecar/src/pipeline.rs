@@ -42,6 +42,9 @@
 //! - With a [`Webhook`], an intent the policy sends to review is announced once,
 //!   after the commit that records the decision, on a task that the pipeline never
 //!   waits for (best effort: see [`crate::webhook`]).
+//! - With a [`DecisionLog`], every decision the queue recorded gets one event, after
+//!   the commit, handed to the log's writer thread without waiting (best effort:
+//!   see `decide::decision_log`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -56,7 +59,10 @@ use airlock_intent::Intent;
 use crate::apply::{Applied, ApplyError, ApplyMeta, ErrorKind, ResolvedOp, Target, codes};
 use crate::clock::now_ms;
 use crate::config::Config;
-use crate::decide::{InputContext, Policy, build_input, preview_json};
+use crate::decide::{
+    DecisionLog, Entry, InputContext, Policy, build_input, new_decision_id, policy_path,
+    preview_json,
+};
 use crate::lifecycle::{State, Verdict};
 use crate::log;
 use crate::outcome::{Outcome, Outcomes, Written};
@@ -85,6 +91,8 @@ pub struct Pipeline {
     max_backoff_ms: u64,
     preview: bool,
     webhook: Option<Webhook>,
+    /// The decision log and the policy path its events name.
+    decision_log: Option<(DecisionLog, String)>,
 }
 
 /// What one step did.
@@ -128,7 +136,17 @@ impl Pipeline {
             max_backoff_ms: config.apply.max_backoff_ms,
             preview: config.policy.preview,
             webhook: None,
+            decision_log: None,
         }
+    }
+
+    /// Writes one line per decision to `log` (`[telemetry] decision_log`). Every
+    /// decision then carries a decision id, the engine's or a fresh one, which the
+    /// run log records too, so a log line and a run-log record can be matched.
+    pub fn with_decision_log(mut self, log: DecisionLog) -> Self {
+        let path = policy_path(&self.policy);
+        self.decision_log = Some((log, path));
+        self
     }
 
     /// Announces every intent that enters review to `webhook`.
@@ -242,9 +260,17 @@ impl Pipeline {
                 _ => Err("not evaluated".to_owned()),
             })
             .collect();
+        // Kept for the decision log only when there is one.
+        let logged_inputs = self.decision_log.as_ref().map(|_| inputs.clone());
         let evaluations = self.policy.evaluate_all(&self.runtime, inputs);
-        for (index, answer) in evaluated.into_iter().zip(evaluations) {
+        for (&index, answer) in evaluated.iter().zip(evaluations) {
             answers[index] = answer.map_err(|e| e.to_string());
+            if self.decision_log.is_some()
+                && let Ok(decision) = &mut answers[index]
+                && decision.decision_id.is_none()
+            {
+                decision.decision_id = Some(new_decision_id());
+            }
         }
         let now = now_ms();
         let deadline = now + i64::try_from(self.review_ttl.as_millis()).unwrap_or(i64::MAX / 2);
@@ -310,6 +336,19 @@ impl Pipeline {
         })?;
         report.decided += answers.iter().filter(|a| a.is_ok()).count();
         report.failed += unresolvable;
+        // Only decisions the queue recorded are logged.
+        if let (Some((log, path)), Some(inputs)) = (&self.decision_log, &logged_inputs) {
+            for (&index, input) in evaluated.iter().zip(inputs) {
+                if let Ok(decision) = &answers[index] {
+                    log.record(&Entry {
+                        input,
+                        decision,
+                        path,
+                        provenance: &intents[index].provenance,
+                    });
+                }
+            }
+        }
         // Only now that the decisions are committed: a message never announces a
         // review the queue does not hold.
         if let Some(webhook) = &self.webhook {

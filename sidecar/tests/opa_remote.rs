@@ -814,3 +814,30 @@ fn run_check_asks_the_server_and_fails_when_it_is_down() {
         "{stdout}"
     );
 }
+
+/// The decision log (`[telemetry] decision_log`) of a sidecar asking a remote OPA
+/// names OPA's decision id, so the two logs can be joined, and OPA's data path.
+#[test]
+fn the_decision_log_carries_opas_decision_id() {
+    let opa = OpaServer::start(&examples(), 0, None);
+    let logs = tempfile::tempdir().unwrap();
+    let path = logs.path().join("decisions.jsonl");
+    let log = path.display().to_string();
+    let mut sandbox = remote_sandbox(
+        &opa.url("airlock/authz"),
+        &[("AIRLOCK_TELEMETRY__DECISION_LOG", log.as_str())],
+    );
+    sandbox.start();
+    sandbox.submit_json(&support::insert_customer("c-1", "run-l", 1, "Ada"));
+    let outcome = sandbox.outcome_in("c-1", "applied");
+    let event: Value = eventually("the decision log's line", || {
+        let text = std::fs::read_to_string(&path).ok()?;
+        serde_json::from_str(text.lines().next()?).ok()
+    });
+    let decision_id = outcome["decision"]["decision_id"].as_str().unwrap();
+    assert_eq!(event["decision_id"], decision_id, "{event:#}");
+    assert!(opa.decision_ids().iter().any(|id| id == decision_id));
+    assert_eq!(event["path"], "airlock/authz");
+    assert_eq!(event["result"]["allow"], true);
+    assert_eq!(event["input"]["intent"]["ops"][0]["values"], "**masked**");
+}

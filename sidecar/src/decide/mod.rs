@@ -6,7 +6,9 @@
 //! - `embedded` evaluates Rego in-process with `regorus` ([`EmbeddedPolicy`]), and
 //!   `reload` swaps in a new one when the files change ([`ReloadingPolicy`]);
 //! - `remote` asks an Open Policy Agent over its REST Data API ([`RemotePolicy`]);
-//! - `policy` is what the pipeline calls, whichever engine answers ([`Policy`]).
+//! - `policy` is what the pipeline calls, whichever engine answers ([`Policy`]);
+//! - `decision_log` writes one line per decision in the shape of OPA's decision log
+//!   events, the agent's values masked ([`DecisionLog`]).
 //!
 //! The policy is evaluated at `data.airlock.authz`, the whole package document, so
 //! the same policy runs unchanged in OPA (`POST /v1/data/airlock/authz`). Policy
@@ -17,6 +19,7 @@
 //! caller keeps the intent queued and tries again later. Only a well-formed answer
 //! becomes a [`Decision`], and an undefined answer is a deny.
 
+mod decision_log;
 mod embedded;
 mod input;
 mod policy;
@@ -24,6 +27,10 @@ mod reload;
 mod remote;
 mod result;
 
+pub use self::decision_log::{
+    DecisionLog, DecisionLogError, EMBEDDED_PATH, Entry, MASK, Sink, mask_values, new_decision_id,
+    policy_path,
+};
 pub use self::embedded::{EmbeddedPolicy, PolicySource, RULE, RegoTest, run_rego_tests};
 pub use self::input::{INPUT_VERSION, InputContext, build_input, preview_json};
 pub use self::policy::{Policy, PolicyOptions, Trial, TrialError, try_intent};
