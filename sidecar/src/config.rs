@@ -54,6 +54,8 @@ pub struct Config {
     pub shutdown: Shutdown,
     /// The run logs.
     pub log: Log,
+    /// Metrics and health.
+    pub telemetry: Telemetry,
     /// Where this configuration came from (not a key): what `airlock run --check`
     /// says it read.
     #[serde(skip)]
@@ -209,6 +211,23 @@ pub struct Review {
     pub session_ttl_secs: u64,
 }
 
+/// Metrics, health and readiness (`[telemetry]`).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Telemetry {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, `host:port`, on their
+    /// own listener; `"off"` (the default) serves none.
+    pub metrics_listen: String,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self {
+            metrics_listen: "off".to_owned(),
+        }
+    }
+}
+
 /// Applying to targets.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -251,6 +270,7 @@ impl Default for Config {
             apply: Apply::default(),
             shutdown: Shutdown::default(),
             log: Log::default(),
+            telemetry: Telemetry::default(),
             origin: Origin::default(),
         }
     }
