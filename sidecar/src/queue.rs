@@ -1469,7 +1469,7 @@ impl Writer<'_> {
             }),
         )?;
         self.touch_waiting(row)?;
-        self.note_end(&row, next);
+        self.note_end(row, next);
         Ok(next)
     }
 
