@@ -706,6 +706,18 @@ mod tests {
     }
 
     #[test]
+    fn the_metrics_listener_is_off_unless_set() {
+        let config = Config::load(None, env(&[])).unwrap();
+        assert_eq!(config.telemetry.metrics_listen, "off");
+        let config = Config::load(
+            None,
+            env(&[("AIRLOCK_TELEMETRY__METRICS_LISTEN", "127.0.0.1:9464")]),
+        )
+        .unwrap();
+        assert_eq!(config.telemetry.metrics_listen, "127.0.0.1:9464");
+    }
+
+    #[test]
     fn unknown_keys_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("airlock.toml");
