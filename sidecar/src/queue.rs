@@ -1513,7 +1513,7 @@ impl Writer<'_> {
                 serde_json::to_string(written)?,
                 self.now
             ])?;
-        if let Some(decided_at) = self.let_through_at(id)? {
+        if let Some(decided_at) = self.let_through_at(id) {
             self.seen.push(Observation::Applied {
                 seconds: self.since(decided_at),
             });
@@ -1732,15 +1732,17 @@ impl Writer<'_> {
     }
 
     /// When the decision that let intent `id` through was recorded (its last
-    /// `decided` or `approved` record), in ms since the epoch.
-    fn let_through_at(&self, id: &str) -> Result<Option<i64>, QueueError> {
-        Ok(self
-            .tx
+    /// `decided` or `approved` record), in ms since the epoch; `None` when it
+    /// cannot be read, since a metric must never fail an apply.
+    fn let_through_at(&self, id: &str) -> Option<i64> {
+        self.tx
             .prepare_cached(
                 "SELECT max(json_extract(CAST(body AS TEXT), '$.at')) FROM records \
                  WHERE intent_id = ?1 AND event IN ('decided', 'approved')",
-            )?
-            .query_row([id], |row| row.get::<_, Option<i64>>(0))?)
+            )
+            .and_then(|mut statement| statement.query_row([id], |row| row.get::<_, Option<i64>>(0)))
+            .ok()
+            .flatten()
     }
 
     fn append_record(
