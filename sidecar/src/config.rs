@@ -54,7 +54,8 @@ pub struct Config {
     pub shutdown: Shutdown,
     /// The run logs.
     pub log: Log,
-    /// What Airlock tells operators' tools about its work: the decision log.
+    /// What Airlock tells operators' tools about its work: metrics and health,
+    /// and the decision log.
     pub telemetry: Telemetry,
     /// Where this configuration came from (not a key): what `airlock run --check`
     /// says it read.
@@ -158,10 +159,14 @@ impl Default for Log {
     }
 }
 
-/// Telemetry for operators' tools. Everything is off unless configured.
-#[derive(Clone, Debug, Default, Deserialize)]
+/// Telemetry for operators' tools (`[telemetry]`). Everything is off unless
+/// configured.
+#[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Telemetry {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, `host:port`, on their
+    /// own listener; `"off"` (the default) serves none.
+    pub metrics_listen: String,
     /// Where to write one JSON line per policy decision, in the shape of Open
     /// Policy Agent's decision log events: a file path (appended to, created mode
     /// 0600) or `-` for standard output. Off when unset. See `docs/telemetry.md`.
@@ -169,6 +174,16 @@ pub struct Telemetry {
     /// Show the values the agent asked to write (`values`, `set`, `key`, `expect`,
     /// the preview's rows) in the decision log; masked unless true.
     pub decision_log_values: bool,
+}
+
+impl Default for Telemetry {
+    fn default() -> Self {
+        Self {
+            metrics_listen: "off".to_owned(),
+            decision_log: None,
+            decision_log_values: false,
+        }
+    }
 }
 
 /// Limits on agent input (DESIGN invariant 5).
@@ -731,6 +746,18 @@ mod tests {
         assert_eq!(config.limits.max_ops, 7);
         assert_eq!(config.targets["default"], "sqlite://t.db");
         assert_eq!(config.targets["other"], "sqlite://o.db");
+    }
+
+    #[test]
+    fn the_metrics_listener_is_off_unless_set() {
+        let config = Config::load(None, env(&[])).unwrap();
+        assert_eq!(config.telemetry.metrics_listen, "off");
+        let config = Config::load(
+            None,
+            env(&[("AIRLOCK_TELEMETRY__METRICS_LISTEN", "127.0.0.1:9464")]),
+        )
+        .unwrap();
+        assert_eq!(config.telemetry.metrics_listen, "127.0.0.1:9464");
     }
 
     #[test]

@@ -32,13 +32,16 @@ use notify::Watcher;
 use tracing::{error, info, warn};
 
 use crate::apply::{self, ApplyError, Target};
+use crate::clock::now_ms;
 use crate::config::{self, Config};
 use crate::decide::{DecisionLog, Policy, PolicyOptions, Sink};
 #[cfg(feature = "review")]
 use crate::http::{self, Endpoint, Listener};
 use crate::intake::Intake;
+use crate::metrics::Loop;
 use crate::outcome::Outcomes;
 use crate::pipeline::Pipeline;
+use crate::probes::{MetricsListener, Probes};
 use crate::queue::{CheckpointPolicy, Queue};
 use crate::seal::{SealError, Sealer};
 
@@ -84,6 +87,9 @@ pub enum StartError {
     #[cfg(feature = "review")]
     #[error(transparent)]
     Endpoint(#[from] crate::http::EndpointError),
+    /// The metrics listener cannot start.
+    #[error(transparent)]
+    Probes(#[from] crate::probes::ProbeError),
 }
 
 impl StartError {
@@ -144,6 +150,7 @@ pub struct Preflight {
     sealer: Option<Sealer>,
     #[cfg(feature = "review")]
     listener: Option<Listener>,
+    metrics: Option<MetricsListener>,
 }
 
 impl Preflight {
@@ -157,6 +164,7 @@ impl Preflight {
             sealer: None,
             #[cfg(feature = "review")]
             listener: None,
+            metrics: None,
         };
         preflight.note("config", Ok(config.origin.to_string()));
         preflight.note("intents", check_intents(&config.intents));
@@ -175,6 +183,8 @@ impl Preflight {
         preflight.note("policy", policy);
         let review = preflight.check_listener(config, mode).await;
         preflight.note("review", review);
+        let metrics = preflight.check_metrics(config, mode).await;
+        preflight.note("metrics", metrics);
         if let Some(setting) = &config.telemetry.decision_log {
             preflight.note("decision log", check_decision_log(setting, config));
         }
@@ -320,6 +330,22 @@ impl Preflight {
             }
             Mode::Check => Ok(format!("{url}: bound, then released")),
         }
+    }
+
+    /// Binds the metrics listener: kept to serve, or released at once when only
+    /// checking.
+    async fn check_metrics(&mut self, config: &Config, mode: Mode) -> Result<String, StartError> {
+        let Some(listener) = MetricsListener::bind(config).await? else {
+            return Ok("off (telemetry.metrics_listen = \"off\")".into());
+        };
+        let found = match mode {
+            Mode::Start => format!("{}: bound", listener.url),
+            Mode::Check => format!("{}: bound, then released", listener.url),
+        };
+        if mode == Mode::Start {
+            self.metrics = Some(listener);
+        }
+        Ok(found)
     }
 
     /// No review endpoint in this build ([`config::Config::check`] refuses any
@@ -570,6 +596,8 @@ pub struct Resources {
     /// The review endpoint's bound listener (`None` when it is off).
     #[cfg(feature = "review")]
     pub listener: Option<Listener>,
+    /// The metrics listener, bound (`None` when it is off).
+    pub metrics: Option<MetricsListener>,
 }
 
 impl Resources {
@@ -593,6 +621,7 @@ impl Resources {
             sealer,
             #[cfg(feature = "review")]
             listener,
+            metrics,
         } = preflight;
         if let Some(problem) = findings.into_iter().find_map(|f| f.result.err()) {
             return Err(problem);
@@ -649,6 +678,7 @@ impl Resources {
             outcomes,
             #[cfg(feature = "review")]
             listener,
+            metrics,
         })
     }
 }
@@ -718,6 +748,7 @@ pub async fn run(
         outcomes,
         #[cfg(feature = "review")]
         listener,
+        metrics,
     } = resources;
     let checkpoints = checkpoint_policy(&config);
     let validator = airlock_intent::Validator::new(config.intent_limits());
@@ -755,6 +786,20 @@ pub async fn run(
     let review_url = endpoint.as_ref().map(|e| e.url.clone());
     #[cfg(not(feature = "review"))]
     let review_url: Option<String> = None;
+    let probes = match metrics {
+        Some(listener) => Some(Probes::start(
+            listener,
+            crate::probes::Parts {
+                state: config.state.clone(),
+                policy: policy.clone(),
+                targets: targets.clone(),
+                stale: crate::probes::STALE_HEARTBEAT.max(Duration::from_millis(
+                    config.intake.rescan_ms.saturating_mul(3),
+                )),
+            },
+        )?),
+        None => None,
+    };
     let pipeline = Pipeline::new(
         &config,
         Queue::open(&config.state)?.with_sealer(sealer.clone(), checkpoints),
@@ -849,6 +894,9 @@ pub async fn run(
     join(intake_thread, deadline).await;
     let _ = pipeline_tx.send(Message::Stop);
     join(pipeline_thread, deadline).await;
+    if let Some(probes) = probes {
+        probes.stop().await;
+    }
     info!(message = "airlock stopped");
     Ok(())
 }
@@ -915,6 +963,7 @@ fn intake_loop(
     pipeline: Sender<Message>,
 ) {
     loop {
+        crate::metrics::global().heartbeat(Loop::Intake, now_ms());
         match intake.scan() {
             Ok(report) if report.changed() => {
                 let _ = pipeline.send(Message::Wake);
@@ -938,6 +987,7 @@ fn intake_loop(
 fn pipeline_loop(mut pipeline: Pipeline, rx: Receiver<Message>) {
     let mut failures = 0u32;
     loop {
+        crate::metrics::global().heartbeat(Loop::Pipeline, now_ms());
         let progressed = match pipeline.step() {
             Ok(report) => {
                 failures = 0;

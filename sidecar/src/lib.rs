@@ -22,12 +22,13 @@
 //!
 //! 1. vocabulary, pure: `clock`, `lifecycle` (states, verdicts, decisions), `log`
 //!    (run-log records, their encoding and chaining, checkpoints, export lines),
-//!    `config`;
+//!    `config`, `metrics` (the Prometheus registry every stage bumps);
 //! 2. storage and trust: `state`, `seal`, `verify`, `queue`;
 //! 3. the target, which the pipeline asks before the policy (names, preview) and
 //!    after it (apply): `apply`;
 //! 4. stages: `decide`, `review`, `undo`, `replay`, `outcome`, `intake`, `webhook`;
-//! 5. drivers: `pipeline`, `http`, `daemon`, `submit`, `demo`, `telemetry`.
+//! 5. drivers: `pipeline`, `http`, `probes` (the metrics and health listener),
+//!    `daemon`, `submit`, `demo`, `telemetry`.
 //!
 //! # Features
 //!
@@ -52,8 +53,10 @@ pub mod http;
 pub mod intake;
 pub mod lifecycle;
 pub mod log;
+pub mod metrics;
 pub mod outcome;
 pub mod pipeline;
+pub mod probes;
 pub mod queue;
 pub mod replay;
 pub mod review;

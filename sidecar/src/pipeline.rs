@@ -322,6 +322,7 @@ impl Pipeline {
                     Err(message) => {
                         let retry_at = now + backoff_ms(row.attempts, max_backoff, &row.id);
                         warn!(message = "policy could not decide; the intent waits", id = %row.id, error = %message, attempts = row.attempts + 1);
+                        crate::metrics::global().policy_error();
                         w.record_decision(
                             &row.id,
                             DecisionOutcome::Unavailable {
@@ -458,6 +459,10 @@ impl Pipeline {
                 heads.push(row);
                 results.push(result);
             }
+        }
+        let metrics = crate::metrics::global();
+        for error in results.iter().filter_map(|r| r.as_ref().err()) {
+            metrics.apply_error(error.code.as_deref());
         }
         let now = now_ms();
         let max_backoff = self.max_backoff_ms;

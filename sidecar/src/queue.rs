@@ -62,6 +62,7 @@ use serde_json::{Value, json};
 use crate::clock::now_ms;
 use crate::lifecycle::{Decision, Event, IllegalTransition, State, UnknownState, Verdict};
 use crate::log::{self, CheckpointPayload, Entry, ExportLine, Link};
+use crate::metrics::Observation;
 use crate::seal::{self, Sealer};
 
 /// The schema version this code writes.
@@ -469,6 +470,17 @@ impl Default for CheckpointPolicy {
     }
 }
 
+/// The queue's levels, as [`Queue::levels`] reads them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Levels {
+    /// Intents per state that is not final; a state with none is absent.
+    pub depth: Vec<(State, i64)>,
+    /// When the oldest intent awaiting review was received (ms since the epoch).
+    pub oldest_review: Option<i64>,
+    /// Run-log records not yet covered by a checkpoint, over all runs.
+    pub checkpoint_lag: i64,
+}
+
 /// The queue database.
 #[derive(Debug)]
 pub struct Queue {
@@ -542,6 +554,45 @@ impl Queue {
         self
     }
 
+    /// What the metrics report as levels: intents per state that is not final,
+    /// when the oldest intent awaiting review was received, and the run-log records
+    /// no checkpoint covers yet.
+    pub fn levels(&self) -> Result<Levels, QueueError> {
+        let mut depth = Vec::new();
+        let mut rows = self.conn.prepare_cached(
+            "SELECT state, count(*) FROM intents \
+             WHERE state IN ('queued', 'awaiting_review', 'approved') GROUP BY state",
+        )?;
+        let counts = rows.query_map([], |row| Ok((row.get::<_, String>(0)?, row.get(1)?)))?;
+        for count in counts {
+            let (state, n): (String, i64) = count?;
+            depth.push((state.parse::<State>()?, n));
+        }
+        let oldest_review = self
+            .conn
+            .prepare_cached("SELECT min(received_at) FROM intents WHERE state = 'awaiting_review'")?
+            .query_row([], |row| row.get(0))?;
+        let checkpoint_lag = self
+            .conn
+            .prepare_cached("SELECT coalesce(sum(head_seq - sealed_seq), 0) FROM runs")?
+            .query_row([], |row| row.get(0))?;
+        Ok(Levels {
+            depth,
+            oldest_review,
+            checkpoint_lag,
+        })
+    }
+
+    /// Whether the queue can take a write now: takes the write lock and lets it go,
+    /// changing nothing (the readiness probe's state check).
+    pub fn writable(&mut self) -> Result<(), QueueError> {
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        tx.rollback()?;
+        Ok(())
+    }
+
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
@@ -572,6 +623,7 @@ impl Queue {
             touched: BTreeSet::new(),
             refused_bytes: None,
             max_refused_bytes: self.max_refused_bytes,
+            seen: Vec::new(),
         };
         let value = f(&mut writer)?;
         if let Some(sealer) = &self.sealer {
@@ -580,6 +632,11 @@ impl Queue {
             }
         }
         writer.tx.commit().map_err(QueueError::from)?;
+        // Counted once committed: a rolled-back transaction happened to no intent.
+        let metrics = crate::metrics::global();
+        for observation in &writer.seen {
+            metrics.observe(observation);
+        }
         Ok(value)
     }
 
@@ -1106,6 +1163,8 @@ pub struct Writer<'q> {
     /// Bytes kept for all refusals, once a refusal in this transaction read them.
     refused_bytes: Option<u64>,
     max_refused_bytes: u64,
+    /// What to count in the metrics once the transaction commits.
+    seen: Vec<Observation>,
 }
 
 impl Writer<'_> {
@@ -1176,6 +1235,7 @@ impl Writer<'_> {
                 target: intent.target.to_string(),
             }),
         )?;
+        self.seen.push(Observation::Received);
         Ok(Admission::Queued)
     }
 
@@ -1286,6 +1346,11 @@ impl Writer<'_> {
                     }),
                 )?;
                 self.touch_waiting(&row)?;
+                self.seen.push(Observation::Decided {
+                    verdict: decision.verdict,
+                    seconds: self.since(row.received_at),
+                });
+                self.note_end(&row, next);
                 Ok(next)
             }
             DecisionOutcome::Unavailable { message, retry_at } => {
@@ -1315,6 +1380,7 @@ impl Writer<'_> {
             }),
         )?;
         self.touch_waiting(&row)?;
+        self.note_end(&row, next);
         Ok(next)
     }
 
@@ -1403,6 +1469,7 @@ impl Writer<'_> {
             }),
         )?;
         self.touch_waiting(row)?;
+        self.note_end(row, next);
         Ok(next)
     }
 
@@ -1419,6 +1486,7 @@ impl Writer<'_> {
             }),
         )?;
         self.touch_waiting(&row)?;
+        self.note_end(&row, next);
         Ok(next)
     }
 
@@ -1445,10 +1513,16 @@ impl Writer<'_> {
                 serde_json::to_string(written)?,
                 self.now
             ])?;
+        if let Some(decided_at) = self.let_through_at(id) {
+            self.seen.push(Observation::Applied {
+                seconds: self.since(decided_at),
+            });
+        }
         self.append_record(&row.run, Some(id), &Entry::Applied(applied))?;
         if row.holds_back() {
             self.touch_waiting(&row)?;
         }
+        self.note_end(&row, next);
         Ok(next)
     }
 
@@ -1459,6 +1533,7 @@ impl Writer<'_> {
         let next = row.state.next(&Event::Undo)?;
         self.set_state(id, next)?;
         self.append_record(&row.run, Some(id), &Entry::Undone(undone))?;
+        self.note_end(&row, next);
         Ok(next)
     }
 
@@ -1489,6 +1564,7 @@ impl Writer<'_> {
         if row.holds_back() {
             self.touch_waiting(&row)?;
         }
+        self.note_end(&row, next);
         Ok(next)
     }
 
@@ -1531,6 +1607,7 @@ impl Writer<'_> {
             }),
         )?;
         self.touch_waiting(&row)?;
+        self.note_end(&row, next);
         Ok(next)
     }
 
@@ -1638,6 +1715,36 @@ impl Writer<'_> {
     }
 
     /// Appends a record to `run`'s log, chained to the previous one.
+    /// Seconds from `at` (ms since the epoch) to this transaction's clock.
+    fn since(&self, at: i64) -> f64 {
+        (self.now - at).max(0) as f64 / 1_000.0
+    }
+
+    /// Counts `row`'s move to `next` when it ends there (a final state reached from
+    /// one that was not: undoing an applied intent ends nothing new).
+    fn note_end(&mut self, row: &IntentRow, next: State) {
+        if next.is_final() && !row.state.is_final() {
+            self.seen.push(Observation::Ended {
+                state: next,
+                seconds: self.since(row.received_at),
+            });
+        }
+    }
+
+    /// When the decision that let intent `id` through was recorded (its last
+    /// `decided` or `approved` record), in ms since the epoch; `None` when it
+    /// cannot be read, since a metric must never fail an apply.
+    fn let_through_at(&self, id: &str) -> Option<i64> {
+        self.tx
+            .prepare_cached(
+                "SELECT max(json_extract(CAST(body AS TEXT), '$.at')) FROM records \
+                 WHERE intent_id = ?1 AND event IN ('decided', 'approved')",
+            )
+            .and_then(|mut statement| statement.query_row([id], |row| row.get::<_, Option<i64>>(0)))
+            .ok()
+            .flatten()
+    }
+
     fn append_record(
         &mut self,
         run: &str,

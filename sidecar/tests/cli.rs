@@ -248,7 +248,10 @@ fn run_check_reports_each_thing_and_creates_nothing() {
     let out = run_in(
         dir.path(),
         &["--check"],
-        &[("AIRLOCK_REVIEW__LISTEN", "127.0.0.1:0")],
+        &[
+            ("AIRLOCK_REVIEW__LISTEN", "127.0.0.1:0"),
+            ("AIRLOCK_TELEMETRY__METRICS_LISTEN", "127.0.0.1:0"),
+        ],
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -269,6 +272,7 @@ fn run_check_reports_each_thing_and_creates_nothing() {
             "target default",
             "policy",
             "review",
+            "metrics",
             "airlock run would start (this check created nothing)"
         ],
         "{stdout}"

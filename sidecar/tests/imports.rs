@@ -23,6 +23,7 @@ const ORDER: &[&str] = &[
     "lifecycle",
     "log",
     "config",
+    "metrics",
     // storage and trust
     "state",
     "seal",
@@ -41,6 +42,7 @@ const ORDER: &[&str] = &[
     // drivers
     "pipeline",
     "http",
+    "probes",
     "daemon",
     "submit",
     "demo",

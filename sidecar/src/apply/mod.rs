@@ -179,6 +179,12 @@ pub trait Target: Send + Sync + fmt::Debug {
     async fn server(&self) -> Result<Option<String>, ApplyError> {
         Ok(None)
     }
+
+    /// How many of its pooled connections are in use now (the metrics'
+    /// `airlock_target_pool_in_use`); `None` for targets without a pool (SQLite).
+    fn pool_in_use(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// One op's table and columns as the target's catalog stores them: what the policy

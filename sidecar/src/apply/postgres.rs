@@ -436,6 +436,11 @@ impl Target for PostgresTarget {
         Ok(found)
     }
 
+    fn pool_in_use(&self) -> Option<usize> {
+        let status = self.pool.status();
+        Some(status.size.saturating_sub(status.available))
+    }
+
     async fn server(&self) -> Result<Option<String>, ApplyError> {
         // A pooled connection without the ledger set-up `client` would run.
         let client =

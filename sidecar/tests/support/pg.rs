@@ -7,7 +7,7 @@
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -256,6 +256,8 @@ struct ProxyState {
     sent: AtomicU64,
     /// Connections cut by a fault (not by `cut_all`).
     cuts: AtomicU64,
+    /// While set, the server looks stopped: new connections are closed at once.
+    down: AtomicBool,
 }
 
 #[derive(Clone, Debug)]
@@ -279,6 +281,7 @@ impl Proxy {
             fault: Mutex::new(None),
             sent: AtomicU64::new(0),
             cuts: AtomicU64::new(0),
+            down: AtomicBool::new(false),
         });
         let accept_state = Arc::clone(&state);
         let task = tokio::spawn(async move {
@@ -290,6 +293,18 @@ impl Proxy {
             }
         });
         Proxy { addr, state, task }
+    }
+
+    /// Makes the server look stopped: every open connection is cut and new ones
+    /// are closed as soon as they are accepted, until [`Proxy::bring_up`].
+    pub fn take_down(&self) {
+        self.state.down.store(true, Ordering::SeqCst);
+        self.cut_all();
+    }
+
+    /// Ends [`Proxy::take_down`]: new connections reach the server again.
+    pub fn bring_up(&self) {
+        self.state.down.store(false, Ordering::SeqCst);
     }
 
     /// Closes every connection open now (new ones are accepted as usual).
@@ -338,6 +353,9 @@ impl Drop for Proxy {
 /// Forwards one connection until either side closes, a fault fires, or every
 /// connection is cut.
 async fn serve(client: TcpStream, state: Arc<ProxyState>) {
+    if state.down.load(Ordering::SeqCst) {
+        return;
+    }
     let mut cut = state.generation.subscribe();
     let Ok(upstream) = TcpStream::connect(state.upstream).await else {
         return;
