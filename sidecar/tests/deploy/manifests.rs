@@ -162,9 +162,14 @@ fn the_pod_is_restricted_and_the_agent_reads_results_only() {
         // Airlock is a native sidecar with a startup probe; so is OPA where it runs.
         let airlock = container(pod, "airlock");
         assert_eq!(airlock["restartPolicy"], "Always", "{dir}");
-        for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+        for (probe, path) in [
+            ("startupProbe", "/healthz"),
+            ("readinessProbe", "/readyz"),
+            ("livenessProbe", "/healthz"),
+        ] {
+            assert_eq!(airlock[probe]["httpGet"]["path"], path, "{dir} {probe}");
             assert_eq!(
-                airlock[probe]["httpGet"]["path"], "/healthz",
+                airlock[probe]["httpGet"]["port"], "metrics",
                 "{dir} {probe}"
             );
         }
@@ -607,14 +612,23 @@ fn the_base_pod_runs_as_its_manifests_describe_it() {
     pod.seed_sqlite_target();
     let airlock = Container::named("base-pod");
     pod.start(&airlock, &image, "none");
-    let port = container(&pod.spec, "airlock")["ports"][0]["containerPort"]
-        .as_u64()
+    let port = container(&pod.spec, "airlock")["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "metrics")
+        .and_then(|p| p["containerPort"].as_u64())
         .unwrap() as u16;
     let answer = crate::support::eventually_explained(
         || format!("the startup probe; log:\n{}", airlock.logs()),
         || probe(&airlock, port, "/healthz"),
     );
-    assert!(answer.contains("\"ok\""), "{answer}");
+    assert!(answer.contains("\"healthy\":true"), "{answer}");
+    let ready = crate::support::eventually_explained(
+        || format!("the readiness probe; log:\n{}", airlock.logs()),
+        || probe(&airlock, port, "/readyz"),
+    );
+    assert!(ready.contains("\"ready\":true"), "{ready}");
 
     // The agent writes an intent into its mount, and reads the outcome from its own.
     let exchange = pod.volume("exchange");
